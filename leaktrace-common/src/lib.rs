@@ -1,0 +1,184 @@
+//! Types shared by the kernel programs and the loader: map names, map values
+//! and the load-time configuration. Every struct is `#[repr(C)]` with explicit
+//! padding so both sides agree on the layout.
+#![no_std]
+
+/// Live heap allocations: user address -> [`AllocInfo`].
+pub const MAP_ALLOCS: &str = "ALLOCS";
+/// Live anonymous mappings made through mmap/mremap: start -> [`AllocInfo`].
+pub const MAP_MMAPS: &str = "MMAPS";
+/// Per-CPU outstanding totals per user stack: stack id -> [`StackStats`].
+pub const MAP_STACK_STATS: &str = "STACK_STATS";
+/// User stacks, as collected by `bpf_get_stackid`.
+pub const MAP_STACKS: &str = "STACKS";
+/// Calls in flight, between entry and return probe: thread id -> [`Pending`].
+pub const MAP_PENDING: &str = "PENDING";
+/// Per-CPU counters of lost events, indexed by [`Lost`].
+pub const MAP_LOST: &str = "LOST";
+/// The load-time configuration, a `Global<Config>`.
+pub const GLOBAL_CONFIG: &str = "CONFIG";
+
+/// Default capacity of [`MAP_ALLOCS`].
+pub const DEFAULT_MAX_ALLOCATIONS: u32 = 1_000_000;
+/// Default capacity of [`MAP_MMAPS`].
+pub const DEFAULT_MAX_MAPPINGS: u32 = 65_536;
+/// Default number of distinct user stacks kept.
+pub const DEFAULT_MAX_STACKS: u32 = 16_384;
+/// Capacity of [`MAP_PENDING`]: threads inside an allocator call at once.
+pub const MAX_PENDING: u32 = 16_384;
+
+/// The stack id recorded when the user stack could not be collected.
+pub const NO_STACK: u32 = u32::MAX;
+
+/// Young-allocation buckets kept per stack (see [`StackStats`]).
+pub const YOUNG_SLOTS: usize = 8;
+/// An allocation whose epoch is within this many epochs of now is "young".
+/// With an epoch of `older / 4`, every allocation younger than `older` is
+/// excluded, and none older than `1.25 * older`.
+pub const YOUNG_EPOCHS: u32 = 4;
+
+/// What the loader tells the programs at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// Only events of this process (tgid) are recorded.
+    pub tgid: u32,
+    pub _pad: u32,
+    /// Length of an age epoch in ns; 0 disables young-allocation tracking.
+    pub epoch_ns: u64,
+    /// Allocations smaller than this are not recorded.
+    pub min_size: u64,
+    /// Allocations larger than this are not recorded.
+    pub max_size: u64,
+}
+
+/// One live allocation or mapping.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllocInfo {
+    pub size: u64,
+    pub stack_id: u32,
+    /// `ktime / epoch_ns` when allocated (truncated to u32).
+    pub epoch: u32,
+}
+
+/// Outstanding allocations of the last few epochs, so a report can leave out
+/// allocations younger than `--older` without walking every allocation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct YoungSlot {
+    pub epoch: u32,
+    pub _pad: u32,
+    pub bytes: i64,
+    pub allocs: i64,
+}
+
+/// Outstanding totals of one stack on one CPU. A free on another CPU than the
+/// allocation subtracts there, so one CPU's value may be negative: only the
+/// sum over CPUs is meaningful.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StackStats {
+    pub bytes: i64,
+    pub allocs: i64,
+    /// Slot `epoch % YOUNG_SLOTS` holds allocations made in that epoch.
+    pub young: [YoungSlot; YOUNG_SLOTS],
+}
+
+/// Which call a [`Pending`] entry belongs to.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallKind {
+    /// malloc, calloc, memalign, aligned_alloc, valloc, pvalloc.
+    Alloc = 0,
+    Realloc = 1,
+    PosixMemalign = 2,
+    Mmap = 3,
+    /// An mmap that is not tracked (file-backed or a thread stack).
+    MmapIgnored = 4,
+    Mremap = 5,
+}
+
+/// An allocator call between its entry and its return probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Pending {
+    /// Stack pointer at entry: a return whose sp is not above it belongs to a
+    /// nested call, and an entry above it means the return was missed.
+    pub sp: u64,
+    /// Requested size (new size for realloc and mremap).
+    pub size: u64,
+    /// realloc and mremap: the old address; posix_memalign: `memptr`.
+    pub arg: u64,
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// Ways an event can be lost; the index into [`MAP_LOST`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lost {
+    /// The live-allocation map was full.
+    AllocMapFull = 0,
+    /// The mapping map was full.
+    MmapMapFull = 1,
+    /// The per-stack totals map was full.
+    StatsMapFull = 2,
+    /// Two different stacks hashed to one slot of the stack map (it is full).
+    StackCollision = 3,
+    /// The user stack could not be read at all.
+    StackUnavailable = 4,
+    /// A return probe fired with no entry record.
+    ReturnWithoutEntry = 5,
+    /// An entry found a stale record: its return probe never fired.
+    MissedReturn = 6,
+    /// The in-flight call map was full.
+    PendingMapFull = 7,
+    /// Reading the result of posix_memalign failed.
+    ReadFailed = 8,
+}
+
+impl Lost {
+    pub const COUNT: u32 = 9;
+    pub const ALL: [Lost; Self::COUNT as usize] = [
+        Lost::AllocMapFull,
+        Lost::MmapMapFull,
+        Lost::StatsMapFull,
+        Lost::StackCollision,
+        Lost::StackUnavailable,
+        Lost::ReturnWithoutEntry,
+        Lost::MissedReturn,
+        Lost::PendingMapFull,
+        Lost::ReadFailed,
+    ];
+
+    /// The name used in reports and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Lost::AllocMapFull => "alloc_map_full",
+            Lost::MmapMapFull => "mmap_map_full",
+            Lost::StatsMapFull => "stats_map_full",
+            Lost::StackCollision => "stack_map_full_or_collision",
+            Lost::StackUnavailable => "stack_unavailable",
+            Lost::ReturnWithoutEntry => "return_without_entry",
+            Lost::MissedReturn => "missed_return",
+            Lost::PendingMapFull => "pending_map_full",
+            Lost::ReadFailed => "read_failed",
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<AllocInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<StackStats>() == 16 + 24 * YOUNG_SLOTS);
+const _: () = assert!(core::mem::size_of::<Pending>() == 32);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are plain-old-data `#[repr(C)]` structs with
+    // explicit padding; any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::AllocInfo {}
+    unsafe impl aya::Pod for super::StackStats {}
+    unsafe impl aya::Pod for super::Pending {}
+}

@@ -1,0 +1,17 @@
+//! leaktrace's kernel programs: uprobes on the allocator API that keep every
+//! live allocation of the target and, per user stack, the bytes it holds.
+#![no_std]
+#![no_main]
+
+mod alloc;
+mod maps;
+mod mmap;
+mod record;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program that could reach a panic, so
+    // this is never executed.
+    unsafe { core::hint::unreachable_unchecked() }
+}

@@ -1,0 +1,62 @@
+//! Every map and the load-time configuration, in one place. The loader
+//! overrides the sizes with `map_max_entries` and `CONFIG` with
+//! `override_global`; the names it looks up are constants in leaktrace-common.
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+};
+use leaktrace_common::{
+    AllocInfo, Config, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_STACKS, Lost,
+    MAX_PENDING, Pending, StackStats,
+};
+
+#[unsafe(no_mangle)]
+pub static CONFIG: Global<Config> = Global::new(Config {
+    tgid: 0,
+    _pad: 0,
+    epoch_ns: 0,
+    min_size: 0,
+    max_size: u64::MAX,
+});
+
+/// Live heap allocations. Preallocated: inserts on the hot path must not
+/// allocate, and a full map must fail fast (counted as `AllocMapFull`).
+#[map]
+pub static ALLOCS: HashMap<u64, AllocInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_ALLOCATIONS, 0);
+
+/// Live anonymous mappings; few, so allocated on demand.
+#[map]
+pub static MMAPS: HashMap<u64, AllocInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_MAPPINGS, BPF_F_NO_PREALLOC);
+
+/// Per-CPU so that the hot path needs no atomics and no shared cache line.
+#[map]
+pub static STACK_STATS: PerCpuHashMap<u32, StackStats> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
+
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
+
+#[map]
+pub static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(MAX_PENDING, 0);
+
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(Lost::COUNT, 0);
+
+#[inline(always)]
+pub fn config() -> Config {
+    CONFIG.load()
+}
+
+#[inline(always)]
+pub fn count_lost(reason: Lost) {
+    if let Some(counter) = LOST.get_ptr_mut(reason as u32) {
+        // SAFETY: the pointer comes from a successful lookup in a per-CPU
+        // array, valid for this program run and not shared with other CPUs.
+        unsafe { *counter += 1 };
+    }
+}

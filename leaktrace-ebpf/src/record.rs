@@ -1,0 +1,206 @@
+//! Bookkeeping shared by the probe families: the target filter, calls in
+//! flight between entry and return, and the live-allocation records with
+//! their per-stack totals.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
+};
+use leaktrace_common::{
+    AllocInfo, CallKind, Lost, NO_STACK, Pending, StackStats, YOUNG_SLOTS, YoungSlot,
+};
+
+use crate::maps::{ALLOCS, PENDING, STACK_STATS, STACKS, config, count_lost};
+
+const EEXIST: i64 = 17;
+
+/// The thread id when the event comes from the target, `None` otherwise.
+/// Probes are attached for the target only; this is the second fence.
+#[inline(always)]
+pub fn target_tid() -> Option<u32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == config().tgid {
+        Some(pid_tgid as u32)
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn stack_pointer<C: EbpfContext>(ctx: &C) -> u64 {
+    let regs = ctx.as_ptr().cast::<pt_regs>();
+    // SAFETY: the context of a (u)probe program is the user pt_regs, which
+    // the verifier lets the program read directly.
+    unsafe { (*regs).rsp }
+}
+
+/// Remember an allocator call until its return probe. A call made while
+/// another is in flight on this thread (malloc calling mmap, reallocarray
+/// calling realloc) is nested: the outer record stays, so the allocation is
+/// charged to the caller of the outer function with its real size.
+#[inline(always)]
+pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) {
+    let sp = stack_pointer(ctx);
+    // SAFETY: the value is copied out at once; a concurrent update can only
+    // come from this same thread, which is here.
+    if let Some(outer) = unsafe { PENDING.get(tid) } {
+        if outer.sp > sp {
+            return;
+        }
+        // An entry at or above the recorded frame: that call's return probe
+        // never fired (longjmp, or the kernel dropped it).
+        count_lost(Lost::MissedReturn);
+    }
+    let pending = Pending {
+        sp,
+        size,
+        arg,
+        kind: kind as u32,
+        _pad: 0,
+    };
+    if PENDING.insert(tid, pending, BPF_ANY.into()).is_err() {
+        count_lost(Lost::PendingMapFull);
+    }
+}
+
+/// Take the record of the call whose return probe this is. `None` for the
+/// return of a nested call (its sp is not above the outer entry's sp).
+#[inline(always)]
+pub fn exit(ctx: &RetProbeContext, tid: u32) -> Option<Pending> {
+    // SAFETY: copied out at once, see `enter`.
+    let Some(pending) = (unsafe { PENDING.get(tid) }).copied() else {
+        count_lost(Lost::ReturnWithoutEntry);
+        return None;
+    };
+    if stack_pointer(ctx) <= pending.sp {
+        return None;
+    }
+    let _ = PENDING.remove(tid);
+    Some(pending)
+}
+
+/// The current user stack's id, or `NO_STACK` (counted) if it cannot be had.
+/// Called from return probes, where the first frame is the allocator's
+/// caller: at the entry the caller's frame is not yet on the frame chain.
+#[inline(always)]
+pub fn stack_id<C: StackIdContext>(ctx: &C) -> u32 {
+    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK.into()) {
+        Ok(id) => id as u32,
+        Err(err) => {
+            if i64::from(err) == -EEXIST {
+                count_lost(Lost::StackCollision);
+            } else {
+                count_lost(Lost::StackUnavailable);
+            }
+            NO_STACK
+        }
+    }
+}
+
+/// The age epoch of an allocation made now.
+#[inline(always)]
+pub fn current_epoch() -> u32 {
+    let epoch_ns = config().epoch_ns;
+    if epoch_ns == 0 {
+        return 0;
+    }
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    (unsafe { bpf_ktime_get_ns() } / epoch_ns) as u32
+}
+
+/// Whether an allocation of `size` bytes passes `--min-size`/`--max-size`.
+#[inline(always)]
+pub fn size_wanted(size: u64) -> bool {
+    let config = config();
+    size >= config.min_size && size <= config.max_size
+}
+
+/// Record a new heap allocation at `addr` made from the current stack.
+#[inline(always)]
+pub fn record_alloc<C: StackIdContext>(ctx: &C, addr: u64, size: u64) {
+    if addr == 0 || !size_wanted(size) {
+        return;
+    }
+    let info = AllocInfo {
+        size,
+        stack_id: stack_id(ctx),
+        epoch: current_epoch(),
+    };
+    if let Err(err) = ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
+        if i64::from(err) != -EEXIST {
+            count_lost(Lost::AllocMapFull);
+            return;
+        }
+        // The address is live in our records: its free was missed (it
+        // happened in a way we do not probe). Replace the stale record.
+        release(addr);
+        if ALLOCS.insert(addr, info, BPF_ANY.into()).is_err() {
+            count_lost(Lost::AllocMapFull);
+            return;
+        }
+    }
+    account(info, 1);
+}
+
+/// Forget the heap allocation at `addr`, if we recorded it. Frees of memory
+/// allocated before attach, or filtered out, find nothing and are ignored.
+#[inline(always)]
+pub fn release(addr: u64) {
+    // SAFETY: copied out at once; a racing free of the same address on
+    // another thread is a double free in the target, and at worst makes
+    // both of us subtract it.
+    let Some(info) = (unsafe { ALLOCS.get(addr) }).copied() else {
+        return;
+    };
+    if ALLOCS.remove(addr).is_ok() {
+        account(info, -1);
+    }
+}
+
+/// Add (`sign` 1) or remove (`sign` -1) an allocation from its stack's totals
+/// on this CPU.
+#[inline(always)]
+fn account(info: AllocInfo, sign: i64) {
+    let stats = match STACK_STATS.get_ptr_mut(info.stack_id) {
+        Some(stats) => stats,
+        None => {
+            let zero = StackStats::default();
+            // BPF_NOEXIST: another program on this CPU may have created it.
+            let _ = STACK_STATS.insert(info.stack_id, zero, BPF_NOEXIST.into());
+            match STACK_STATS.get_ptr_mut(info.stack_id) {
+                Some(stats) => stats,
+                None => {
+                    count_lost(Lost::StatsMapFull);
+                    return;
+                }
+            }
+        }
+    };
+    let bytes = sign * info.size as i64;
+    // SAFETY: the pointer comes from a successful lookup in a per-CPU map
+    // and stays valid for this program run; only this CPU writes it.
+    let stats = unsafe { &mut *stats };
+    stats.bytes += bytes;
+    stats.allocs += sign;
+    if config().epoch_ns == 0 {
+        return;
+    }
+    let slot: &mut YoungSlot = &mut stats.young[info.epoch as usize % YOUNG_SLOTS];
+    if sign > 0 {
+        if slot.epoch != info.epoch {
+            // The slot's previous epoch is old now: its allocations are in
+            // the totals already and simply stop being young.
+            *slot = YoungSlot {
+                epoch: info.epoch,
+                ..YoungSlot::default()
+            };
+        }
+    } else if slot.epoch != info.epoch {
+        // Allocated in an epoch this slot no longer holds: not young.
+        return;
+    }
+    slot.bytes += bytes;
+    slot.allocs += sign;
+}
