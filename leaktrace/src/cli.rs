@@ -1,0 +1,135 @@
+//! Command-line arguments. Flags that bcc memleak users know keep their
+//! meaning there.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use leaktrace_common::{DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_STACKS};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "leaktrace",
+    version,
+    about = "Trace outstanding memory allocations of a running process and report the call sites that leak",
+    after_help = "Examples:\n  \
+        sudo leaktrace -p 1234            report every 5 s until Ctrl-C\n  \
+        sudo leaktrace -p 1234 10 3       three reports, 10 s apart\n  \
+        sudo leaktrace -c './server --port 8080' --json\n  \
+        sudo leaktrace -p 1234 -o 5000 -z 1024   only blocks of 1 KiB or more, older than 5 s"
+)]
+pub struct Args {
+    /// Trace the process with this PID.
+    #[arg(short, long, value_name = "PID", conflicts_with = "command", required_unless_present = "command")]
+    pub pid: Option<u32>,
+
+    /// Start this command (with its arguments, found on PATH) and trace it
+    /// from its first allocation.
+    #[arg(short, long, value_name = "CMD ARGS")]
+    pub command: Option<String>,
+
+    /// Seconds between reports.
+    #[arg(value_name = "INTERVAL", default_value_t = 5.0, value_parser = positive_seconds)]
+    pub interval: f64,
+
+    /// Number of reports before exiting (default: until Ctrl-C or the target exits).
+    #[arg(value_name = "COUNT", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+
+    /// Show the N stacks holding the most memory.
+    #[arg(short = 'T', long = "top", value_name = "N", default_value_t = 10)]
+    pub top: usize,
+
+    /// Leave out allocations younger than this many milliseconds.
+    #[arg(short, long, value_name = "MS", default_value_t = 500)]
+    pub older: u64,
+
+    /// Ignore allocations smaller than this many bytes.
+    #[arg(short = 'z', long, value_name = "BYTES")]
+    pub min_size: Option<u64>,
+
+    /// Ignore allocations larger than this many bytes.
+    #[arg(short = 'Z', long, value_name = "BYTES")]
+    pub max_size: Option<u64>,
+
+    /// Stop after this many seconds, with a final report.
+    #[arg(long, value_name = "SECS", value_parser = positive_seconds)]
+    pub duration: Option<f64>,
+
+    /// Print reports as JSON Lines, one object per report.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Probe the allocator in this object instead of the one found in the
+    /// target's mappings (a path as the target sees it).
+    #[arg(short = 'O', long = "obj", value_name = "PATH")]
+    pub obj: Option<PathBuf>,
+
+    /// Live allocations that can be tracked at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ALLOCATIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_allocations: u32,
+
+    /// Distinct call stacks that can be told apart.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STACKS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_stacks: u32,
+
+    /// More logging on stderr (-v: info, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    let value: f64 = s.parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(format!("'{s}' must be a positive number of seconds"))
+    }
+}
+
+impl Args {
+    /// Checks clap cannot express.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let (Some(min), Some(max)) = (self.min_size, self.max_size) {
+            anyhow::ensure!(min <= max, "--min-size {min} is larger than --max-size {max}");
+        }
+        if let Some(command) = &self.command {
+            anyhow::ensure!(
+                shlex::split(command).is_some_and(|words| !words.is_empty()),
+                "cannot parse --command '{command}' into a program and arguments"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Check that the bcc memleak positional form parses.
+    #[test]
+    fn positional_interval_and_count() {
+        let args = Args::try_parse_from(["leaktrace", "-p", "42", "2", "3"]).unwrap();
+        assert_eq!(args.pid, Some(42));
+        assert_eq!(args.interval, 2.0);
+        assert_eq!(args.count, Some(3));
+        assert_eq!(args.older, 500);
+        assert_eq!(args.top, 10);
+    }
+
+    /// Check that a target is required and nonsense is refused.
+    #[test]
+    fn bad_flags_are_errors() {
+        assert!(Args::try_parse_from(["leaktrace"]).is_err());
+        assert!(Args::try_parse_from(["leaktrace", "-p", "1", "--top", "banana"]).is_err());
+        assert!(Args::try_parse_from(["leaktrace", "-p", "1", "0"]).is_err());
+        assert!(Args::try_parse_from(["leaktrace", "-p", "1", "-c", "ls"]).is_err());
+    }
+
+    /// Check that an inverted size range is refused.
+    #[test]
+    fn inverted_size_range() {
+        let args = Args::try_parse_from(["leaktrace", "-p", "1", "-z", "10", "-Z", "5"]).unwrap();
+        assert!(args.validate().is_err());
+    }
+}

@@ -1,0 +1,187 @@
+//! Reads the kernel maps into a snapshot: outstanding bytes and allocations
+//! per stack, older than `--older`, and the lost-event counters.
+
+use std::collections::HashMap;
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+};
+use leaktrace_common::{
+    AllocInfo, Lost, MAP_LOST, MAP_MMAPS, MAP_STACK_STATS, MAP_STACKS, StackStats, YOUNG_EPOCHS,
+};
+
+/// Outstanding memory of one stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackUsage {
+    pub stack_id: u32,
+    pub bytes: u64,
+    pub allocations: u64,
+}
+
+/// One reading of the kernel maps.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Stacks holding memory, most bytes first.
+    pub stacks: Vec<StackUsage>,
+    /// Lost-event counters, in `Lost::ALL` order.
+    pub lost: Vec<(Lost, u64)>,
+}
+
+impl Snapshot {
+    pub fn total_bytes(&self) -> u64 {
+        self.stacks.iter().map(|s| s.bytes).sum()
+    }
+
+    pub fn total_allocations(&self) -> u64 {
+        self.stacks.iter().map(|s| s.allocations).sum()
+    }
+}
+
+/// How to read the maps: which allocations count as young.
+pub struct Collector {
+    /// Length of an age epoch in ns, 0 when every allocation is reported.
+    pub epoch_ns: u64,
+}
+
+impl Collector {
+    /// Read the maps. `mapped` is the target's current address ranges, to
+    /// clip mappings it unmapped in part; `None` once it has exited.
+    pub fn collect(&self, ebpf: &Ebpf, mapped: Option<&[(u64, u64)]>) -> anyhow::Result<Snapshot> {
+        let now_epoch = self.now_epoch();
+        let mut per_stack: HashMap<u32, StackUsage> = HashMap::new();
+
+        let stats: PerCpuHashMap<&MapData, u32, StackStats> =
+            PerCpuHashMap::try_from(map(ebpf, MAP_STACK_STATS)?)?;
+        for entry in stats.iter() {
+            let (stack_id, per_cpu) = entry.context("failed to read the per-stack totals")?;
+            let (mut bytes, mut allocations) = (0i64, 0i64);
+            for stats in per_cpu.iter() {
+                bytes += stats.bytes;
+                allocations += stats.allocs;
+                for slot in &stats.young {
+                    if self.is_young(slot.epoch, now_epoch) {
+                        bytes -= slot.bytes;
+                        allocations -= slot.allocs;
+                    }
+                }
+            }
+            if bytes > 0 && allocations > 0 {
+                let usage = per_stack.entry(stack_id).or_insert(StackUsage {
+                    stack_id,
+                    ..StackUsage::default()
+                });
+                usage.bytes += bytes as u64;
+                usage.allocations += allocations as u64;
+            }
+        }
+
+        let mmaps: BpfHashMap<&MapData, u64, AllocInfo> =
+            BpfHashMap::try_from(map(ebpf, MAP_MMAPS)?)?;
+        for entry in mmaps.iter() {
+            let (start, info) = entry.context("failed to read the mappings")?;
+            if self.is_young(info.epoch, now_epoch) {
+                continue;
+            }
+            let bytes = match mapped {
+                Some(ranges) => mapped_bytes(start, start.saturating_add(info.size), ranges),
+                None => info.size,
+            };
+            if bytes == 0 {
+                continue;
+            }
+            let usage = per_stack.entry(info.stack_id).or_insert(StackUsage {
+                stack_id: info.stack_id,
+                ..StackUsage::default()
+            });
+            usage.bytes += bytes;
+            usage.allocations += 1;
+        }
+
+        let mut stacks: Vec<StackUsage> = per_stack.into_values().collect();
+        stacks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack_id.cmp(&b.stack_id)));
+
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(ebpf, MAP_LOST)?)?;
+        let lost = Lost::ALL
+            .iter()
+            .map(|&reason| {
+                let count = counters
+                    .get(&(reason as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (reason, count)
+            })
+            .collect();
+        Ok(Snapshot { stacks, lost })
+    }
+
+    fn now_epoch(&self) -> u32 {
+        if self.epoch_ns == 0 {
+            return 0;
+        }
+        (monotonic_ns() / self.epoch_ns) as u32
+    }
+
+    fn is_young(&self, epoch: u32, now_epoch: u32) -> bool {
+        self.epoch_ns != 0 && now_epoch.wrapping_sub(epoch) <= YOUNG_EPOCHS
+    }
+}
+
+/// The instruction pointers of a stack, innermost first.
+pub fn stack_ips(ebpf: &Ebpf, stack_id: u32) -> anyhow::Result<Vec<u64>> {
+    let stacks: StackTraceMap<&MapData> = StackTraceMap::try_from(map(ebpf, MAP_STACKS)?)?;
+    let trace = stacks
+        .get(&stack_id, 0)
+        .with_context(|| format!("failed to read stack {stack_id}"))?;
+    Ok(trace.frames().iter().map(|frame| frame.ip).collect())
+}
+
+fn map<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a Map> {
+    ebpf.map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Bytes of `[start, end)` still covered by the sorted `ranges`.
+fn mapped_bytes(start: u64, end: u64, ranges: &[(u64, u64)]) -> u64 {
+    ranges
+        .iter()
+        .map(|&(lo, hi)| hi.min(end).saturating_sub(lo.max(start)))
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Check that a mapping unmapped in its middle or tail is clipped.
+    #[test]
+    fn partial_unmap_clips() {
+        let ranges = [(0x1000, 0x3000), (0x4000, 0x5000)];
+        assert_eq!(mapped_bytes(0x1000, 0x5000, &ranges), 0x3000);
+        assert_eq!(mapped_bytes(0x6000, 0x7000, &ranges), 0);
+        assert_eq!(mapped_bytes(0x2000, 0x4800, &ranges), 0x1800);
+    }
+
+    /// Check the age rule: the last YOUNG_EPOCHS epochs are young.
+    #[test]
+    fn young_epochs() {
+        let collector = Collector { epoch_ns: 1 };
+        assert!(collector.is_young(100, 100));
+        assert!(collector.is_young(96, 100));
+        assert!(!collector.is_young(95, 100));
+        let everything = Collector { epoch_ns: 0 };
+        assert!(!everything.is_young(100, 100));
+    }
+}

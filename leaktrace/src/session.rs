@@ -1,0 +1,233 @@
+//! One tracing session, start to end: check privileges, find the target and
+//! its allocator, load and attach, then report every interval until Ctrl-C,
+//! SIGTERM, COUNT, --duration or the target's exit, with a final report.
+
+use std::{
+    io::{self, Write as _},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::Ebpf;
+use leaktrace_common::{NO_STACK, YOUNG_EPOCHS};
+use object::Object as _;
+
+use crate::{
+    cli::Args,
+    collector::{Collector, stack_ips},
+    loader::{self, LoadOptions},
+    report::{FrameReport, Report, StackReport},
+    symbolizer::Symbolizer,
+    target::{self, Target},
+};
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// How often the session looks at signals and the target between reports.
+const TICK: Duration = Duration::from_millis(100);
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    args.validate()?;
+    check_privileges()?;
+
+    let mut target = match (&args.command, args.pid) {
+        (Some(command), _) => Target::spawn(command)?,
+        (None, Some(pid)) => Target::existing(pid)?,
+        (None, None) => bail!("give a PID with -p or a command with -c"),
+    };
+    let result = trace(&args, &mut target);
+    if result.is_err() {
+        target.kill_child();
+    }
+    result
+}
+
+fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
+    let pid = target.pid;
+    let (object, open_path) = allocator_object(args, target)?;
+
+    // Epochs of a quarter of --older: every allocation younger than --older
+    // is left out, and none older than 1.25x --older.
+    let epoch_ns = args.older * 1_000_000 / u64::from(YOUNG_EPOCHS);
+    let mut ebpf = loader::load(&LoadOptions {
+        tgid: pid,
+        epoch_ns,
+        min_size: args.min_size.unwrap_or(0),
+        max_size: args.max_size.unwrap_or(u64::MAX),
+        max_allocations: args.max_allocations,
+        max_stacks: args.max_stacks,
+    })?;
+    let probes = loader::attach(&mut ebpf, &open_path, pid).map_err(|err| {
+        if target.has_exited() {
+            anyhow!("process {pid} exited while leaktrace was attaching")
+        } else {
+            err
+        }
+    })?;
+    for probe in &probes {
+        match (probe.alias_of, probe.skipped) {
+            (Some(alias), _) => log::info!("{}: same address as {alias}, probed once", probe.symbol),
+            (None, 0) => log::info!("{}: probe at entry (file offset {:#x})", probe.symbol, probe.offset),
+            (None, n) => log::info!(
+                "{}: probe {n} bytes past entry (file offset {:#x}), past an instruction the kernel would single-step",
+                probe.symbol,
+                probe.offset
+            ),
+        }
+    }
+    eprintln!(
+        "leaktrace: attached to pid {pid}: {} functions probed in {}; Ctrl-C to stop",
+        probes.len(),
+        object.display()
+    );
+    target.release();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("failed to install a signal handler")?;
+    }
+
+    let mut reporter = Reporter {
+        ebpf,
+        collector: Collector { epoch_ns },
+        symbolizer: Symbolizer::new(pid),
+        args,
+        pid,
+    };
+    let started = Instant::now();
+    let interval = Duration::from_secs_f64(args.interval);
+    let deadline = args.duration.map(|secs| started + Duration::from_secs_f64(secs));
+    let mut next_report = started + interval;
+    let mut reports = 0u64;
+    loop {
+        std::thread::sleep(TICK);
+        let now = Instant::now();
+        if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| now >= d) {
+            return reporter.report(true, false);
+        }
+        if target.has_exited() {
+            log::info!("pid {pid} {}", target.exit_status().unwrap_or("exited"));
+            return reporter.report(true, true);
+        }
+        if now >= next_report {
+            reports += 1;
+            let last = args.count == Some(reports);
+            reporter.report(last, false)?;
+            if last {
+                return Ok(());
+            }
+            next_report += interval;
+        }
+    }
+}
+
+/// The allocator object as the target names it, and the path to open it by.
+fn allocator_object(args: &Args, target: &Target) -> anyhow::Result<(PathBuf, PathBuf)> {
+    if let Some(obj) = &args.obj {
+        let open = if target.is_child() { obj.clone() } else { target.host_path(obj) };
+        anyhow::ensure!(open.exists(), "--obj {} does not exist", obj.display());
+        return Ok((obj.clone(), open));
+    }
+    if let Some(program) = target.program() {
+        // A `-c` child has not run its program yet: a static program is its
+        // own allocator, a dynamic one gets the system libc, which is ours.
+        if !is_dynamic(program)? {
+            return Ok((program.to_path_buf(), program.to_path_buf()));
+        }
+        let ours = target::mapped_objects(std::process::id())?;
+        let libc = target::find_allocator(&ours[1..])
+            .ok_or_else(|| anyhow!("no allocator found for {}: use --obj", program.display()))?;
+        return Ok((libc.clone(), libc));
+    }
+    let objects = target::mapped_objects(target.pid)?;
+    let object = target::find_allocator(&objects).ok_or_else(|| {
+        anyhow!("no allocator found in process {}: use --obj PATH", target.pid)
+    })?;
+    let open = target.host_path(&object);
+    Ok((object, open))
+}
+
+fn is_dynamic(program: &std::path::Path) -> anyhow::Result<bool> {
+    let data = std::fs::read(program)
+        .with_context(|| format!("failed to read {}", program.display()))?;
+    let file = object::File::parse(&*data)
+        .with_context(|| format!("{} is not an ELF executable", program.display()))?;
+    Ok(file.section_by_name(".interp").is_some())
+}
+
+/// Fail early, with what to do, when BPF is out of reach.
+fn check_privileges() -> anyhow::Result<()> {
+    let caps = procfs::process::Process::myself()
+        .and_then(|me| me.status())
+        .map(|status| status.capeff)
+        .context("failed to read this process's capabilities")?;
+    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        bail!("leaktrace needs root (or CAP_BPF and CAP_PERFMON) to load its eBPF programs: run it with sudo")
+    }
+}
+
+/// Reads the maps and prints a report.
+struct Reporter<'a> {
+    ebpf: Ebpf,
+    collector: Collector,
+    symbolizer: Symbolizer,
+    args: &'a Args,
+    pid: u32,
+}
+
+impl Reporter<'_> {
+    fn report(&mut self, is_final: bool, exited: bool) -> anyhow::Result<()> {
+        let alive = !exited;
+        let mapped = if alive {
+            self.symbolizer.refresh_modules();
+            mapped_ranges(self.pid)
+        } else {
+            None
+        };
+        let snapshot = self.collector.collect(&self.ebpf, mapped.as_deref())?;
+        let stacks = snapshot
+            .stacks
+            .iter()
+            .take(self.args.top)
+            .map(|usage| {
+                let frames = if usage.stack_id == NO_STACK {
+                    Vec::new()
+                } else {
+                    let ips = stack_ips(&self.ebpf, usage.stack_id).unwrap_or_default();
+                    self.symbolizer.frames(usage.stack_id, &ips, alive)
+                };
+                StackReport {
+                    bytes: usage.bytes,
+                    allocations: usage.allocations,
+                    frames: frames.iter().map(FrameReport::from).collect(),
+                }
+            })
+            .collect();
+        let report = Report::new(&snapshot, stacks, self.pid, self.args.older, is_final, exited);
+        let mut out = io::stdout().lock();
+        if self.args.json {
+            report.write_json(&mut out)?;
+        } else {
+            report.write_text(&mut out)?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+}
+
+/// The target's mapped address ranges, sorted; `None` if it is gone.
+fn mapped_ranges(pid: u32) -> Option<Vec<(u64, u64)>> {
+    let maps = procfs::process::Process::new(pid as i32).ok()?.maps().ok()?;
+    Some(maps.into_iter().map(|map| map.address).collect())
+}

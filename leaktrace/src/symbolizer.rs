@@ -1,0 +1,190 @@
+//! Turns stack addresses into frames (function+offset, file:line, module,
+//! inlined calls, demangled names) with blazesym. Stacks are symbolized once
+//! and cached: a stack id always names the same stack. A target that has
+//! exited is symbolized from its last known mappings and the files on disk.
+
+use std::{collections::HashMap, path::PathBuf};
+
+use blazesym::{
+    Pid,
+    symbolize::{
+        CodeInfo, Input, Symbolized, Symbolizer as Blazesym,
+        source::{Elf, Process, Source},
+    },
+};
+use procfs::process::MMapPath;
+
+/// One frame of a symbolized stack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub address: u64,
+    pub symbol: Option<String>,
+    /// Offset of the address from the symbol's start (not for inlined frames).
+    pub offset: Option<u64>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub module: Option<String>,
+    /// A call that the compiler inlined into the next frame.
+    pub inlined: bool,
+}
+
+/// An executable mapping of the target, for frames blazesym cannot resolve
+/// and for symbolizing after the target exited.
+#[derive(Clone, Debug)]
+struct Module {
+    start: u64,
+    end: u64,
+    offset: u64,
+    path: PathBuf,
+}
+
+pub struct Symbolizer {
+    blazesym: Blazesym,
+    pid: u32,
+    cache: HashMap<u32, Vec<Frame>>,
+    modules: Vec<Module>,
+}
+
+impl Symbolizer {
+    pub fn new(pid: u32) -> Self {
+        let mut symbolizer = Self {
+            blazesym: Blazesym::new(),
+            pid,
+            cache: HashMap::new(),
+            modules: Vec::new(),
+        };
+        symbolizer.refresh_modules();
+        symbolizer
+    }
+
+    /// Re-read the target's mappings (libraries loaded since). Keeps the last
+    /// good reading once the target is gone.
+    pub fn refresh_modules(&mut self) {
+        let Ok(maps) = procfs::process::Process::new(self.pid as i32).and_then(|p| p.maps()) else {
+            return;
+        };
+        self.modules = maps
+            .into_iter()
+            .filter_map(|map| match map.pathname {
+                MMapPath::Path(path) => Some(Module {
+                    start: map.address.0,
+                    end: map.address.1,
+                    offset: map.offset,
+                    path,
+                }),
+                _ => None,
+            })
+            .collect();
+    }
+
+    /// The frames of a stack, innermost first.
+    pub fn frames(&mut self, stack_id: u32, ips: &[u64], alive: bool) -> Vec<Frame> {
+        if let Some(frames) = self.cache.get(&stack_id) {
+            return frames.clone();
+        }
+        let frames = if alive {
+            self.symbolize_live(ips)
+        } else {
+            self.symbolize_from_files(ips)
+        };
+        self.cache.insert(stack_id, frames.clone());
+        frames
+    }
+
+    fn symbolize_live(&self, ips: &[u64]) -> Vec<Frame> {
+        let source = Source::Process(Process::new(Pid::from(self.pid)));
+        match self.blazesym.symbolize(&source, Input::AbsAddr(ips)) {
+            Ok(symbolized) => ips
+                .iter()
+                .zip(symbolized)
+                .flat_map(|(&ip, sym)| self.to_frames(ip, sym))
+                .collect(),
+            Err(err) => {
+                log::debug!("symbolization failed: {err:#}");
+                self.symbolize_from_files(ips)
+            }
+        }
+    }
+
+    /// Symbolize each address from the file its mapping came from.
+    fn symbolize_from_files(&self, ips: &[u64]) -> Vec<Frame> {
+        ips.iter()
+            .flat_map(|&ip| {
+                let Some(module) = self.module_of(ip) else {
+                    return vec![self.unknown(ip)];
+                };
+                let source = Source::Elf(Elf::new(&module.path));
+                let file_offset = ip - module.start + module.offset;
+                match self.blazesym.symbolize_single(&source, Input::FileOffset(file_offset)) {
+                    Ok(sym) => self.to_frames(ip, sym),
+                    Err(_) => vec![self.unknown(ip)],
+                }
+            })
+            .collect()
+    }
+
+    fn to_frames(&self, ip: u64, symbolized: Symbolized<'_>) -> Vec<Frame> {
+        let sym = match symbolized {
+            Symbolized::Sym(sym) => sym,
+            Symbolized::Unknown(_) => return vec![self.unknown(ip)],
+        };
+        let module = sym
+            .module
+            .as_ref()
+            .map(|m| m.to_string_lossy().into_owned())
+            .or_else(|| self.module_of(ip).map(|m| m.path.display().to_string()));
+        let (file, line) = code_location(sym.code_info.as_deref());
+        let mut frames: Vec<Frame> = sym
+            .inlined
+            .iter()
+            .rev()
+            .map(|inlined| {
+                let (file, line) = code_location(inlined.code_info.as_ref());
+                Frame {
+                    address: ip,
+                    symbol: Some(inlined.name.to_string()),
+                    offset: None,
+                    file,
+                    line,
+                    module: module.clone(),
+                    inlined: true,
+                }
+            })
+            .collect();
+        frames.push(Frame {
+            address: ip,
+            symbol: Some(sym.name.to_string()),
+            offset: Some(sym.offset as u64),
+            file,
+            line,
+            module,
+            inlined: false,
+        });
+        frames
+    }
+
+    /// A frame no symbol covers still names its module and offset.
+    fn unknown(&self, ip: u64) -> Frame {
+        let module = self.module_of(ip);
+        Frame {
+            address: ip,
+            symbol: None,
+            offset: module.map(|m| ip - m.start + m.offset),
+            file: None,
+            line: None,
+            module: module.map(|m| m.path.display().to_string()),
+            inlined: false,
+        }
+    }
+
+    fn module_of(&self, ip: u64) -> Option<&Module> {
+        self.modules.iter().find(|m| m.start <= ip && ip < m.end)
+    }
+}
+
+fn code_location(info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
+    match info {
+        Some(info) => (Some(info.to_path().display().to_string()), info.line),
+        None => (None, None),
+    }
+}

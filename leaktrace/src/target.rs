@@ -1,0 +1,284 @@
+//! The traced process: checking a PID, starting a command held at the door
+//! until the probes are in, watching for its exit, and finding the object
+//! that provides its allocator.
+
+use std::{
+    fs::File,
+    io::Write as _,
+    os::{fd::FromRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use procfs::process::{MMapPath, Process};
+
+/// The kernel sets this in a task's flags for kernel threads.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+pub struct Target {
+    pub pid: u32,
+    /// Set when leaktrace started the target with `-c`.
+    child: Option<Child>,
+    /// Writing to (or closing) this lets a `-c` child go on to exec.
+    gate: Option<File>,
+    exit_status: Option<String>,
+    /// The `-c` program's path, found on PATH.
+    program: Option<PathBuf>,
+}
+
+impl Target {
+    /// A running process given with `-p`. A thread id is taken as its process.
+    pub fn existing(pid: u32) -> anyhow::Result<Self> {
+        let process = Process::new(pid as i32).map_err(|_| anyhow!("no process with PID {pid}"))?;
+        let stat = process
+            .stat()
+            .map_err(|_| anyhow!("no process with PID {pid}"))?;
+        if stat.flags & PF_KTHREAD != 0 {
+            bail!(
+                "PID {pid} ({}) is a kernel thread: it has no user-space allocator to trace",
+                stat.comm
+            );
+        }
+        if matches!(stat.state, 'Z' | 'X') {
+            bail!("process {pid} ({}) has already exited", stat.comm);
+        }
+        let tgid = process
+            .status()
+            .map(|status| status.tgid as u32)
+            .unwrap_or(pid);
+        if tgid != pid {
+            log::info!("PID {pid} is a thread of process {tgid}: tracing the process");
+        }
+        Ok(Self {
+            pid: tgid,
+            child: None,
+            gate: None,
+            exit_status: None,
+            program: None,
+        })
+    }
+
+    /// Fork `command` and hold the child before exec, so the probes are in
+    /// place before its first allocation. [`Target::release`] lets it go.
+    pub fn spawn(command: &str) -> anyhow::Result<Self> {
+        let words = shlex::split(command)
+            .filter(|words| !words.is_empty())
+            .ok_or_else(|| anyhow!("cannot parse --command '{command}'"))?;
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("failed to create a pipe");
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and ours.
+        let (read_end, write_end) =
+            unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let read_fd = fds[0];
+        let mut cmd = Command::new(&words[0]);
+        cmd.args(&words[1..]);
+        // SAFETY: the closure only calls read(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut byte = [0u8; 1];
+                // Blocks until the parent writes or closes its end; either
+                // way the probes are in (or leaktrace gave up).
+                let _ = libc::read(read_fd, byte.as_mut_ptr().cast(), 1);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("failed to start '{}'", words[0]))?;
+        // The child has its own copy of the read end.
+        drop(read_end);
+        Ok(Self {
+            program: find_program(&words[0]),
+            pid: child.id(),
+            child: Some(child),
+            gate: Some(write_end),
+            exit_status: None,
+        })
+    }
+
+    /// Whether leaktrace started the target.
+    pub fn is_child(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Let a `-c` child exec its program.
+    pub fn release(&mut self) {
+        if let Some(mut gate) = self.gate.take() {
+            let _ = gate.write_all(b"g");
+        }
+    }
+
+    /// The program a `-c` child will run once released.
+    pub fn program(&self) -> Option<&Path> {
+        self.program.as_deref()
+    }
+
+    /// Whether the target has ended (a zombie counts as ended).
+    pub fn has_exited(&mut self) -> bool {
+        if self.exit_status.is_some() {
+            return true;
+        }
+        if let Some(child) = &mut self.child {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.exit_status = Some(status.to_string());
+                    return true;
+                }
+                Ok(None) => return false,
+                Err(_) => {}
+            }
+        }
+        let alive = Process::new(self.pid as i32)
+            .and_then(|process| process.stat())
+            .is_ok_and(|stat| !matches!(stat.state, 'Z' | 'X'));
+        if !alive {
+            self.exit_status = Some("exited".to_string());
+        }
+        !alive
+    }
+
+    /// How the target ended, once it has.
+    pub fn exit_status(&self) -> Option<&str> {
+        self.exit_status.as_deref()
+    }
+
+    /// The target's view of the file system: a container's binaries are
+    /// opened through it with `-p` alone.
+    pub fn root(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.pid))
+    }
+
+    /// `path` as the target sees it, opened from leaktrace's namespace.
+    pub fn host_path(&self, path: &Path) -> PathBuf {
+        match path.strip_prefix("/") {
+            Ok(relative) => self.root().join(relative),
+            Err(_) => path.to_path_buf(),
+        }
+    }
+
+    /// Stop a `-c` child that leaktrace started and is giving up on.
+    pub fn kill_child(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // A child still at the gate would otherwise wait forever.
+        self.release();
+    }
+}
+
+/// Where `program` is found, the way execvp searches PATH.
+fn find_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+/// File names of allocators that replace glibc's malloc when loaded.
+const REPLACEMENT_ALLOCATORS: [&str; 3] = ["libjemalloc", "libtcmalloc", "libmimalloc"];
+
+/// Whether a mapped file is a C library.
+fn is_libc(name: &str) -> bool {
+    name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl")
+}
+
+/// The objects mapped into `pid` as the target names them, executable
+/// first, each once, in mapping order.
+pub fn mapped_objects(pid: u32) -> anyhow::Result<Vec<PathBuf>> {
+    let process = Process::new(pid as i32).map_err(|_| anyhow!("process {pid} has exited"))?;
+    let maps = process
+        .maps()
+        .with_context(|| format!("failed to read /proc/{pid}/maps"))?;
+    let mut objects: Vec<PathBuf> = Vec::new();
+    if let Ok(exe) = process.exe() {
+        objects.push(exe);
+    }
+    for map in maps {
+        if let MMapPath::Path(path) = map.pathname {
+            if !objects.contains(&path) {
+                objects.push(path);
+            }
+        }
+    }
+    Ok(objects)
+}
+
+/// Pick the object whose malloc the process calls: a replacement allocator
+/// if one is loaded, else libc. The executable itself (a static binary) is
+/// used when no C library is mapped at all.
+pub fn find_allocator(objects: &[PathBuf]) -> Option<PathBuf> {
+    let file_name = |path: &PathBuf| {
+        path.file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    objects
+        .iter()
+        .find(|path| {
+            let name = file_name(path);
+            REPLACEMENT_ALLOCATORS.iter().any(|alloc| name.starts_with(alloc))
+        })
+        .or_else(|| objects.iter().find(|path| is_libc(&file_name(path))))
+        .or_else(|| objects.first())
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Check that libc is chosen over the executable and other libraries.
+    #[test]
+    fn libc_is_the_allocator() {
+        let objects: Vec<PathBuf> = ["/usr/bin/app", "/usr/lib/libz.so.1", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(find_allocator(&objects), Some(objects[2].clone()));
+    }
+
+    /// Check that a replacement allocator wins over libc.
+    #[test]
+    fn jemalloc_wins() {
+        let objects: Vec<PathBuf> = ["/app", "/usr/lib/libc.so.6", "/usr/lib/libjemalloc.so.2"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(find_allocator(&objects), Some(objects[2].clone()));
+    }
+
+    /// Check that a static binary is its own allocator.
+    #[test]
+    fn static_binary() {
+        let objects = vec![PathBuf::from("/app")];
+        assert_eq!(find_allocator(&objects), Some(objects[0].clone()));
+    }
+
+    /// Check that PID 2 is refused as a kernel thread.
+    #[test]
+    fn kernel_thread_refused() {
+        let err = Target::existing(2).err().expect("kthreadd accepted");
+        assert!(err.to_string().contains("kernel thread"), "{err}");
+    }
+
+    /// Check that a PID that does not exist is refused.
+    #[test]
+    fn missing_pid_refused() {
+        let err = Target::existing(u32::MAX - 1).err().expect("bogus PID accepted");
+        assert!(err.to_string().contains("no process"), "{err}");
+    }
+}

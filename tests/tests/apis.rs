@@ -1,0 +1,89 @@
+//! Every allocation API the tracer hooks: each leak is counted once at its
+//! caller with its requested size, and freed or failed allocations leave nothing.
+
+use leaktrace_tests::*;
+
+/// Leaking function in fixtures/all_apis.c and the bytes it leaks (one allocation each).
+const LEAKS: &[(&str, u64)] = &[
+    ("leak_malloc", 1001),
+    ("leak_calloc", 1002),
+    ("leak_realloc", 1003),
+    ("leak_reallocarray", 1004),
+    ("leak_posix_memalign", 1005),
+    ("leak_aligned_alloc", 1088),
+    ("leak_memalign", 1006),
+    ("leak_valloc", 1007),
+    // The requested size: glibc rounds pvalloc up to a page.
+    ("leak_pvalloc", 1008),
+    ("leak_mmap", 3 * 4096),
+    // 6 pages mapped, the first 2 unmapped.
+    ("mmap_partial", 4 * 4096),
+    // The block a failed realloc left in place.
+    ("realloc_fail", 1011),
+];
+
+/// Functions whose allocations were all freed, unmapped or failed.
+const ABSENT: &[&str] =
+    &["mmap_whole", "realloc_zero", "failed_malloc", "failed_mmap", "freed_pairs"];
+
+/// Check that each allocation API's leak is reported once with its exact size, and
+/// that freed, unmapped and failed allocations are not.
+#[test]
+fn every_api_leak_counted_exactly_once() {
+    let report = trace_fixture("all_apis", &[], &[]);
+    for &(name, size) in LEAKS {
+        // aligned_alloc and memalign share one address in glibc 2.36; a probe on
+        // each would count the same call twice, hence the exact allocation count.
+        assert_eq!(
+            totals_by_first_frame(&report, name),
+            (size, 1),
+            "leak at {name} should be 1 allocation of {size} bytes: {report}"
+        );
+    }
+    for name in ABSENT {
+        assert!(
+            stacks_by_first_frame(&report, name).is_empty(),
+            "{name} freed or failed all its allocations but is reported: {report}"
+        );
+    }
+}
+
+/// Check that -z/-Z keep only allocations whose requested size is in range (inclusive).
+#[test]
+fn size_filters_select_by_requested_size() {
+    let report = trace_fixture("all_apis", &[], &["-z", "1004", "-Z", "1006"]);
+    for name in ["leak_reallocarray", "leak_posix_memalign", "leak_memalign"] {
+        assert!(
+            !stacks_by_first_frame(&report, name).is_empty(),
+            "leak at {name} (size within -z 1004 -Z 1006) not reported: {report}"
+        );
+    }
+    for name in ["leak_malloc", "leak_calloc", "leak_valloc", "leak_pvalloc", "realloc_fail"] {
+        assert!(
+            stacks_by_first_frame(&report, name).is_empty(),
+            "leak at {name} (size outside -z 1004 -Z 1006) reported: {report}"
+        );
+    }
+}
+
+/// Check that --top limits every report to the largest N stacks.
+#[test]
+fn top_limits_stacks() {
+    let report = trace_fixture("all_apis", &[], &["--top", "3"]);
+    let sizes: Vec<u64> = stacks(&report).iter().map(bytes).collect();
+    assert!(
+        !sizes.is_empty() && sizes.len() <= 3,
+        "--top 3 gave {} stacks: {report}",
+        sizes.len()
+    );
+    assert!(
+        sizes.windows(2).all(|pair| pair[0] >= pair[1]),
+        "stacks not sorted by bytes, largest first: {report}"
+    );
+    // The two mmap leaks (16384, 12288) are the largest in the fixture.
+    assert_eq!(
+        first_symbol(&stacks(&report)[0]),
+        Some("mmap_partial"),
+        "largest stack under --top 3 is not mmap_partial: {report}"
+    );
+}

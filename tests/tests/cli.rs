@@ -1,0 +1,135 @@
+//! The command line: -c with arguments, the ways a run ends, and bad input.
+
+use leaktrace_tests::*;
+use std::{path::Path, thread, time::Duration};
+
+/// Check that -c runs a command with its arguments, traces it from its first
+/// allocation and ends with a final report once it exits.
+#[test]
+fn command_with_arguments_traced_until_exit() {
+    let cmd = format!("{} 7 300 nowait", fixture_path("args_leak").display());
+    let finished = run_tracer(&["--json", "-c", &cmd, "1"]);
+    let reports = finished.reports();
+    let report = final_report(&reports);
+    assert_eq!(report["exited"], true, "final report does not say the command exited: {report}");
+    assert_eq!(
+        totals_by_first_frame(report, "arg_leak"),
+        (2100, 7),
+        "arg_leak should hold 7 x 300 bytes: {report}"
+    );
+}
+
+/// Starts args_leak (4 x 1000 bytes), lets it leak under `leaktrace -p PID --json 1 extra...`
+/// and returns the tracer still running.
+fn trace_args_leak(extra: &[&str]) -> (Fixture, Tracer) {
+    let mut fixture = Fixture::start("args_leak", &["4", "1000"]);
+    let pid = fixture.pid().to_string();
+    let mut args = vec!["-p", pid.as_str(), "--json"];
+    args.extend_from_slice(extra);
+    args.push("1");
+    let mut tracer = Tracer::start(&args);
+    tracer.wait_attached();
+    fixture.go();
+    fixture.wait_ready();
+    (fixture, tracer)
+}
+
+/// Check that SIGINT and SIGTERM end tracing with exit 0 and a final report.
+#[test]
+fn signal_ends_tracing_with_final_report() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let (_fixture, mut tracer) = trace_args_leak(&[]);
+        // Let the leaks age past the default --older 500 ms.
+        thread::sleep(Duration::from_secs(2));
+        assert!(tracer.is_running(), "leaktrace exited before signal {signal}");
+        tracer.signal(signal);
+        let reports = tracer.finish().reports();
+        let report = final_report(&reports);
+        assert_eq!(
+            totals_by_first_frame(report, "arg_leak"),
+            (4000, 4),
+            "after signal {signal}, arg_leak should hold 4 x 1000 bytes: {report}"
+        );
+    }
+}
+
+/// Check that --duration ends tracing with exit 0 and a final report.
+#[test]
+fn duration_ends_tracing() {
+    let (_fixture, tracer) = trace_args_leak(&["--duration", "3"]);
+    let reports = tracer.finish().reports();
+    let report = final_report(&reports);
+    assert_eq!(
+        totals_by_first_frame(report, "arg_leak"),
+        (4000, 4),
+        "arg_leak should hold 4 x 1000 bytes: {report}"
+    );
+}
+
+/// A PID with no process behind it, searched downwards from pid_max.
+fn unused_pid() -> u32 {
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(32768);
+    (1..max)
+        .rev()
+        .find(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        .expect("no free PID")
+}
+
+/// Asserts a failed run with a single error line containing `needle` and no panic.
+fn assert_clean_error(finished: &Finished, needle: &str) {
+    assert!(
+        !finished.status.success(),
+        "leaktrace succeeded on bad input; stderr:\n{}",
+        finished.stderr
+    );
+    assert!(
+        !finished.stderr.contains("panicked"),
+        "leaktrace panicked on bad input:\n{}",
+        finished.stderr
+    );
+    let lines: Vec<&str> = finished.stderr.lines().filter(|line| !line.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected a one-line error, got:\n{}", finished.stderr);
+    assert!(
+        lines[0].to_lowercase().contains(needle),
+        "error does not mention {needle:?}: {}",
+        lines[0]
+    );
+}
+
+/// Check that a PID with no process fails with a one-line error naming the PID.
+#[test]
+fn nonexistent_pid_rejected() {
+    let pid = unused_pid().to_string();
+    let finished = run_tracer(&["-p", &pid, "1", "1"]);
+    assert_clean_error(&finished, &pid);
+}
+
+/// Check that a kernel thread (kthreadd, PID 2) is refused with a one-line error.
+#[test]
+fn kernel_thread_rejected() {
+    let finished = run_tracer(&["-p", "2", "1", "1"]);
+    assert_clean_error(&finished, "kernel thread");
+}
+
+/// Check that invalid flags are usage errors (exit 2), not panics.
+#[test]
+fn invalid_flags_rejected() {
+    let pid = std::process::id().to_string();
+    for args in [vec!["-p", pid.as_str(), "--top", "banana"], vec!["--nonsense"]] {
+        let finished = run_tracer(&args);
+        assert_eq!(
+            finished.status.code(),
+            Some(2),
+            "leaktrace {args:?} should be a usage error; stderr:\n{}",
+            finished.stderr
+        );
+        assert!(
+            !finished.stderr.contains("panicked"),
+            "leaktrace {args:?} panicked:\n{}",
+            finished.stderr
+        );
+    }
+}
