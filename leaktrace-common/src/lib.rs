@@ -111,7 +111,10 @@ pub struct Pending {
     /// realloc and mremap: the old address; posix_memalign: `memptr`.
     pub arg: u64,
     pub kind: u32,
-    pub _pad: u32,
+    /// Probed functions entered by a tail jump at the same sp (glibc's
+    /// operator new[] jumps to operator new): each has its own return
+    /// probe, and the last of them to fire takes the record.
+    pub tail_calls: u32,
 }
 
 /// Ways an event can be lost; the index into [`MAP_LOST`].

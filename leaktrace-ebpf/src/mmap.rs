@@ -1,7 +1,9 @@
-//! Probes on mmap, munmap and mremap: anonymous private mappings the program
-//! makes itself. Thread stacks (MAP_STACK) belong to the thread tracer, file
-//! mappings are not heap, and mappings made inside malloc are nested calls
-//! that the malloc record already covers.
+//! Probes on mmap, munmap and mremap: anonymous mappings the program makes
+//! to hold data. Thread stacks (MAP_STACK) belong to the thread tracer, file
+//! mappings are not heap, mappings made inside malloc are nested calls that
+//! the malloc record already covers, and address-space reservations
+//! (PROT_NONE or MAP_NORESERVE, as glibc makes for a new arena, even from
+//! inside free) hold no memory until the allocator commits them.
 //!
 //! Mappings are kept apart from heap blocks because they can be unmapped in
 //! part: munmap of a region's start is handled here, anything else the
@@ -21,7 +23,9 @@ use crate::{
 
 type Result = core::result::Result<(), ()>;
 
+const PROT_NONE: u64 = 0;
 const MAP_ANONYMOUS: u64 = 0x20;
+const MAP_NORESERVE: u64 = 0x4000;
 const MAP_STACK: u64 = 0x20000;
 const MAP_FAILED: u64 = u64::MAX;
 const PAGE_SIZE: u64 = 4096;
@@ -52,10 +56,14 @@ pub fn mmap_enter_mmap(ctx: ProbeContext) -> u32 {
 
 fn try_mmap_enter_mmap(ctx: &ProbeContext) -> Result {
     let tid = target_tid().ok_or(())?;
+    let prot = arg(ctx, 2)?;
     let flags = arg(ctx, 3)?;
     // Untracked mappings still get a record, so the return is matched and
     // a nested call inside them is seen as nested.
-    let kind = if flags & MAP_ANONYMOUS != 0 && flags & MAP_STACK == 0 {
+    let tracked = flags & MAP_ANONYMOUS != 0
+        && flags & (MAP_STACK | MAP_NORESERVE) == 0
+        && prot != PROT_NONE;
+    let kind = if tracked {
         CallKind::Mmap
     } else {
         CallKind::MmapIgnored

@@ -45,12 +45,19 @@ pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) 
     let sp = stack_pointer(ctx);
     // SAFETY: the value is copied out at once; a concurrent update can only
     // come from this same thread, which is here.
-    if let Some(outer) = unsafe { PENDING.get(tid) } {
+    if let Some(outer) = PENDING.get_ptr_mut(tid) {
+        // SAFETY: a pointer from a successful lookup, valid for this run;
+        // only this thread writes its own entry.
+        let outer = unsafe { &mut *outer };
         if outer.sp > sp {
             return;
         }
-        // An entry at or above the recorded frame: that call's return probe
-        // never fired (longjmp, or the kernel dropped it).
+        if outer.sp == sp {
+            outer.tail_calls += 1;
+            return;
+        }
+        // An entry above the recorded frame: that call's return probe never
+        // fired (longjmp, or the kernel dropped it).
         count_lost(Lost::MissedReturn);
     }
     let pending = Pending {
@@ -58,7 +65,7 @@ pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) 
         size,
         arg,
         kind: kind as u32,
-        _pad: 0,
+        tail_calls: 0,
     };
     if PENDING.insert(tid, pending, BPF_ANY.into()).is_err() {
         count_lost(Lost::PendingMapFull);
@@ -69,16 +76,22 @@ pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) 
 /// return of a nested call (its sp is not above the outer entry's sp).
 #[inline(always)]
 pub fn exit(ctx: &RetProbeContext, tid: u32) -> Option<Pending> {
-    // SAFETY: copied out at once, see `enter`.
-    let Some(pending) = (unsafe { PENDING.get(tid) }).copied() else {
+    let Some(pending) = PENDING.get_ptr_mut(tid) else {
         count_lost(Lost::ReturnWithoutEntry);
         return None;
     };
+    // SAFETY: as in `enter`.
+    let pending = unsafe { &mut *pending };
     if stack_pointer(ctx) <= pending.sp {
         return None;
     }
+    if pending.tail_calls > 0 {
+        pending.tail_calls -= 1;
+        return None;
+    }
+    let taken = *pending;
     let _ = PENDING.remove(tid);
-    Some(pending)
+    Some(taken)
 }
 
 /// The current user stack's id, or `NO_STACK` (counted) if it cannot be had.

@@ -36,8 +36,8 @@ const fn probe(symbol: &'static str, enter: &'static str, exit: Option<&'static 
     }
 }
 
-/// The allocator API. Programs are shared by functions of one prototype.
-const PROBES: &[ProbeSpec] = &[
+/// The C allocator API. Programs are shared by functions of one prototype.
+const ALLOCATOR_PROBES: &[ProbeSpec] = &[
     probe("malloc", "alloc_enter_malloc", Some("alloc_exit_malloc")),
     probe("calloc", "alloc_enter_calloc", Some("alloc_exit_malloc")),
     probe("realloc", "alloc_enter_realloc", Some("alloc_exit_realloc")),
@@ -51,6 +51,22 @@ const PROBES: &[ProbeSpec] = &[
     probe("mmap", "mmap_enter_mmap", Some("mmap_exit_mmap")),
     probe("munmap", "mmap_enter_munmap", None),
     probe("mremap", "mmap_enter_mremap", Some("mmap_exit_mremap")),
+];
+
+/// C++ operator new in all its forms (the size is always the first
+/// argument). libstdc++ builds them without frame pointers, so a stack taken
+/// in malloc loses the caller of new; their own return probe sees it, and
+/// the malloc they call is a nested call, not counted twice. operator
+/// delete needs no probe: it calls free.
+const CXX_NEW_PROBES: &[ProbeSpec] = &[
+    probe("_Znwm", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("_Znam", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("_ZnwmRKSt9nothrow_t", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("_ZnamRKSt9nothrow_t", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("_ZnwmSt11align_val_t", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("_ZnamSt11align_val_t", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("_ZnwmSt11align_val_tRKSt9nothrow_t", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("_ZnamSt11align_val_tRKSt9nothrow_t", "alloc_enter_malloc", Some("alloc_exit_malloc")),
 ];
 
 /// What the programs are told at load time.
@@ -79,7 +95,8 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         .map_max_entries(MAP_STACK_STATS, options.max_stacks)
         .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace")))
         .context("failed to load the eBPF programs")?;
-    let mut names: Vec<&str> = PROBES.iter().flat_map(|p| [Some(p.enter), p.exit]).flatten().collect();
+    let mut names: Vec<&str> = ALLOCATOR_PROBES
+        .iter().flat_map(|p| [Some(p.enter), p.exit]).flatten().collect();
     names.sort_unstable();
     names.dedup();
     for name in names {
@@ -111,19 +128,37 @@ pub struct Probe {
     pub alias_of: Option<&'static str>,
 }
 
-/// Attach every program to `object` (opened at `path` from here), for
-/// process `pid` only: a uprobe belongs to the file, and without the
-/// process filter every process mapping the library would trap.
-pub fn attach(ebpf: &mut Ebpf, path: &Path, pid: u32) -> anyhow::Result<Vec<Probe>> {
-    let functions = find_functions(path)?;
+/// Attach the C allocator API's programs to the object at `path`.
+pub fn attach_allocator(ebpf: &mut Ebpf, path: &Path, pid: u32) -> anyhow::Result<Vec<Probe>> {
+    let functions = find_functions(path, ALLOCATOR_PROBES)?;
     if !functions.contains_key("malloc") || !functions.contains_key("free") {
         bail!("no allocator found: {} defines no malloc and free", path.display());
     }
+    attach_set(ebpf, path, pid, ALLOCATOR_PROBES, &functions)
+}
+
+/// Attach the operator new programs to the object at `path`, if it defines
+/// any (libstdc++, or a static C++ program).
+pub fn attach_cxx_new(ebpf: &mut Ebpf, path: &Path, pid: u32) -> anyhow::Result<Vec<Probe>> {
+    let functions = find_functions(path, CXX_NEW_PROBES)?;
+    attach_set(ebpf, path, pid, CXX_NEW_PROBES, &functions)
+}
+
+/// Attach each function of `set` found in `functions`, for process `pid`
+/// only: a uprobe belongs to the file, and without the process filter every
+/// process mapping the library would trap.
+fn attach_set(
+    ebpf: &mut Ebpf,
+    path: &Path,
+    pid: u32,
+    set: &[ProbeSpec],
+    functions: &HashMap<&'static str, Function>,
+) -> anyhow::Result<Vec<Probe>> {
     let scope = UProbeScope::OneProcess(
         NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 cannot be traced"))?,
     );
     let mut probes: Vec<Probe> = Vec::new();
-    for spec in PROBES {
+    for spec in set {
         let Some(function) = functions.get(spec.symbol) else {
             log::debug!("{} has no {}: not probed", path.display(), spec.symbol);
             continue;
@@ -165,13 +200,12 @@ pub fn attach(ebpf: &mut Ebpf, path: &Path, pid: u32) -> anyhow::Result<Vec<Prob
             alias_of: None,
         });
     }
-    reset_lost(ebpf)?;
     Ok(probes)
 }
 
-/// Zero the lost-event counters: calls already under way while the probes
-/// went in are not events leaktrace lost.
-fn reset_lost(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+/// Zero the lost-event counters once every probe is in: calls already under
+/// way while the probes went in are not events leaktrace lost.
+pub fn reset_lost(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let map = ebpf
         .map_mut(MAP_LOST)
         .ok_or_else(|| anyhow!("map {MAP_LOST} missing from the eBPF object"))?;
@@ -189,8 +223,11 @@ struct Function {
     code: Vec<u8>,
 }
 
-/// Find the allocator functions defined in the ELF file at `path`.
-fn find_functions(path: &Path) -> anyhow::Result<HashMap<&'static str, Function>> {
+/// Find the functions of `set` defined in the ELF file at `path`.
+fn find_functions(
+    path: &Path,
+    set: &[ProbeSpec],
+) -> anyhow::Result<HashMap<&'static str, Function>> {
     let data = std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
     let file = object::File::parse(&*data)
         .with_context(|| format!("{} is not an ELF file", path.display()))?;
@@ -200,7 +237,7 @@ fn find_functions(path: &Path) -> anyhow::Result<HashMap<&'static str, Function>
             continue;
         }
         let Ok(name) = symbol.name() else { continue };
-        let Some(spec) = PROBES.iter().find(|spec| spec.symbol == name) else {
+        let Some(spec) = set.iter().find(|spec| spec.symbol == name) else {
             continue;
         };
         if found.contains_key(spec.symbol) {
@@ -229,11 +266,20 @@ fn find_functions(path: &Path) -> anyhow::Result<HashMap<&'static str, Function>
 mod tests {
     use super::*;
 
+    /// Check that libstdc++ yields operator new and new[].
+    #[test]
+    fn finds_operator_new() {
+        let libstdcxx = Path::new("/usr/lib/x86_64-linux-gnu/libstdc++.so.6");
+        let functions = find_functions(libstdcxx, CXX_NEW_PROBES).unwrap();
+        assert!(functions.contains_key("_Znwm"));
+        assert!(functions.contains_key("_Znam"));
+    }
+
     /// Check that this machine's libc yields malloc and free with their code.
     #[test]
     fn finds_libc_functions() {
         let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
-        let functions = find_functions(libc).unwrap();
+        let functions = find_functions(libc, ALLOCATOR_PROBES).unwrap();
         assert!(functions.contains_key("malloc"));
         assert!(functions.contains_key("free"));
         assert_eq!(functions["malloc"].code.len(), 16);

@@ -51,7 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     let pid = target.pid;
-    let (object, open_path) = allocator_object(args, target)?;
+    let plan = probe_plan(args, target)?;
 
     // Epochs of a quarter of --older: every allocation younger than --older
     // is left out, and none older than 1.25x --older.
@@ -64,13 +64,17 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         max_allocations: args.max_allocations,
         max_stacks: args.max_stacks,
     })?;
-    let probes = loader::attach(&mut ebpf, &open_path, pid).map_err(|err| {
-        if target.has_exited() {
-            anyhow!("process {pid} exited while leaktrace was attaching")
-        } else {
-            err
+    let mut probes = loader::attach_allocator(&mut ebpf, &plan.allocator.open, pid)
+        .map_err(|err| attach_error(err, target))?;
+    if let Some(cxx) = &plan.cxx_runtime {
+        let cxx_probes = loader::attach_cxx_new(&mut ebpf, &cxx.open, pid)
+            .map_err(|err| attach_error(err, target))?;
+        if !cxx_probes.is_empty() {
+            log::info!("operator new probed in {}", cxx.shown.display());
         }
-    })?;
+        probes.extend(cxx_probes);
+    }
+    loader::reset_lost(&mut ebpf)?;
     for probe in &probes {
         match (probe.alias_of, probe.skipped) {
             (Some(alias), _) => log::info!("{}: same address as {alias}, probed once", probe.symbol),
@@ -85,9 +89,9 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     eprintln!(
         "leaktrace: attached to pid {pid}: {} functions probed in {}; Ctrl-C to stop",
         probes.len(),
-        object.display()
+        plan.allocator.shown.display()
     );
-    target.release();
+    target.release()?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -129,30 +133,88 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     }
 }
 
-/// The allocator object as the target names it, and the path to open it by.
-fn allocator_object(args: &Args, target: &Target) -> anyhow::Result<(PathBuf, PathBuf)> {
-    if let Some(obj) = &args.obj {
-        let open = if target.is_child() { obj.clone() } else { target.host_path(obj) };
-        anyhow::ensure!(open.exists(), "--obj {} does not exist", obj.display());
-        return Ok((obj.clone(), open));
+/// An object to probe: its path as the target names it (for the user) and
+/// the path to open it by from here.
+struct Object {
+    shown: PathBuf,
+    open: PathBuf,
+}
+
+impl Object {
+    fn seen_by(target: &Target, shown: PathBuf) -> Self {
+        let open = target.host_path(&shown);
+        Self { shown, open }
     }
+
+    fn local(path: PathBuf) -> Self {
+        Self {
+            shown: path.clone(),
+            open: path,
+        }
+    }
+}
+
+/// Which objects get which probes.
+struct ProbePlan {
+    /// Provides malloc and free.
+    allocator: Object,
+    /// Provides operator new, when it is not the allocator.
+    cxx_runtime: Option<Object>,
+}
+
+fn probe_plan(args: &Args, target: &Target) -> anyhow::Result<ProbePlan> {
     if let Some(program) = target.program() {
         // A `-c` child has not run its program yet: a static program is its
         // own allocator, a dynamic one gets the system libc, which is ours.
         if !is_dynamic(program)? {
-            return Ok((program.to_path_buf(), program.to_path_buf()));
+            return Ok(ProbePlan {
+                allocator: Object::local(program.to_path_buf()),
+                cxx_runtime: Some(Object::local(program.to_path_buf())),
+            });
         }
-        let ours = target::mapped_objects(std::process::id())?;
-        let libc = target::find_allocator(&ours[1..])
-            .ok_or_else(|| anyhow!("no allocator found for {}: use --obj", program.display()))?;
-        return Ok((libc.clone(), libc));
+        let allocator = match &args.obj {
+            Some(obj) => obj.clone(),
+            None => {
+                let ours = target::mapped_objects(std::process::id())?;
+                target::find_allocator(&ours[1..]).ok_or_else(|| {
+                    anyhow!("no allocator found for {}: use --obj", program.display())
+                })?
+            }
+        };
+        return Ok(ProbePlan {
+            allocator: Object::local(allocator),
+            cxx_runtime: target::system_cxx_runtime().map(Object::local),
+        });
     }
     let objects = target::mapped_objects(target.pid)?;
-    let object = target::find_allocator(&objects).ok_or_else(|| {
-        anyhow!("no allocator found in process {}: use --obj PATH", target.pid)
-    })?;
-    let open = target.host_path(&object);
-    Ok((object, open))
+    let allocator = match &args.obj {
+        Some(obj) => obj.clone(),
+        None => target::find_allocator(&objects).ok_or_else(|| {
+            anyhow!("no allocator found in process {}: use --obj PATH", target.pid)
+        })?,
+    };
+    let allocator = Object::seen_by(target, allocator);
+    anyhow::ensure!(
+        allocator.open.exists(),
+        "{} does not exist in process {}",
+        allocator.shown.display(),
+        target.pid
+    );
+    let cxx_runtime = target::find_cxx_runtime(&objects)
+        .or_else(|| (objects.first() == Some(&allocator.shown)).then(|| allocator.shown.clone()))
+        .map(|path| Object::seen_by(target, path));
+    Ok(ProbePlan {
+        allocator,
+        cxx_runtime,
+    })
+}
+
+fn attach_error(err: anyhow::Error, target: &mut Target) -> anyhow::Error {
+    if target.has_exited() {
+        anyhow!("process {} exited while leaktrace was attaching", target.pid)
+    } else {
+        err
+    }
 }
 
 fn is_dynamic(program: &std::path::Path) -> anyhow::Result<bool> {

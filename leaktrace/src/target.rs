@@ -3,11 +3,11 @@
 //! that provides its allocator.
 
 use std::{
+    ffi::CString,
     fs::File,
-    io::Write as _,
-    os::{fd::FromRawFd as _, unix::process::CommandExt as _},
+    io::{Read as _, Write as _},
+    os::fd::{AsRawFd as _, FromRawFd as _},
     path::{Path, PathBuf},
-    process::{Child, Command},
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -20,11 +20,18 @@ pub struct Target {
     pub pid: u32,
     /// Set when leaktrace started the target with `-c`.
     child: Option<Child>,
-    /// Writing to (or closing) this lets a `-c` child go on to exec.
-    gate: Option<File>,
     exit_status: Option<String>,
-    /// The `-c` program's path, found on PATH.
-    program: Option<PathBuf>,
+}
+
+/// A `-c` child: forked, and held before exec until the probes are in.
+struct Child {
+    /// Writing to (or closing) this lets the child go on to exec.
+    gate: Option<File>,
+    /// Carries errno from a failed exec; closed (on exec) when it worked.
+    exec_error: Option<File>,
+    program: PathBuf,
+    name: String,
+    reaped: bool,
 }
 
 impl Target {
@@ -53,68 +60,83 @@ impl Target {
         Ok(Self {
             pid: tgid,
             child: None,
-            gate: None,
             exit_status: None,
-            program: None,
         })
     }
 
     /// Fork `command` and hold the child before exec, so the probes are in
     /// place before its first allocation. [`Target::release`] lets it go.
+    ///
+    /// std's `Command::spawn` cannot do this: it waits for the exec.
     pub fn spawn(command: &str) -> anyhow::Result<Self> {
         let words = shlex::split(command)
             .filter(|words| !words.is_empty())
             .ok_or_else(|| anyhow!("cannot parse --command '{command}'"))?;
-        let mut fds = [0; 2];
-        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("failed to create a pipe");
+        let name = words[0].clone();
+        let program = find_program(&name)
+            .ok_or_else(|| anyhow!("failed to start '{name}': not found on PATH"))?;
+        let argv: Vec<CString> = words
+            .iter()
+            .map(|word| CString::new(word.as_bytes()))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--command '{command}' contains a NUL byte"))?;
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let (gate_read, gate_write) = pipe()?;
+        let (error_read, error_write) = pipe()?;
+        // SAFETY: leaktrace is single-threaded here, and the child only
+        // makes async-signal-safe calls (read, write, execvp, _exit) on
+        // memory prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error()).context("failed to fork");
         }
-        // SAFETY: pipe2 succeeded, so both descriptors are open and ours.
-        let (read_end, write_end) =
-            unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-        let read_fd = fds[0];
-        let mut cmd = Command::new(&words[0]);
-        cmd.args(&words[1..]);
-        // SAFETY: the closure only calls read(2), which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                let mut byte = [0u8; 1];
-                // Blocks until the parent writes or closes its end; either
-                // way the probes are in (or leaktrace gave up).
-                let _ = libc::read(read_fd, byte.as_mut_ptr().cast(), 1);
-                Ok(())
-            });
+        if pid == 0 {
+            // SAFETY: see above; the descriptors are open in the child.
+            unsafe {
+                let mut byte = 0u8;
+                libc::read(gate_read.as_raw_fd(), (&raw mut byte).cast(), 1);
+                libc::execvp(argv_ptrs[0], argv_ptrs.as_ptr());
+                let errno = *libc::__errno_location();
+                libc::write(error_write.as_raw_fd(), (&raw const errno).cast(), 4);
+                libc::_exit(127);
+            }
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("failed to start '{}'", words[0]))?;
-        // The child has its own copy of the read end.
-        drop(read_end);
+        drop((gate_read, error_write));
         Ok(Self {
-            program: find_program(&words[0]),
-            pid: child.id(),
-            child: Some(child),
-            gate: Some(write_end),
+            pid: pid as u32,
+            child: Some(Child {
+                gate: Some(gate_write),
+                exec_error: Some(error_read),
+                program,
+                name,
+                reaped: false,
+            }),
             exit_status: None,
         })
     }
 
-    /// Whether leaktrace started the target.
-    pub fn is_child(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// Let a `-c` child exec its program.
-    pub fn release(&mut self) {
-        if let Some(mut gate) = self.gate.take() {
+    /// Let a `-c` child exec its program, and report whether exec failed.
+    pub fn release(&mut self) -> anyhow::Result<()> {
+        let Some(child) = &mut self.child else {
+            return Ok(());
+        };
+        if let Some(mut gate) = child.gate.take() {
             let _ = gate.write_all(b"g");
         }
+        if let Some(mut errors) = child.exec_error.take() {
+            let mut errno = [0u8; 4];
+            if errors.read_exact(&mut errno).is_ok() {
+                let err = std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
+                bail!("failed to start '{}': {err}", child.name);
+            }
+        }
+        Ok(())
     }
 
-    /// The program a `-c` child will run once released.
+    /// The program a `-c` child runs once released.
     pub fn program(&self) -> Option<&Path> {
-        self.program.as_deref()
+        self.child.as_ref().map(|child| child.program.as_path())
     }
 
     /// Whether the target has ended (a zombie counts as ended).
@@ -123,14 +145,15 @@ impl Target {
             return true;
         }
         if let Some(child) = &mut self.child {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    self.exit_status = Some(status.to_string());
-                    return true;
-                }
-                Ok(None) => return false,
-                Err(_) => {}
+            let mut status = 0;
+            // SAFETY: `status` is a valid int for waitpid to fill.
+            let ret = unsafe { libc::waitpid(self.pid as i32, &mut status, libc::WNOHANG) };
+            if ret == self.pid as i32 {
+                child.reaped = true;
+                self.exit_status = Some(describe_wait_status(status));
+                return true;
             }
+            return false;
         }
         let alive = Process::new(self.pid as i32)
             .and_then(|process| process.stat())
@@ -163,8 +186,14 @@ impl Target {
     /// Stop a `-c` child that leaktrace started and is giving up on.
     pub fn kill_child(&mut self) {
         if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
+            if !child.reaped {
+                // SAFETY: plain syscalls on our own child's PID.
+                unsafe {
+                    libc::kill(self.pid as i32, libc::SIGKILL);
+                    libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
+                }
+                child.reaped = true;
+            }
         }
     }
 }
@@ -172,7 +201,29 @@ impl Target {
 impl Drop for Target {
     fn drop(&mut self) {
         // A child still at the gate would otherwise wait forever.
-        self.release();
+        if let Some(child) = &mut self.child {
+            child.gate.take();
+        }
+    }
+}
+
+fn pipe() -> anyhow::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("failed to create a pipe");
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+fn describe_wait_status(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exited with status {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("was killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        "exited".to_string()
     }
 }
 
@@ -235,6 +286,26 @@ pub fn find_allocator(objects: &[PathBuf]) -> Option<PathBuf> {
         .or_else(|| objects.iter().find(|path| is_libc(&file_name(path))))
         .or_else(|| objects.first())
         .cloned()
+}
+
+/// The C++ runtime among the mapped objects, whose operator new is probed.
+pub fn find_cxx_runtime(objects: &[PathBuf]) -> Option<PathBuf> {
+    objects
+        .iter()
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("libstdc++.so"))
+        })
+        .cloned()
+}
+
+/// Where the dynamic loader would find libstdc++ for a program that has not
+/// started yet.
+pub fn system_cxx_runtime() -> Option<PathBuf> {
+    ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib"]
+        .iter()
+        .map(|dir| Path::new(dir).join("libstdc++.so.6"))
+        .find(|path| path.exists())
 }
 
 #[cfg(test)]

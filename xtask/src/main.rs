@@ -1,1 +1,207 @@
-fn main(){}
+//! Project tasks a build script cannot do: set-up, demo, test and bench.
+//!
+//! `cargo xtask demo` and `cargo xtask test` are the README's two commands;
+//! `.ci/run` runs `cargo xtask test`.
+
+mod bench;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::{Parser, Subcommand};
+
+/// The bpf-linker release that works with rustc's own LLVM 22 here; newer
+/// ones need a system LLVM 23.
+const BPF_LINKER_VERSION: &str = "0.10.3";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF programs needs, if missing.
+    Setup,
+    /// Set up, build, and trace a bundled leaking demo server for a few seconds.
+    Demo {
+        /// Report in JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set up, build, and run every test: unit and integration (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Set up, build, and measure the cost per malloc/free pair, untraced and traced.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup => setup(),
+        Task::Demo { json } => {
+            setup()?;
+            let leaktrace = build_leaktrace()?;
+            demo(&leaktrace, json)
+        }
+        Task::Test { cargo_args } => {
+            setup()?;
+            require_root("the integration tests load eBPF programs")?;
+            let leaktrace = build_leaktrace()?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--release", "--workspace"])
+                .env("LEAKTRACE_BIN", &leaktrace);
+            if !cargo_args.is_empty() {
+                cmd.arg("--").args(&cargo_args);
+            }
+            run_cmd(&mut cmd)
+        }
+        Task::Bench(args) => {
+            setup()?;
+            require_root("the benchmark loads eBPF programs")?;
+            let leaktrace = build_leaktrace()?;
+            bench::run(&leaktrace, &args)
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("failed to run {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+fn output_of(cmd: &mut Command) -> Option<String> {
+    let output = cmd.stderr(Stdio::null()).output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("run this as root: {why} (e.g. sudo -E cargo xtask ...)");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Install the nightly rust-src component and bpf-linker when missing.
+fn setup() -> anyhow::Result<()> {
+    let has_rust_src = output_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .is_some_and(|list| list.lines().any(|line| line.starts_with("rust-src")));
+    if !has_rust_src {
+        eprintln!("xtask: installing rust-src for the nightly toolchain");
+        run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = output_of(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
+        run_cmd(cargo().args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Build the release binary and return its path.
+fn build_leaktrace() -> anyhow::Result<PathBuf> {
+    run_cmd(cargo().args(["build", "--release", "--package", "leaktrace"]))?;
+    let path = workspace_root().join("target/release/leaktrace");
+    ensure!(path.exists(), "{} was not built", path.display());
+    Ok(path)
+}
+
+/// Compile a C program from the repo into target/xtask.
+pub fn compile_c(source: &Path, name: &str, flags: &[&str]) -> anyhow::Result<PathBuf> {
+    let out_dir = workspace_root().join("target/xtask");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join(name);
+    run_cmd(
+        Command::new("cc")
+            .args(flags)
+            .arg("-o")
+            .arg(&out)
+            .arg(source)
+            .arg("-pthread"),
+    )?;
+    Ok(out)
+}
+
+/// Kills a child process when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn demo(leaktrace: &Path, json: bool) -> anyhow::Result<()> {
+    let source = workspace_root().join("tests/fixtures/demo_server.c");
+    let server = compile_c(&source, "demo_server", &["-g", "-O1", "-fno-omit-frame-pointer"])?;
+    let child = Command::new(&server)
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("failed to start {}", server.display()))?;
+    let demo = KillOnDrop(child);
+    let pid = demo.0.id();
+    // Let it get going: its leaks should be older than --older by the first report.
+    std::thread::sleep(Duration::from_millis(300));
+    eprintln!("xtask: tracing the demo server (pid {pid}): 3 reports, 2 s apart\n");
+    let mut cmd = Command::new(leaktrace);
+    cmd.args(["-p", &pid.to_string(), "2", "3", "--top", "5"]);
+    if json {
+        cmd.arg("--json");
+    }
+    run_cmd(&mut cmd)
+}
