@@ -68,12 +68,14 @@ fn run(task: Task) -> anyhow::Result<()> {
             require_root("the integration tests load eBPF programs")?;
             let leaktrace = build_leaktrace()?;
             let mut cmd = cargo();
-            cmd.args(["test", "--release", "--workspace"])
+            // The default members: everything but the eBPF crate, which
+            // only builds for the BPF target. No doc tests: there are none.
+            cmd.args(["test", "--release", "--lib", "--bins", "--tests"])
                 .env("LEAKTRACE_BIN", &leaktrace);
             if !cargo_args.is_empty() {
                 cmd.arg("--").args(&cargo_args);
             }
-            run_cmd(&mut cmd)
+            run_tests(&mut cmd)
         }
         Task::Bench(args) => {
             setup()?;
@@ -102,6 +104,40 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("failed to run {cmd:?}"))?;
     ensure!(status.success(), "{cmd:?} failed: {status}");
     Ok(())
+}
+
+/// Run `cargo test`, passing its output through, and close with the totals
+/// over every test binary.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<()> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to run {cmd:?}"))?;
+    let stdout = child.stdout.take().context("no stdout from cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count_before(result, " passed");
+            failed += count_before(result, " failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("leaktrace: {passed} passed, {failed} failed");
+    ensure!(status.success() && failed == 0, "tests failed: {status}");
+    ensure!(passed > 0, "no test ran");
+    Ok(())
+}
+
+/// The number just before `label` in a cargo test summary line.
+fn count_before(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(label.trim_start()))
+        .and_then(|part| part.trim().rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn output_of(cmd: &mut Command) -> Option<String> {
@@ -187,8 +223,8 @@ impl Drop for KillOnDrop {
 }
 
 fn demo(leaktrace: &Path, json: bool) -> anyhow::Result<()> {
-    let source = workspace_root().join("tests/fixtures/demo_server.c");
-    let server = compile_c(&source, "demo_server", &["-g", "-O1", "-fno-omit-frame-pointer"])?;
+    let source = workspace_root().join("xtask/demo/leaky_server.c");
+    let server = compile_c(&source, "leaky_server", &["-g", "-O1", "-fno-omit-frame-pointer"])?;
     let child = Command::new(&server)
         .stdout(Stdio::null())
         .spawn()
@@ -204,4 +240,17 @@ fn demo(leaktrace: &Path, json: bool) -> anyhow::Result<()> {
         cmd.arg("--json");
     }
     run_cmd(&mut cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Check that counts are read from a cargo test summary line.
+    #[test]
+    fn summary_counts() {
+        let line = "ok. 19 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s";
+        assert_eq!(count_before(line, " passed"), 19);
+        assert_eq!(count_before(line, " failed"), 2);
+    }
 }
