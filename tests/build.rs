@@ -21,6 +21,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("exits_midway.c", "exits_midway"),
     ("args_leak.c", "args_leak"),
     ("ns_leak.c", "ns_leak"),
+    ("preattach_free.c", "preattach_free"),
 ];
 
 fn main() {

@@ -87,3 +87,21 @@ fn top_limits_stacks() {
         "largest stack under --top 3 is not mmap_partial: {report}"
     );
 }
+
+/// Check that frees of memory allocated before attach are ignored: nothing
+/// is lost or subtracted, and only the leak made after attach is reported.
+#[test]
+fn free_of_memory_from_before_attach_ignored() {
+    let report = trace_fixture("preattach_free", &[], &[]);
+    assert_eq!(
+        totals_by_first_frame(&report, "post_leak"),
+        (2000, 4),
+        "post_leak should hold 4 x 500 bytes: {report}"
+    );
+    assert_eq!(report["totals"]["bytes"], 2000, "totals should be post_leak's alone: {report}");
+    let lost: u64 = report["lost"]
+        .as_object()
+        .map(|lost| lost.values().filter_map(|n| n.as_u64()).sum())
+        .unwrap_or(u64::MAX);
+    assert_eq!(lost, 0, "frees of untracked memory counted as lost events: {report}");
+}

@@ -133,3 +133,37 @@ fn invalid_flags_rejected() {
         );
     }
 }
+
+/// Check that an unprivileged user gets a one-line error saying what to do.
+#[test]
+fn unprivileged_user_rejected() {
+    // A copy under /tmp, so user nobody can reach it whatever the checkout's
+    // directory permissions are.
+    let copy = std::env::temp_dir().join(format!("leaktrace-unprivileged-{}", std::process::id()));
+    std::fs::copy(tracer_bin(), &copy).expect("copy leaktrace to /tmp");
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("make the copy executable");
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(&copy)
+        .args(["-p", "1", "1", "1"])
+        .output()
+        .expect("run setpriv");
+    let _ = std::fs::remove_file(&copy);
+    let finished = Finished {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    assert_clean_error(&finished, "root");
+}
+
+/// Check that an object with no malloc and free is refused with a one-line error.
+#[test]
+fn object_without_allocator_rejected() {
+    let mut fixture = Fixture::start("args_leak", &["1", "10"]);
+    let pid = fixture.pid().to_string();
+    let finished = run_tracer(&["-p", &pid, "-O", "/lib/x86_64-linux-gnu/libm.so.6", "1", "1"]);
+    assert_clean_error(&finished, "no allocator found");
+    fixture.go();
+}
