@@ -72,6 +72,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STACKS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_stacks: u32,
 
+    /// Benchmark aid: attach every probe but let the programs return at
+    /// once, to measure what the probes alone cost.
+    #[arg(long, hide = true)]
+    pub floor: bool,
+
     /// More logging on stderr (-v: info, -vv: debug).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,

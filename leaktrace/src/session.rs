@@ -57,7 +57,8 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     // is left out, and none older than 1.25x --older.
     let epoch_ns = args.older * 1_000_000 / u64::from(YOUNG_EPOCHS);
     let mut ebpf = loader::load(&LoadOptions {
-        tgid: pid,
+        // PID 0 never allocates: the programs stop at their first check.
+        tgid: if args.floor { 0 } else { pid },
         epoch_ns,
         min_size: args.min_size.unwrap_or(0),
         max_size: args.max_size.unwrap_or(u64::MAX),

@@ -47,23 +47,20 @@ pub fn run(leaktrace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     )?;
     let workload_args = [args.pairs.to_string(), args.threads.to_string()];
 
-    let (mut untraced, mut traced) = (Vec::new(), Vec::new());
+    // Alternate the modes so drift (CPU frequency, other load) hits all alike.
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
     for round in 1..=args.rounds {
-        // Alternate the modes so drift (CPU frequency, other load) hits both alike.
-        untraced.push(
-            untraced_run(&workload, &workload_args)
-                .with_context(|| format!("untraced run {round} failed"))?,
-        );
-        traced.push(
-            traced_run(leaktrace, &workload, &workload_args)
-                .with_context(|| format!("traced run {round} failed"))?,
-        );
-        eprintln!(
-            "xtask: round {round}/{}: untraced {:.1} ns/pair, traced {:.1} ns/pair",
-            args.rounds,
-            untraced.last().unwrap(),
-            traced.last().unwrap()
-        );
+        let mut line = format!("xtask: round {round}/{}:", args.rounds);
+        for (mode, samples) in MODES.iter().zip(&mut samples) {
+            let ns = match mode.tracer_args {
+                None => untraced_run(&workload, &workload_args),
+                Some(extra) => traced_run(leaktrace, extra, &workload, &workload_args),
+            }
+            .with_context(|| format!("{} run {round} failed", mode.name))?;
+            samples.push(ns);
+            line.push_str(&format!(" {} {ns:.1}", mode.name));
+        }
+        eprintln!("{line} ns/pair");
     }
 
     let threads = if args.threads == 1 {
@@ -83,18 +80,47 @@ pub fn run(leaktrace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         "{:<10} {:>15} {:>10} {:>10}",
         "mode", "median ns/pair", "min", "max"
     );
-    let untraced = Summary::of(&mut untraced);
-    let traced = Summary::of(&mut traced);
-    untraced.print_row("untraced");
-    traced.print_row("leaktrace");
+    let summaries: Vec<Summary> = samples.iter_mut().map(|s| Summary::of(s)).collect();
+    for (mode, summary) in MODES.iter().zip(&summaries) {
+        summary.print_row(mode.name);
+    }
+    let [untraced, floor, traced] = [&summaries[0], &summaries[1], &summaries[2]];
     let added = traced.median - untraced.median;
     println!(
         "traced/untraced: {:.1}x; added per pair: {added:.0} ns ({:.2} µs)",
         traced.median / untraced.median,
         added / 1000.0
     );
+    println!(
+        "traced/floor: {:.2}x (floor: the same probes with programs that return at once, {:.2} µs added per pair)",
+        traced.median / floor.median,
+        (floor.median - untraced.median) / 1000.0
+    );
     Ok(())
 }
+
+/// One way of running the workload.
+struct Mode {
+    name: &'static str,
+    /// `None`: untraced; otherwise leaktrace runs with these extra arguments.
+    tracer_args: Option<&'static [&'static str]>,
+}
+
+/// The modes, in the order each round runs them.
+const MODES: [Mode; 3] = [
+    Mode {
+        name: "untraced",
+        tracer_args: None,
+    },
+    Mode {
+        name: "floor",
+        tracer_args: Some(&["--floor"]),
+    },
+    Mode {
+        name: "leaktrace",
+        tracer_args: Some(&[]),
+    },
+];
 
 /// Median, min and max of one mode's ns/pair over the rounds.
 struct Summary {
@@ -138,9 +164,14 @@ fn untraced_run(workload: &Path, args: &[String]) -> anyhow::Result<f64> {
 }
 
 /// One run of the workload with leaktrace attached before the loop starts.
-fn traced_run(leaktrace: &Path, workload: &Path, args: &[String]) -> anyhow::Result<f64> {
+fn traced_run(
+    leaktrace: &Path,
+    extra: &[&str],
+    workload: &Path,
+    args: &[String],
+) -> anyhow::Result<f64> {
     let mut run = Workload::start(workload, args)?;
-    let mut tracer = Tracer::start(leaktrace, run.pid)?;
+    let mut tracer = Tracer::start(leaktrace, extra, run.pid)?;
     tracer.wait_attached()?;
     let ns = run.go_and_measure()?;
     tracer.stop()?;
@@ -237,9 +268,10 @@ struct Tracer {
 
 impl Tracer {
     /// Starts tracing `pid`; its reports go nowhere, as only the cost matters here.
-    fn start(leaktrace: &Path, pid: u32) -> anyhow::Result<Self> {
+    fn start(leaktrace: &Path, extra: &[&str], pid: u32) -> anyhow::Result<Self> {
         let mut child = Command::new(leaktrace)
             .args(["-p", &pid.to_string(), TRACE_INTERVAL])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
