@@ -15,6 +15,14 @@ pub const MAP_STACKS: &str = "STACKS";
 pub const MAP_PENDING: &str = "PENDING";
 /// Per-CPU counters of lost events, indexed by [`Lost`].
 pub const MAP_LOST: &str = "LOST";
+/// Threads of the target created since attach: kernel tid -> [`ThreadInfo`].
+pub const MAP_THREADS: &str = "THREADS";
+/// pthread_t -> kernel tid, for join and detach.
+pub const MAP_PTHREADS: &str = "PTHREADS";
+/// Per-CPU counters per creating stack: stack id -> [`ThreadSiteStats`].
+pub const MAP_THREAD_SITES: &str = "THREAD_SITES";
+/// Attributes set to create detached threads: attr address -> detach state.
+pub const MAP_DETACH_ATTRS: &str = "DETACH_ATTRS";
 /// The load-time configuration, a `Global<Config>`.
 pub const GLOBAL_CONFIG: &str = "CONFIG";
 
@@ -26,6 +34,8 @@ pub const DEFAULT_MAX_MAPPINGS: u32 = 65_536;
 pub const DEFAULT_MAX_STACKS: u32 = 16_384;
 /// Capacity of [`MAP_PENDING`]: threads inside an allocator call at once.
 pub const MAX_PENDING: u32 = 16_384;
+/// Capacity of [`MAP_THREADS`]: threads alive or exited and not joined.
+pub const MAX_THREADS: u32 = 65_536;
 
 /// The stack id recorded when the user stack could not be collected.
 pub const NO_STACK: u32 = u32::MAX;
@@ -50,6 +60,10 @@ pub struct Config {
     pub min_size: u64,
     /// Allocations larger than this are not recorded.
     pub max_size: u64,
+    /// Offset of `child_pid` in the sched_process_fork tracepoint record,
+    /// read from its format file (it differs between kernels).
+    pub fork_child_pid_offset: u32,
+    pub _pad2: u32,
 }
 
 /// One live allocation or mapping.
@@ -97,6 +111,9 @@ pub enum CallKind {
     /// An mmap that is not tracked (file-backed or a thread stack).
     MmapIgnored = 4,
     Mremap = 5,
+    ThreadCreate = 6,
+    ThreadJoin = 7,
+    ThreadDetach = 8,
 }
 
 /// An allocator call between its entry and its return probe.
@@ -111,10 +128,46 @@ pub struct Pending {
     /// realloc and mremap: the old address; posix_memalign: `memptr`.
     pub arg: u64,
     pub kind: u32,
+    /// pthread_create: the new thread's kernel tid, from the fork tracepoint.
+    pub child: u32,
+    /// pthread_create: [`THREAD_DETACHED`] when the attributes say so.
+    pub flags: u32,
     /// Probed functions entered by a tail jump at the same sp (glibc's
     /// operator new[] jumps to operator new): each has its own return
     /// probe, and the last of them to fire takes the record.
     pub tail_calls: u32,
+}
+
+/// [`ThreadInfo::state`] bit: the thread has exited.
+pub const THREAD_EXITED: u32 = 1;
+/// [`ThreadInfo::state`] bit: detached (created so, or pthread_detach).
+pub const THREAD_DETACHED: u32 = 2;
+/// [`ThreadInfo::state`] bit: pthread_create returned and filled the rest.
+pub const THREAD_REGISTERED: u32 = 4;
+
+/// A thread created since attach, alive or exited and not yet joined.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadInfo {
+    /// The pthread_t pthread_create stored.
+    pub pthread: u64,
+    /// Bytes of its stack mapping, when pthread_create mapped a new one
+    /// (0 when glibc reused a cached stack).
+    pub stack_size: u64,
+    /// Stack id of the pthread_create call.
+    pub site: u32,
+    /// `THREAD_*` bits.
+    pub state: u32,
+}
+
+/// What became of the threads created at one call site (per CPU: sum them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadSiteStats {
+    pub created: u64,
+    pub joined: u64,
+    /// Detached threads that have exited (their records are gone).
+    pub detached_exited: u64,
 }
 
 /// Ways an event can be lost; the index into [`MAP_LOST`].
@@ -137,12 +190,14 @@ pub enum Lost {
     MissedReturn = 6,
     /// The in-flight call map was full.
     PendingMapFull = 7,
-    /// Reading the result of posix_memalign failed.
+    /// Reading the result of posix_memalign or pthread_create failed.
     ReadFailed = 8,
+    /// The thread map was full.
+    ThreadMapFull = 9,
 }
 
 impl Lost {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Lost; Self::COUNT as usize] = [
         Lost::AllocMapFull,
         Lost::MmapMapFull,
@@ -153,6 +208,7 @@ impl Lost {
         Lost::MissedReturn,
         Lost::PendingMapFull,
         Lost::ReadFailed,
+        Lost::ThreadMapFull,
     ];
 
     /// The name used in reports and JSON.
@@ -167,14 +223,17 @@ impl Lost {
             Lost::MissedReturn => "missed_return",
             Lost::PendingMapFull => "pending_map_full",
             Lost::ReadFailed => "read_failed",
+            Lost::ThreadMapFull => "thread_map_full",
         }
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<ThreadInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<ThreadSiteStats>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<StackStats>() == 16 + 24 * YOUNG_SLOTS);
-const _: () = assert!(core::mem::size_of::<Pending>() == 32);
+const _: () = assert!(core::mem::size_of::<Pending>() == 40);
 
 #[cfg(feature = "user")]
 mod user {
@@ -184,4 +243,6 @@ mod user {
     unsafe impl aya::Pod for super::AllocInfo {}
     unsafe impl aya::Pod for super::StackStats {}
     unsafe impl aya::Pod for super::Pending {}
+    unsafe impl aya::Pod for super::ThreadInfo {}
+    unsafe impl aya::Pod for super::ThreadSiteStats {}
 }

@@ -51,7 +51,7 @@ pub fn alloc_enter_malloc(ctx: ProbeContext) -> u32 {
 
 fn try_alloc_enter_malloc(ctx: &ProbeContext) -> Result {
     let tid = target_tid().ok_or(())?;
-    enter(ctx, tid, CallKind::Alloc, arg(ctx, 0)?, 0);
+    let _ = enter(ctx, tid, CallKind::Alloc, arg(ctx, 0)?, 0);
     Ok(())
 }
 
@@ -67,7 +67,7 @@ fn try_alloc_enter_calloc(ctx: &ProbeContext) -> Result {
     // An overflowing product makes calloc fail; record the call anyway so
     // its return is matched, with a size no allocation can have.
     let size = mul(arg(ctx, 0)?, arg(ctx, 1)?);
-    enter(ctx, tid, CallKind::Alloc, size, 0);
+    let _ = enter(ctx, tid, CallKind::Alloc, size, 0);
     Ok(())
 }
 
@@ -80,7 +80,7 @@ pub fn alloc_enter_memalign(ctx: ProbeContext) -> u32 {
 
 fn try_alloc_enter_memalign(ctx: &ProbeContext) -> Result {
     let tid = target_tid().ok_or(())?;
-    enter(ctx, tid, CallKind::Alloc, arg(ctx, 1)?, 0);
+    let _ = enter(ctx, tid, CallKind::Alloc, arg(ctx, 1)?, 0);
     Ok(())
 }
 
@@ -108,7 +108,7 @@ pub fn alloc_enter_realloc(ctx: ProbeContext) -> u32 {
 
 fn try_alloc_enter_realloc(ctx: &ProbeContext) -> Result {
     let tid = target_tid().ok_or(())?;
-    enter(ctx, tid, CallKind::Realloc, arg(ctx, 1)?, arg(ctx, 0)?);
+    let _ = enter(ctx, tid, CallKind::Realloc, arg(ctx, 1)?, arg(ctx, 0)?);
     Ok(())
 }
 
@@ -122,7 +122,7 @@ pub fn alloc_enter_reallocarray(ctx: ProbeContext) -> u32 {
 fn try_alloc_enter_reallocarray(ctx: &ProbeContext) -> Result {
     let tid = target_tid().ok_or(())?;
     let size = mul(arg(ctx, 1)?, arg(ctx, 2)?);
-    enter(ctx, tid, CallKind::Realloc, size, arg(ctx, 0)?);
+    let _ = enter(ctx, tid, CallKind::Realloc, size, arg(ctx, 0)?);
     Ok(())
 }
 
@@ -163,7 +163,7 @@ pub fn alloc_enter_posix_memalign(ctx: ProbeContext) -> u32 {
 
 fn try_alloc_enter_posix_memalign(ctx: &ProbeContext) -> Result {
     let tid = target_tid().ok_or(())?;
-    enter(ctx, tid, CallKind::PosixMemalign, arg(ctx, 2)?, arg(ctx, 0)?);
+    let _ = enter(ctx, tid, CallKind::PosixMemalign, arg(ctx, 2)?, arg(ctx, 0)?);
     Ok(())
 }
 

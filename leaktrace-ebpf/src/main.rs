@@ -4,9 +4,11 @@
 #![no_main]
 
 mod alloc;
+mod kernel;
 mod maps;
 mod mmap;
 mod record;
+mod thread;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -6,11 +6,11 @@ use aya_ebpf::{
     Global,
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 use leaktrace_common::{
     AllocInfo, Config, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_STACKS, Lost,
-    MAX_PENDING, Pending, StackStats,
+    MAX_PENDING, MAX_THREADS, Pending, StackStats, ThreadInfo, ThreadSiteStats,
 };
 
 #[unsafe(no_mangle)]
@@ -20,6 +20,8 @@ pub static CONFIG: Global<Config> = Global::new(Config {
     epoch_ns: 0,
     min_size: 0,
     max_size: u64::MAX,
+    fork_child_pid_offset: 0,
+    _pad2: 0,
 });
 
 /// Live heap allocations. Preallocated: inserts on the hot path must not
@@ -43,6 +45,21 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS,
 
 #[map]
 pub static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(MAX_PENDING, 0);
+
+#[map]
+pub static THREADS: HashMap<u32, ThreadInfo> =
+    HashMap::with_max_entries(MAX_THREADS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static PTHREADS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_THREADS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static THREAD_SITES: PerCpuHashMap<u32, ThreadSiteStats> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
+
+/// LRU: attributes are rarely destroyed through a probed call.
+#[map]
+pub static DETACH_ATTRS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
 
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(Lost::COUNT, 0);

@@ -17,8 +17,8 @@ use aya_ebpf::{
 use leaktrace_common::{AllocInfo, CallKind, Lost};
 
 use crate::{
-    maps::{MMAPS, count_lost},
-    record::{current_epoch, enter, exit, size_wanted, stack_id, target_tid},
+    maps::{MMAPS, PENDING, count_lost},
+    record::{current_epoch, enter, exit, size_wanted, stack_id, stack_pointer, target_tid},
 };
 
 type Result = core::result::Result<(), ()>;
@@ -68,8 +68,26 @@ fn try_mmap_enter_mmap(ctx: &ProbeContext) -> Result {
     } else {
         CallKind::MmapIgnored
     };
-    enter(ctx, tid, kind, page_align(arg(ctx, 1)?), 0);
+    let len = page_align(arg(ctx, 1)?);
+    if flags & MAP_STACK != 0 {
+        note_thread_stack(ctx, tid, len);
+    }
+    let _ = enter(ctx, tid, kind, len, 0);
     Ok(())
+}
+
+/// A thread stack mapped inside pthread_create: remember its size for the
+/// thread about to be created.
+#[inline(always)]
+fn note_thread_stack(ctx: &ProbeContext, tid: u32, len: u64) {
+    if let Some(outer) = PENDING.get_ptr_mut(tid) {
+        // SAFETY: a pointer from a successful lookup, valid for this run;
+        // only this thread writes its own entry.
+        let outer = unsafe { &mut *outer };
+        if outer.kind == CallKind::ThreadCreate as u32 && outer.sp > stack_pointer(ctx) {
+            outer.size = len;
+        }
+    }
 }
 
 #[uretprobe]
@@ -133,7 +151,7 @@ pub fn mmap_enter_mremap(ctx: ProbeContext) -> u32 {
 
 fn try_mmap_enter_mremap(ctx: &ProbeContext) -> Result {
     let tid = target_tid().ok_or(())?;
-    enter(ctx, tid, CallKind::Mremap, page_align(arg(ctx, 2)?), arg(ctx, 0)?);
+    let _ = enter(ctx, tid, CallKind::Mremap, page_align(arg(ctx, 2)?), arg(ctx, 0)?);
     Ok(())
 }
 

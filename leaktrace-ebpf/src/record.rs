@@ -29,7 +29,7 @@ pub fn target_tid() -> Option<u32> {
 }
 
 #[inline(always)]
-fn stack_pointer<C: EbpfContext>(ctx: &C) -> u64 {
+pub fn stack_pointer<C: EbpfContext>(ctx: &C) -> u64 {
     let regs = ctx.as_ptr().cast::<pt_regs>();
     // SAFETY: the context of a (u)probe program is the user pt_regs, which
     // the verifier lets the program read directly.
@@ -40,8 +40,9 @@ fn stack_pointer<C: EbpfContext>(ctx: &C) -> u64 {
 /// another is in flight on this thread (malloc calling mmap, reallocarray
 /// calling realloc) is nested: the outer record stays, so the allocation is
 /// charged to the caller of the outer function with its real size.
+/// Returns whether a new record was made (not a nested call).
 #[inline(always)]
-pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) {
+pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) -> bool {
     let sp = stack_pointer(ctx);
     // SAFETY: the value is copied out at once; a concurrent update can only
     // come from this same thread, which is here.
@@ -50,11 +51,11 @@ pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) 
         // only this thread writes its own entry.
         let outer = unsafe { &mut *outer };
         if outer.sp > sp {
-            return;
+            return false;
         }
         if outer.sp == sp {
             outer.tail_calls += 1;
-            return;
+            return false;
         }
         // An entry above the recorded frame: that call's return probe never
         // fired (longjmp, or the kernel dropped it).
@@ -65,11 +66,15 @@ pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) 
         size,
         arg,
         kind: kind as u32,
+        child: 0,
+        flags: 0,
         tail_calls: 0,
     };
     if PENDING.insert(tid, pending, BPF_ANY.into()).is_err() {
         count_lost(Lost::PendingMapFull);
+        return false;
     }
+    true
 }
 
 /// Take the record of the call whose return probe this is. `None` for the

@@ -9,7 +9,9 @@ use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
 };
 use leaktrace_common::{
-    AllocInfo, Lost, MAP_LOST, MAP_MMAPS, MAP_STACK_STATS, MAP_STACKS, StackStats, YOUNG_EPOCHS,
+    AllocInfo, Lost, MAP_LOST, MAP_MMAPS, MAP_STACK_STATS, MAP_STACKS, MAP_THREAD_SITES,
+    MAP_THREADS, StackStats, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, ThreadInfo,
+    ThreadSiteStats, YOUNG_EPOCHS,
 };
 
 /// Outstanding memory of one stack.
@@ -126,6 +128,71 @@ impl Collector {
     fn is_young(&self, epoch: u32, now_epoch: u32) -> bool {
         self.epoch_ns != 0 && now_epoch.wrapping_sub(epoch) <= YOUNG_EPOCHS
     }
+}
+
+/// The threads created at one pthread_create call site since attach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadSite {
+    /// Stack id of the pthread_create call.
+    pub site: u32,
+    pub created: u64,
+    pub alive: u64,
+    /// Exited, not joined, not detached: the stack stays mapped.
+    pub exited_unjoined: u64,
+    pub joined: u64,
+    pub detached: u64,
+    /// Stack bytes held by the alive and the unjoined.
+    pub stack_bytes: u64,
+}
+
+/// Read the thread maps, per creating site, most stack bytes first.
+/// `default_stack` stands for threads that got a cached stack from glibc.
+pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<ThreadSite>> {
+    let mut sites: HashMap<u32, ThreadSite> = HashMap::new();
+    let site_entry = |sites: &mut HashMap<u32, ThreadSite>, site: u32| {
+        *sites.entry(site).or_insert(ThreadSite {
+            site,
+            ..ThreadSite::default()
+        })
+    };
+    let counters: PerCpuHashMap<&MapData, u32, ThreadSiteStats> =
+        PerCpuHashMap::try_from(map(ebpf, MAP_THREAD_SITES)?)?;
+    for entry in counters.iter() {
+        let (site, per_cpu) = entry.context("failed to read the thread sites")?;
+        let mut totals = site_entry(&mut sites, site);
+        for stats in per_cpu.iter() {
+            totals.created += stats.created;
+            totals.joined += stats.joined;
+            totals.detached += stats.detached_exited;
+        }
+        sites.insert(site, totals);
+    }
+    let threads: BpfHashMap<&MapData, u32, ThreadInfo> =
+        BpfHashMap::try_from(map(ebpf, MAP_THREADS)?)?;
+    for entry in threads.iter() {
+        let (_, info) = entry.context("failed to read the threads")?;
+        if info.state & THREAD_REGISTERED == 0 {
+            continue; // pthread_create still under way
+        }
+        let mut totals = site_entry(&mut sites, info.site);
+        let exited = info.state & THREAD_EXITED != 0;
+        let detached = info.state & THREAD_DETACHED != 0;
+        if detached {
+            totals.detached += 1;
+        }
+        if !exited {
+            totals.alive += 1;
+        } else if !detached {
+            totals.exited_unjoined += 1;
+        }
+        if !exited || !detached {
+            totals.stack_bytes += if info.stack_size == 0 { default_stack } else { info.stack_size };
+        }
+        sites.insert(info.site, totals);
+    }
+    let mut sites: Vec<ThreadSite> = sites.into_values().collect();
+    sites.sort_by(|a, b| b.stack_bytes.cmp(&a.stack_bytes).then(b.created.cmp(&a.created)));
+    Ok(sites)
 }
 
 /// The instruction pointers of a stack, innermost first.

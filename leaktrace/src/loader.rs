@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, PerCpuValues},
     programs::{
-        UProbe,
+        TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
 };
@@ -69,6 +69,25 @@ const CXX_NEW_PROBES: &[ProbeSpec] = &[
     probe("_ZnamSt11align_val_tRKSt9nothrow_t", "alloc_enter_malloc", Some("alloc_exit_malloc")),
 ];
 
+/// The pthread API, in the C library (or libpthread before glibc 2.34).
+const THREAD_PROBES: &[ProbeSpec] = &[
+    probe("pthread_attr_setdetachstate", "thread_enter_pthread_attr_setdetachstate", None),
+    probe("pthread_create", "thread_enter_pthread_create", Some("thread_exit_pthread_create")),
+    probe("pthread_join", "thread_enter_pthread_join", Some("thread_exit_pthread_join")),
+    probe("pthread_tryjoin_np", "thread_enter_pthread_join", Some("thread_exit_pthread_join")),
+    probe("pthread_timedjoin_np", "thread_enter_pthread_join", Some("thread_exit_pthread_join")),
+    probe("pthread_clockjoin_np", "thread_enter_pthread_join", Some("thread_exit_pthread_join")),
+    probe("pthread_detach", "thread_enter_pthread_detach", Some("thread_exit_pthread_detach")),
+];
+
+/// Kernel tracepoints: (program, category, name).
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("kernel_sched_process_fork", "sched", "sched_process_fork"),
+    ("kernel_sched_process_exit", "sched", "sched_process_exit"),
+];
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
 /// What the programs are told at load time.
 pub struct LoadOptions {
     pub tgid: u32,
@@ -87,6 +106,8 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         epoch_ns: options.epoch_ns,
         min_size: options.min_size,
         max_size: options.max_size,
+        fork_child_pid_offset: fork_child_pid_offset()?,
+        _pad2: 0,
     };
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_CONFIG, &config, true)
@@ -96,7 +117,8 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace")))
         .context("failed to load the eBPF programs")?;
     let mut names: Vec<&str> = ALLOCATOR_PROBES
-        .iter().flat_map(|p| [Some(p.enter), p.exit]).flatten().collect();
+        .iter()
+        .chain(THREAD_PROBES).flat_map(|p| [Some(p.enter), p.exit]).flatten().collect();
     names.sort_unstable();
     names.dedup();
     for name in names {
@@ -104,7 +126,80 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
             .load()
             .with_context(|| format!("failed to load program {name}"))?;
     }
+    for (name, _, _) in TRACEPOINTS {
+        tracepoint(&mut ebpf, name)?
+            .load()
+            .with_context(|| format!("failed to load program {name}"))?;
+    }
     Ok(ebpf)
+}
+
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut TracePoint> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    program
+        .try_into()
+        .with_context(|| format!("program {name} is not a tracepoint"))
+}
+
+/// Attach the thread tracepoints. They fire for every process; the
+/// programs keep only the target's events.
+pub fn attach_tracepoints(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for (name, category, event) in TRACEPOINTS {
+        tracepoint(ebpf, name)?
+            .attach(category, event)
+            .with_context(|| format!("failed to attach to tracepoint {category}:{event}"))?;
+    }
+    Ok(())
+}
+
+/// Attach the pthread programs to the object at `path`, if it defines
+/// pthread_create.
+pub fn attach_threads(ebpf: &mut Ebpf, path: &Path, pid: u32) -> anyhow::Result<Vec<Probe>> {
+    let functions = find_functions(path, THREAD_PROBES)?;
+    if !functions.contains_key("pthread_create") {
+        return Ok(Vec::new());
+    }
+    attach_set(ebpf, path, pid, THREAD_PROBES, &functions)
+}
+
+/// Where sched_process_fork puts `child_pid`, from the tracepoint's format
+/// file: the record layout changed between kernels.
+fn fork_child_pid_offset() -> anyhow::Result<u32> {
+    mount_tracefs()?;
+    let path = format!("{TRACEFS}/events/sched/sched_process_fork/format");
+    let format = std::fs::read_to_string(&path).with_context(|| format!("failed to read {path}"))?;
+    parse_field_offset(&format, "child_pid")
+        .ok_or_else(|| anyhow!("no child_pid field in {path}"))
+}
+
+/// The offset of `field` in a tracepoint format file.
+fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';');
+        let declaration = parts.next()?;
+        if !declaration.ends_with(&format!(" {field}")) {
+            return None;
+        }
+        parts
+            .find_map(|part| part.trim().strip_prefix("offset:"))
+            .and_then(|offset| offset.trim().parse().ok())
+    })
+}
+
+/// Tracepoints are found through tracefs; mount it where the kernel
+/// documents it if nobody has.
+fn mount_tracefs() -> anyhow::Result<()> {
+    if Path::new(TRACEFS).join("events").exists() {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", TRACEFS])
+        .status()
+        .context("failed to run mount")?;
+    anyhow::ensure!(status.success(), "tracefs is not mounted at {TRACEFS} and mounting it failed");
+    Ok(())
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
@@ -273,6 +368,17 @@ mod tests {
         let functions = find_functions(libstdcxx, CXX_NEW_PROBES).unwrap();
         assert!(functions.contains_key("_Znwm"));
         assert!(functions.contains_key("_Znam"));
+    }
+
+    /// Check that child_pid's offset is read from a format file.
+    #[test]
+    fn fork_format_offset() {
+        let format = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\
+            \tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\
+            \tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(format, "child_pid"), Some(20));
+        assert_eq!(parse_field_offset(format, "parent_pid"), Some(12));
+        assert_eq!(parse_field_offset(format, "pid"), None);
     }
 
     /// Check that this machine's libc yields malloc and free with their code.

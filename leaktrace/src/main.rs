@@ -2,12 +2,16 @@
 
 mod cli;
 mod collector;
+mod growth;
 mod loader;
+mod memory;
 mod placement;
 mod report;
+mod reporter;
 mod session;
 mod symbolizer;
 mod target;
+mod verdict;
 
 use std::process::ExitCode;
 

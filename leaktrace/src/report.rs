@@ -9,7 +9,13 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{collector::Snapshot, symbolizer::Frame};
+use crate::{
+    collector::{Snapshot, ThreadSite},
+    growth::{Growth, Trend},
+    memory::{MemoryDelta, MemoryPicture},
+    symbolizer::Frame,
+    verdict::Verdict,
+};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -28,6 +34,53 @@ pub struct Report {
     pub stack_count: usize,
     pub stacks: Vec<StackReport>,
     pub lost: BTreeMap<&'static str, u64>,
+    /// Threads created since attach, per creating call site.
+    pub threads: Option<ThreadsReport>,
+    /// The process's memory from /proc; absent once it has exited.
+    pub memory: Option<MemoryReport>,
+    pub verdict: Option<Verdict>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ThreadsReport {
+    /// Threads in the process now.
+    pub live: u64,
+    pub sites: Vec<ThreadSiteReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ThreadSiteReport {
+    pub frames: Vec<FrameReport>,
+    pub created: u64,
+    pub alive: u64,
+    pub exited_unjoined: u64,
+    pub joined: u64,
+    pub detached: u64,
+    pub stack_bytes: u64,
+    /// Trend of the threads alive or unjoined.
+    pub trend: Trend,
+}
+
+impl ThreadSiteReport {
+    pub fn new(site: &ThreadSite, frames: Vec<FrameReport>, trend: Trend) -> Self {
+        Self {
+            frames,
+            created: site.created,
+            alive: site.alive,
+            exited_unjoined: site.exited_unjoined,
+            joined: site.joined,
+            detached: site.detached,
+            stack_bytes: site.stack_bytes,
+            trend,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemoryReport {
+    #[serde(flatten)]
+    pub picture: MemoryPicture,
+    pub since_attach: MemoryDelta,
 }
 
 #[derive(Debug, Serialize)]
@@ -41,6 +94,7 @@ pub struct StackReport {
     pub bytes: u64,
     pub allocations: u64,
     pub frames: Vec<FrameReport>,
+    pub growth: Option<Growth>,
 }
 
 #[derive(Debug, Serialize)]
@@ -96,6 +150,9 @@ impl Report {
                 .iter()
                 .map(|&(reason, count)| (reason.name(), count))
                 .collect(),
+            threads: None,
+            memory: None,
+            verdict: None,
         }
     }
 
@@ -119,14 +176,27 @@ impl Report {
             self.totals.allocations,
         )?;
         for stack in &self.stacks {
+            let growth = match stack.growth {
+                Some(Growth { trend: Trend::New, .. }) | None => String::new(),
+                Some(Growth { trend: Trend::Growing, bytes_per_second }) => {
+                    format!(" (growing, +{}/s)", human_bytes(bytes_per_second.max(0.0) as u64))
+                }
+                Some(growth) => format!(" ({})", growth.trend.as_str()),
+            };
             writeln!(
                 out,
-                "\t{} bytes in {} allocations from stack",
+                "\t{} bytes in {} allocations from stack{growth}",
                 stack.bytes, stack.allocations
             )?;
             for frame in &stack.frames {
                 writeln!(out, "\t\t{}", frame_line(frame))?;
             }
+        }
+        if let Some(threads) = &self.threads {
+            self.write_threads(threads, out)?;
+        }
+        if let Some(memory) = &self.memory {
+            memory.picture.write_text(&memory.since_attach, out)?;
         }
         let lost: u64 = self.lost.values().sum();
         if lost == 0 {
@@ -147,8 +217,40 @@ impl Report {
         if self.exited {
             writeln!(out, "\tThe target (pid {}) exited; this is the final report.", self.pid)?;
         }
+        if let Some(verdict) = &self.verdict {
+            writeln!(out, "\tVerdict: {}", verdict.text)?;
+        }
         writeln!(out)?;
         out.flush()
+    }
+
+    fn write_threads(&self, threads: &ThreadsReport, out: &mut impl Write) -> io::Result<()> {
+        if threads.sites.is_empty() {
+            return writeln!(out, "\tThreads: {} live, none created since attach.", threads.live);
+        }
+        writeln!(
+            out,
+            "\tThreads: {} live; created since attach at {} call sites:",
+            threads.live,
+            threads.sites.len()
+        )?;
+        for site in &threads.sites {
+            writeln!(
+                out,
+                "\t  {} created: {} alive, {} exited but not joined, {} joined, {} detached; {} of stacks held ({}), from",
+                site.created,
+                site.alive,
+                site.exited_unjoined,
+                site.joined,
+                site.detached,
+                human_bytes(site.stack_bytes),
+                site.trend.as_str()
+            )?;
+            for frame in &site.frames {
+                writeln!(out, "\t\t{}", frame_line(frame))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -182,19 +284,21 @@ fn short_module(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// Bytes with a binary unit: "12.0 KiB".
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} bytes")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
+pub use crate::memory::human_bytes;
+
+/// "function (file:line)" for the first frame of a stack, for one-line
+/// statements.
+pub fn frame_label(frames: &[FrameReport]) -> String {
+    let Some(frame) = frames.first() else {
+        return "an unknown stack".to_string();
+    };
+    let name = match &frame.symbol {
+        Some(symbol) => symbol.clone(),
+        None => frame_line(frame),
+    };
+    match (&frame.file, frame.line) {
+        (Some(file), Some(line)) => format!("{name} ({}:{line})", short_module(file)),
+        _ => name,
     }
 }
 
@@ -222,12 +326,11 @@ mod tests {
         assert_eq!(frame_line(&frame(None, false)), "[app]+0x1d");
     }
 
-    /// Check byte formatting.
+    /// Check the one-line label of a stack.
     #[test]
-    fn bytes() {
-        assert_eq!(human_bytes(512), "512 bytes");
-        assert_eq!(human_bytes(12 * 1024), "12.0 KiB");
-        assert_eq!(human_bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
+    fn label() {
+        assert_eq!(frame_label(&[frame(Some("leak"), false)]), "leak (app.c:12)");
+        assert_eq!(frame_label(&[]), "an unknown stack");
     }
 
     /// Check that the JSON contract's field names are there.

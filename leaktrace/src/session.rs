@@ -3,7 +3,6 @@
 //! SIGTERM, COUNT, --duration or the target's exit, with a final report.
 
 use std::{
-    io::{self, Write as _},
     path::PathBuf,
     sync::{
         Arc,
@@ -13,16 +12,13 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use aya::Ebpf;
-use leaktrace_common::{NO_STACK, YOUNG_EPOCHS};
+use leaktrace_common::YOUNG_EPOCHS;
 use object::Object as _;
 
 use crate::{
     cli::Args,
-    collector::{Collector, stack_ips},
     loader::{self, LoadOptions},
-    report::{FrameReport, Report, StackReport},
-    symbolizer::Symbolizer,
+    reporter::{ReportOptions, Reporter},
     target::{self, Target},
 };
 
@@ -67,6 +63,15 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     })?;
     let mut probes = loader::attach_allocator(&mut ebpf, &plan.allocator.open, pid)
         .map_err(|err| attach_error(err, target))?;
+    if let Some(threads) = &plan.threads {
+        let thread_probes = loader::attach_threads(&mut ebpf, &threads.open, pid)
+            .map_err(|err| attach_error(err, target))?;
+        if thread_probes.is_empty() {
+            log::info!("no pthread_create in {}: threads not traced", threads.shown.display());
+        }
+        probes.extend(thread_probes);
+    }
+    loader::attach_tracepoints(&mut ebpf)?;
     if let Some(cxx) = &plan.cxx_runtime {
         let cxx_probes = loader::attach_cxx_new(&mut ebpf, &cxx.open, pid)
             .map_err(|err| attach_error(err, target))?;
@@ -100,13 +105,16 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             .context("failed to install a signal handler")?;
     }
 
-    let mut reporter = Reporter {
+    let mut reporter = Reporter::new(
         ebpf,
-        collector: Collector { epoch_ns },
-        symbolizer: Symbolizer::new(pid),
-        args,
-        pid,
-    };
+        epoch_ns,
+        ReportOptions {
+            pid,
+            top: args.top,
+            older_ms: args.older,
+            json: args.json,
+        },
+    );
     let started = Instant::now();
     let interval = Duration::from_secs_f64(args.interval);
     let deadline = args.duration.map(|secs| started + Duration::from_secs_f64(secs));
@@ -161,6 +169,8 @@ struct ProbePlan {
     allocator: Object,
     /// Provides operator new, when it is not the allocator.
     cxx_runtime: Option<Object>,
+    /// Provides pthread_create.
+    threads: Option<Object>,
 }
 
 fn probe_plan(args: &Args, target: &Target) -> anyhow::Result<ProbePlan> {
@@ -171,20 +181,20 @@ fn probe_plan(args: &Args, target: &Target) -> anyhow::Result<ProbePlan> {
             return Ok(ProbePlan {
                 allocator: Object::local(program.to_path_buf()),
                 cxx_runtime: Some(Object::local(program.to_path_buf())),
+                threads: Some(Object::local(program.to_path_buf())),
             });
         }
+        let ours = target::mapped_objects(std::process::id())?;
         let allocator = match &args.obj {
             Some(obj) => obj.clone(),
-            None => {
-                let ours = target::mapped_objects(std::process::id())?;
-                target::find_allocator(&ours[1..]).ok_or_else(|| {
-                    anyhow!("no allocator found for {}: use --obj", program.display())
-                })?
-            }
+            None => target::find_allocator(&ours[1..]).ok_or_else(|| {
+                anyhow!("no allocator found for {}: use --obj", program.display())
+            })?,
         };
         return Ok(ProbePlan {
             allocator: Object::local(allocator),
             cxx_runtime: target::system_cxx_runtime().map(Object::local),
+            threads: target::find_thread_library(&ours[1..]).map(Object::local),
         });
     }
     let objects = target::mapped_objects(target.pid)?;
@@ -204,9 +214,11 @@ fn probe_plan(args: &Args, target: &Target) -> anyhow::Result<ProbePlan> {
     let cxx_runtime = target::find_cxx_runtime(&objects)
         .or_else(|| (objects.first() == Some(&allocator.shown)).then(|| allocator.shown.clone()))
         .map(|path| Object::seen_by(target, path));
+    let threads = target::find_thread_library(&objects).map(|path| Object::seen_by(target, path));
     Ok(ProbePlan {
         allocator,
         cxx_runtime,
+        threads,
     })
 }
 
@@ -238,59 +250,4 @@ fn check_privileges() -> anyhow::Result<()> {
     } else {
         bail!("leaktrace needs root (or CAP_BPF and CAP_PERFMON) to load its eBPF programs: run it with sudo")
     }
-}
-
-/// Reads the maps and prints a report.
-struct Reporter<'a> {
-    ebpf: Ebpf,
-    collector: Collector,
-    symbolizer: Symbolizer,
-    args: &'a Args,
-    pid: u32,
-}
-
-impl Reporter<'_> {
-    fn report(&mut self, is_final: bool, exited: bool) -> anyhow::Result<()> {
-        let alive = !exited;
-        let mapped = if alive {
-            self.symbolizer.refresh_modules();
-            mapped_ranges(self.pid)
-        } else {
-            None
-        };
-        let snapshot = self.collector.collect(&self.ebpf, mapped.as_deref())?;
-        let stacks = snapshot
-            .stacks
-            .iter()
-            .take(self.args.top)
-            .map(|usage| {
-                let frames = if usage.stack_id == NO_STACK {
-                    Vec::new()
-                } else {
-                    let ips = stack_ips(&self.ebpf, usage.stack_id).unwrap_or_default();
-                    self.symbolizer.frames(usage.stack_id, &ips, alive)
-                };
-                StackReport {
-                    bytes: usage.bytes,
-                    allocations: usage.allocations,
-                    frames: frames.iter().map(FrameReport::from).collect(),
-                }
-            })
-            .collect();
-        let report = Report::new(&snapshot, stacks, self.pid, self.args.older, is_final, exited);
-        let mut out = io::stdout().lock();
-        if self.args.json {
-            report.write_json(&mut out)?;
-        } else {
-            report.write_text(&mut out)?;
-        }
-        out.flush()?;
-        Ok(())
-    }
-}
-
-/// The target's mapped address ranges, sorted; `None` if it is gone.
-fn mapped_ranges(pid: u32) -> Option<Vec<(u64, u64)>> {
-    let maps = procfs::process::Process::new(pid as i32).ok()?.maps().ok()?;
-    Some(maps.into_iter().map(|map| map.address).collect())
 }

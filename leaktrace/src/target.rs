@@ -299,6 +299,25 @@ pub fn find_cxx_runtime(objects: &[PathBuf]) -> Option<PathBuf> {
         .cloned()
 }
 
+/// The object that provides pthread_create: libpthread before glibc 2.34,
+/// the C library since, the executable when it is static.
+pub fn find_thread_library(objects: &[PathBuf]) -> Option<PathBuf> {
+    let named = |prefix: &str| {
+        objects.iter().find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(prefix))
+        })
+    };
+    named("libpthread.so")
+        .or_else(|| {
+            objects
+                .iter()
+                .find(|path| path.file_name().is_some_and(|name| is_libc(&name.to_string_lossy())))
+        })
+        .or_else(|| objects.first())
+        .cloned()
+}
+
 /// Where the dynamic loader would find libstdc++ for a program that has not
 /// started yet.
 pub fn system_cxx_runtime() -> Option<PathBuf> {

@@ -1,0 +1,70 @@
+//! Tracepoints, the kernel's side of a thread's life (there are no kprobes
+//! here): sched_process_fork names the new thread's kernel tid to the
+//! pthread_create in flight, sched_process_exit marks it exited.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use leaktrace_common::{
+    CallKind, NO_STACK, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, ThreadInfo,
+};
+
+use crate::{
+    maps::{PENDING, THREADS, config},
+    record::target_tid,
+    thread::{SiteEvent, forget_thread},
+};
+
+type Result = core::result::Result<(), ()>;
+
+/// sched:sched_process_fork, in the parent: `child_pid` at the offset the
+/// loader read from the tracepoint's format file.
+#[tracepoint]
+pub fn kernel_sched_process_fork(ctx: TracePointContext) -> u32 {
+    let _ = try_kernel_sched_process_fork(&ctx);
+    0
+}
+
+fn try_kernel_sched_process_fork(ctx: &TracePointContext) -> Result {
+    let tid = target_tid().ok_or(())?;
+    let pending = PENDING.get_ptr_mut(tid).ok_or(())?;
+    // SAFETY: a pointer from a successful lookup, valid for this run; only
+    // this thread (the one in pthread_create) writes its entry.
+    let pending = unsafe { &mut *pending };
+    if pending.kind != CallKind::ThreadCreate as u32 {
+        return Ok(());
+    }
+    let offset = config().fork_child_pid_offset as usize;
+    // SAFETY: reads the tracepoint record with bpf_probe_read_kernel.
+    let child: i32 = unsafe { ctx.read_at(offset) }.map_err(|_| ())?;
+    pending.child = child as u32;
+    let info = ThreadInfo {
+        site: NO_STACK,
+        ..ThreadInfo::default()
+    };
+    let _ = THREADS.insert(child as u32, info, BPF_NOEXIST.into());
+    Ok(())
+}
+
+/// sched:sched_process_exit, in the exiting thread.
+#[tracepoint]
+pub fn kernel_sched_process_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_kernel_sched_process_exit(&ctx);
+    0
+}
+
+fn try_kernel_sched_process_exit(_ctx: &TracePointContext) -> Result {
+    let tid = target_tid().ok_or(())?;
+    let info = THREADS.get_ptr_mut(tid).ok_or(())?;
+    // SAFETY: a pointer from a successful lookup, valid for this run.
+    let info = unsafe { &mut *info };
+    info.state |= THREAD_EXITED;
+    let done = THREAD_REGISTERED | THREAD_DETACHED;
+    if info.state & done == done {
+        let gone = *info;
+        forget_thread(tid, &gone, SiteEvent::DetachedExited);
+    }
+    Ok(())
+}

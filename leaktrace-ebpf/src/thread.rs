@@ -1,0 +1,229 @@
+//! Probes on the pthread API: who creates threads (the creating stack), and
+//! whether each is joined or detached. With the exit tracepoint in
+//! `kernel.rs` they tell threads piling up alive from threads that exited but
+//! were never joined (their stacks stay mapped).
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::bpf_probe_read_user,
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use leaktrace_common::{
+    CallKind, Lost, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, ThreadInfo,
+    ThreadSiteStats,
+};
+
+use crate::{
+    maps::{DETACH_ATTRS, PENDING, PTHREADS, THREAD_SITES, THREADS, count_lost},
+    record::{enter, exit, stack_id, target_tid},
+};
+
+type Result = core::result::Result<(), ()>;
+
+const PTHREAD_CREATE_DETACHED: u32 = 1;
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> core::result::Result<u64, ()> {
+    ctx.arg::<u64>(n).ok_or(())
+}
+
+/// Which counter of a site's [`ThreadSiteStats`] to bump.
+#[derive(Clone, Copy)]
+pub enum SiteEvent {
+    Created,
+    Joined,
+    DetachedExited,
+}
+
+/// Bump one counter of a creating site, on this CPU.
+#[inline(always)]
+pub fn count_site(site: u32, event: SiteEvent) {
+    let stats = match THREAD_SITES.get_ptr_mut(site) {
+        Some(stats) => stats,
+        None => {
+            let _ = THREAD_SITES.insert(site, ThreadSiteStats::default(), BPF_ANY.into());
+            match THREAD_SITES.get_ptr_mut(site) {
+                Some(stats) => stats,
+                None => return count_lost(Lost::ThreadMapFull),
+            }
+        }
+    };
+    // SAFETY: a per-CPU value from a successful lookup; only this CPU writes it.
+    let stats = unsafe { &mut *stats };
+    match event {
+        SiteEvent::Created => stats.created += 1,
+        SiteEvent::Joined => stats.joined += 1,
+        SiteEvent::DetachedExited => stats.detached_exited += 1,
+    }
+}
+
+/// Forget a thread that is gone for good (joined, or detached and exited).
+#[inline(always)]
+pub fn forget_thread(tid: u32, info: &ThreadInfo, event: SiteEvent) {
+    let _ = THREADS.remove(tid);
+    let _ = PTHREADS.remove(info.pthread);
+    count_site(info.site, event);
+}
+
+/// int pthread_attr_setdetachstate(pthread_attr_t *attr, int detachstate);
+#[uprobe]
+pub fn thread_enter_pthread_attr_setdetachstate(ctx: ProbeContext) -> u32 {
+    let _ = try_thread_enter_pthread_attr_setdetachstate(&ctx);
+    0
+}
+
+fn try_thread_enter_pthread_attr_setdetachstate(ctx: &ProbeContext) -> Result {
+    target_tid().ok_or(())?;
+    let _ = DETACH_ATTRS.insert(arg(ctx, 0)?, arg(ctx, 1)? as u32, BPF_ANY.into());
+    Ok(())
+}
+
+/// int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+///                    void *(*start_routine)(void *), void *arg);
+#[uprobe]
+pub fn thread_enter_pthread_create(ctx: ProbeContext) -> u32 {
+    let _ = try_thread_enter_pthread_create(&ctx);
+    0
+}
+
+fn try_thread_enter_pthread_create(ctx: &ProbeContext) -> Result {
+    let tid = target_tid().ok_or(())?;
+    if !enter(ctx, tid, CallKind::ThreadCreate, 0, arg(ctx, 0)?) {
+        return Ok(());
+    }
+    let attr = arg(ctx, 1)?;
+    // SAFETY: copied out at once.
+    let detached = attr != 0
+        && unsafe { DETACH_ATTRS.get(attr) }.is_some_and(|&state| state == PTHREAD_CREATE_DETACHED);
+    if detached {
+        if let Some(pending) = PENDING.get_ptr_mut(tid) {
+            // SAFETY: this thread's own entry, just made.
+            unsafe { (*pending).flags = THREAD_DETACHED };
+        }
+    }
+    Ok(())
+}
+
+/// The new thread's id is in `*thread`, its kernel tid came from the fork
+/// tracepoint, and the stack here starts at pthread_create's caller.
+#[uretprobe]
+pub fn thread_exit_pthread_create(ctx: RetProbeContext) -> u32 {
+    let _ = try_thread_exit_pthread_create(&ctx);
+    0
+}
+
+fn try_thread_exit_pthread_create(ctx: &RetProbeContext) -> Result {
+    let tid = target_tid().ok_or(())?;
+    let pending = exit(ctx, tid).ok_or(())?;
+    let status: i32 = ctx.ret();
+    let child = pending.child;
+    if status != 0 || child == 0 {
+        if child != 0 {
+            let _ = THREADS.remove(child);
+        }
+        return Ok(());
+    }
+    // SAFETY: bpf_probe_read_user checks the user address itself.
+    let Ok(pthread) = (unsafe { bpf_probe_read_user(pending.arg as *const u64) }) else {
+        count_lost(Lost::ReadFailed);
+        return Err(());
+    };
+    let site = stack_id(ctx);
+    // The thread may already have run and exited: keep what the tracepoint set.
+    // SAFETY: copied out at once.
+    let state = unsafe { THREADS.get(child) }.map_or(0, |info| info.state);
+    let info = ThreadInfo {
+        pthread,
+        stack_size: pending.size,
+        site,
+        state: state | pending.flags | THREAD_REGISTERED,
+    };
+    count_site(site, SiteEvent::Created);
+    if info.state & (THREAD_EXITED | THREAD_DETACHED) == THREAD_EXITED | THREAD_DETACHED {
+        count_site(site, SiteEvent::DetachedExited);
+        let _ = THREADS.remove(child);
+        return Ok(());
+    }
+    if THREADS.insert(child, info, BPF_ANY.into()).is_err()
+        || PTHREADS.insert(pthread, child, BPF_ANY.into()).is_err()
+    {
+        count_lost(Lost::ThreadMapFull);
+    }
+    Ok(())
+}
+
+/// int pthread_join(pthread_t thread, void **retval); also pthread_tryjoin_np,
+/// pthread_timedjoin_np and pthread_clockjoin_np, whose first argument is the same.
+#[uprobe]
+pub fn thread_enter_pthread_join(ctx: ProbeContext) -> u32 {
+    let _ = try_thread_enter_pthread_join(&ctx);
+    0
+}
+
+fn try_thread_enter_pthread_join(ctx: &ProbeContext) -> Result {
+    let tid = target_tid().ok_or(())?;
+    let _ = enter(ctx, tid, CallKind::ThreadJoin, 0, arg(ctx, 0)?);
+    Ok(())
+}
+
+#[uretprobe]
+pub fn thread_exit_pthread_join(ctx: RetProbeContext) -> u32 {
+    let _ = try_thread_exit_pthread_join(&ctx);
+    0
+}
+
+fn try_thread_exit_pthread_join(ctx: &RetProbeContext) -> Result {
+    let tid = target_tid().ok_or(())?;
+    let pending = exit(ctx, tid).ok_or(())?;
+    let status: i32 = ctx.ret();
+    if status != 0 {
+        return Ok(());
+    }
+    // SAFETY: copied out at once.
+    let child = *unsafe { PTHREADS.get(pending.arg) }.ok_or(())?;
+    // SAFETY: copied out at once.
+    let info = *unsafe { THREADS.get(child) }.ok_or(())?;
+    forget_thread(child, &info, SiteEvent::Joined);
+    Ok(())
+}
+
+/// int pthread_detach(pthread_t thread);
+#[uprobe]
+pub fn thread_enter_pthread_detach(ctx: ProbeContext) -> u32 {
+    let _ = try_thread_enter_pthread_detach(&ctx);
+    0
+}
+
+fn try_thread_enter_pthread_detach(ctx: &ProbeContext) -> Result {
+    let tid = target_tid().ok_or(())?;
+    let _ = enter(ctx, tid, CallKind::ThreadDetach, 0, arg(ctx, 0)?);
+    Ok(())
+}
+
+#[uretprobe]
+pub fn thread_exit_pthread_detach(ctx: RetProbeContext) -> u32 {
+    let _ = try_thread_exit_pthread_detach(&ctx);
+    0
+}
+
+fn try_thread_exit_pthread_detach(ctx: &RetProbeContext) -> Result {
+    let tid = target_tid().ok_or(())?;
+    let pending = exit(ctx, tid).ok_or(())?;
+    let status: i32 = ctx.ret();
+    if status != 0 {
+        return Ok(());
+    }
+    // SAFETY: copied out at once.
+    let child = *unsafe { PTHREADS.get(pending.arg) }.ok_or(())?;
+    let info = THREADS.get_ptr_mut(child).ok_or(())?;
+    // SAFETY: a pointer from a successful lookup, valid for this run.
+    let info = unsafe { &mut *info };
+    if info.state & THREAD_EXITED != 0 {
+        let gone = *info;
+        forget_thread(child, &gone, SiteEvent::DetachedExited);
+    } else {
+        info.state |= THREAD_DETACHED;
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Outstanding memory per call site across intervals: its recent rate and
+//! its trend, growing (a leak), plateau (a cache or pool that reached its
+//! size), flat, or shrinking.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::Hash,
+};
+
+use serde::Serialize;
+
+/// Samples (3 intervals) that decide the recent rate and trend: a cache that
+/// has been flat this long is no longer called a leak.
+const WINDOW: usize = 4;
+/// Samples kept per key.
+const KEEP: usize = 32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trend {
+    /// Fewer than 3 samples: too early to say.
+    New,
+    /// Still rising over the last intervals.
+    Growing,
+    /// Rose earlier, unchanged for the last intervals.
+    Plateau,
+    /// Never changed.
+    Flat,
+    /// Falling.
+    Shrinking,
+}
+
+impl Trend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trend::New => "new",
+            Trend::Growing => "growing",
+            Trend::Plateau => "plateau",
+            Trend::Flat => "flat",
+            Trend::Shrinking => "shrinking",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Growth {
+    /// Recent rate: least-squares slope over the last samples, per second.
+    pub bytes_per_second: f64,
+    pub trend: Trend,
+}
+
+/// Values per key over time. A key missing from a sample counts as 0 there.
+pub struct History<K> {
+    samples: HashMap<K, VecDeque<(f64, f64)>>,
+    /// Changes smaller than this (or 2% of the value) are noise.
+    min_tolerance: f64,
+}
+
+impl<K: Hash + Eq + Copy> History<K> {
+    pub fn new(min_tolerance: f64) -> Self {
+        Self {
+            samples: HashMap::new(),
+            min_tolerance,
+        }
+    }
+
+    /// Add the values seen at time `t` (seconds).
+    pub fn record(&mut self, t: f64, values: impl IntoIterator<Item = (K, f64)>) {
+        let mut seen: HashMap<K, f64> = values.into_iter().collect();
+        for (key, samples) in &mut self.samples {
+            samples.push_back((t, seen.remove(key).unwrap_or(0.0)));
+            if samples.len() > KEEP {
+                samples.pop_front();
+            }
+        }
+        for (key, value) in seen {
+            self.samples.insert(key, VecDeque::from([(t, value)]));
+        }
+        self.samples.retain(|_, samples| samples.iter().any(|&(_, v)| v != 0.0));
+    }
+
+    /// The growth of `key`, or `None` if it was never seen.
+    pub fn growth(&self, key: K) -> Option<Growth> {
+        let samples: Vec<(f64, f64)> = self.samples.get(&key)?.iter().copied().collect();
+        Some(classify(&samples, self.min_tolerance))
+    }
+}
+
+/// Flat means every sample of the window within the tolerance of the others;
+/// a plateau is flat after being lower; growing is a net rise over the window.
+fn classify(samples: &[(f64, f64)], min_tolerance: f64) -> Growth {
+    let recent = &samples[samples.len().saturating_sub(WINDOW)..];
+    let bytes_per_second = slope(recent);
+    if samples.len() < 3 {
+        return Growth {
+            bytes_per_second,
+            trend: Trend::New,
+        };
+    }
+    let peak = recent.iter().map(|&(_, v)| v).fold(f64::MIN, f64::max);
+    let low = recent.iter().map(|&(_, v)| v).fold(f64::MAX, f64::min);
+    let tolerance = min_tolerance.max(0.02 * peak);
+    let first = recent[0].1;
+    let last = recent[recent.len() - 1].1;
+    let trend = if peak - low <= tolerance {
+        let earlier = &samples[..samples.len() - recent.len()];
+        if earlier.iter().any(|&(_, v)| last - v > tolerance) {
+            Trend::Plateau
+        } else {
+            Trend::Flat
+        }
+    } else if last - first > tolerance {
+        Trend::Growing
+    } else if first - last > tolerance {
+        Trend::Shrinking
+    } else {
+        Trend::Flat
+    };
+    Growth {
+        bytes_per_second,
+        trend,
+    }
+}
+
+/// Least-squares slope of value over time.
+fn slope(samples: &[(f64, f64)]) -> f64 {
+    let n = samples.len() as f64;
+    if samples.len() < 2 {
+        return 0.0;
+    }
+    let mean_t = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let mean_v = samples.iter().map(|s| s.1).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for &(t, v) in samples {
+        num += (t - mean_t) * (v - mean_v);
+        den += (t - mean_t) * (t - mean_t);
+    }
+    if den == 0.0 { 0.0 } else { num / den }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn history(values: &[f64]) -> Growth {
+        let mut history = History::new(256.0);
+        for (i, &v) in values.iter().enumerate() {
+            history.record(i as f64, [(1u32, v)]);
+        }
+        history.growth(1).unwrap()
+    }
+
+    /// Check that a steady leak is growing at its true rate.
+    #[test]
+    fn steady_leak_grows() {
+        let growth = history(&[10240.0, 20480.0, 30720.0, 40960.0, 51200.0]);
+        assert_eq!(growth.trend, Trend::Growing);
+        assert!((growth.bytes_per_second - 10240.0).abs() < 1.0, "{growth:?}");
+    }
+
+    /// Check that a cache that filled and stopped is a plateau, not a leak.
+    #[test]
+    fn filled_cache_is_plateau() {
+        let growth = history(&[300_000.0, 1_048_576.0, 1_048_576.0, 1_048_576.0, 1_048_576.0]);
+        assert_eq!(growth.trend, Trend::Plateau);
+    }
+
+    /// Check that a cache still filling is growing until it has been flat a while.
+    #[test]
+    fn cache_flat_for_two_intervals_is_still_growing() {
+        let growth = history(&[100_000.0, 500_000.0, 1_000_000.0, 1_000_000.0]);
+        assert_eq!(growth.trend, Trend::Growing);
+        let growth = history(&[300_000.0, 1_000_000.0, 1_000_000.0, 1_000_000.0]);
+        assert_eq!(growth.trend, Trend::Growing);
+    }
+
+    /// Check the other trends: flat, shrinking and too early to say.
+    #[test]
+    fn flat_shrinking_new() {
+        assert_eq!(history(&[4096.0, 4096.0, 4100.0, 4096.0]).trend, Trend::Flat);
+        assert_eq!(history(&[90_000.0, 60_000.0, 30_000.0, 10_000.0]).trend, Trend::Shrinking);
+        assert_eq!(history(&[1.0, 2.0]).trend, Trend::New);
+    }
+
+    /// Check that a key gone from later samples counts as zero, then is dropped.
+    #[test]
+    fn vanished_key() {
+        let mut history = History::new(0.5);
+        history.record(0.0, [(1u32, 5.0)]);
+        history.record(1.0, []);
+        assert_eq!(history.growth(1).unwrap().bytes_per_second, -5.0);
+        history.record(2.0, []);
+        assert!(history.growth(1).is_some());
+    }
+}
