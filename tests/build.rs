@@ -22,6 +22,12 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("args_leak.c", "args_leak"),
     ("ns_leak.c", "ns_leak"),
     ("preattach_free.c", "preattach_free"),
+    ("threads_unjoined.c", "threads_unjoined"),
+    ("threads_blocked.c", "threads_blocked"),
+    ("cache_plateau.c", "cache_plateau"),
+    ("arena_retention.c", "arena_retention"),
+    ("steady_leak.c", "steady_leak"),
+    ("stable.c", "stable"),
 ];
 
 fn main() {

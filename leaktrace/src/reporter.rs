@@ -37,6 +37,9 @@ pub struct ReportOptions {
     pub top: usize,
     pub older_ms: u64,
     pub json: bool,
+    /// Whether the target runs its own program yet (a `-c` child may still
+    /// be exec'ing): the memory baseline is read now, or at the first report.
+    pub baseline_now: bool,
 }
 
 pub struct Reporter {
@@ -61,7 +64,7 @@ impl Reporter {
             collector: Collector { epoch_ns },
             symbolizer: Symbolizer::new(pid),
             // The picture at attach, for "since attach".
-            baseline: memory::read(pid).ok(),
+            baseline: if options.baseline_now { memory::read(pid).ok() } else { None },
             default_stack: default_thread_stack(pid),
             options,
             started: Instant::now(),

@@ -113,6 +113,7 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             top: args.top,
             older_ms: args.older,
             json: args.json,
+            baseline_now: target.program().is_none(),
         },
     );
     let started = Instant::now();

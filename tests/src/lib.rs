@@ -475,3 +475,92 @@ pub fn bytes_mentioning(report: &Value, name: &str) -> u64 {
 pub fn within(actual: u64, expected: u64, percent: u64) -> bool {
     actual.abs_diff(expected) * 100 <= expected * percent
 }
+
+/// For fixtures that keep working until killed (READY right after go): start
+/// fixture `name`, trace it with `-p PID --json --top 1000 1 COUNT` (a report
+/// a second, so growth is seen over COUNT intervals), let it go as soon as the
+/// probes are attached, and return every report, the last one final.
+pub fn trace_over_time(name: &str, count: u32) -> Vec<Value> {
+    let mut fixture = Fixture::start(name, &[]);
+    let mut tracer = Tracer::trace_pid(fixture.pid(), 1, count, &["--top", "1000"]);
+    tracer.wait_attached();
+    fixture.go();
+    fixture.wait_ready();
+    let reports = tracer.finish().reports();
+    final_report(&reports);
+    reports
+}
+
+/// The value at JSON `pointer` (e.g. "/memory/since_attach/heap_rss") as an
+/// i64, failing with the report if it is missing or not an integer.
+pub fn int_at(report: &Value, pointer: &str) -> i64 {
+    report
+        .pointer(pointer)
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| panic!("report has no integer at {pointer}: {report}"))
+}
+
+/// The value at JSON `pointer` as an f64, failing with the report if it is
+/// missing or not a number.
+pub fn number_at(report: &Value, pointer: &str) -> f64 {
+    report
+        .pointer(pointer)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("report has no number at {pointer}: {report}"))
+}
+
+/// The verdict's kinds ("leak", "thread_leak", "retention", "no_leak").
+pub fn verdict_kinds(report: &Value) -> Vec<&str> {
+    report["verdict"]["kinds"]
+        .as_array()
+        .unwrap_or_else(|| panic!("report has no verdict.kinds: {report}"))
+        .iter()
+        .map(|kind| kind.as_str().unwrap_or_else(|| panic!("verdict kind {kind} is not a string")))
+        .collect()
+}
+
+/// The verdict's one-line text.
+pub fn verdict_text(report: &Value) -> &str {
+    report["verdict"]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("report has no verdict.text: {report}"))
+}
+
+/// A stack's growth trend ("new", "growing", "plateau", "flat", "shrinking").
+pub fn trend(stack: &Value) -> &str {
+    stack["growth"]["trend"]
+        .as_str()
+        .unwrap_or_else(|| panic!("stack without growth.trend: {stack}"))
+}
+
+/// A stack's recent growth rate in bytes per second.
+pub fn bytes_per_second(stack: &Value) -> f64 {
+    stack["growth"]["bytes_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("stack without growth.bytes_per_second: {stack}"))
+}
+
+/// The report's pthread_create call sites (empty if missing).
+pub fn thread_sites(report: &Value) -> &[Value] {
+    report["threads"]["sites"].as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// The thread site with a frame whose symbol is `name` and the most threads
+/// created there.
+pub fn thread_site_through<'a>(report: &'a Value, name: &str) -> Option<&'a Value> {
+    thread_sites(report)
+        .iter()
+        .filter(|site| frames(site).iter().any(|frame| symbol(frame) == Some(name)))
+        .max_by_key(|site| site_count(site, "created"))
+}
+
+/// An integer field of a thread site ("created", "alive", "exited_unjoined",
+/// "joined", "detached", "stack_bytes").
+pub fn site_count(site: &Value, field: &str) -> u64 {
+    site[field].as_u64().unwrap_or_else(|| panic!("thread site without {field}: {site}"))
+}
+
+/// Whether `actual` is within `percent` % of `expected`.
+pub fn within_f64(actual: f64, expected: f64, percent: f64) -> bool {
+    (actual - expected).abs() * 100.0 <= expected.abs() * percent
+}
