@@ -67,6 +67,10 @@ impl<K: Hash + Eq + Copy> History<K> {
     /// Add the values seen at time `t` (seconds).
     pub fn record(&mut self, t: f64, values: impl IntoIterator<Item = (K, f64)>) {
         let mut seen: HashMap<K, f64> = values.into_iter().collect();
+        // Keys gone from this sample and zero all along are forgotten.
+        self.samples.retain(|key, samples| {
+            seen.contains_key(key) || samples.iter().any(|&(_, v)| v != 0.0)
+        });
         for (key, samples) in &mut self.samples {
             samples.push_back((t, seen.remove(key).unwrap_or(0.0)));
             if samples.len() > KEEP {
@@ -76,7 +80,6 @@ impl<K: Hash + Eq + Copy> History<K> {
         for (key, value) in seen {
             self.samples.insert(key, VecDeque::from([(t, value)]));
         }
-        self.samples.retain(|_, samples| samples.iter().any(|&(_, v)| v != 0.0));
     }
 
     /// The growth of `key`, or `None` if it was never seen.
@@ -182,7 +185,13 @@ mod tests {
         assert_eq!(history(&[1.0, 2.0]).trend, Trend::New);
     }
 
-    /// Check that a key gone from later samples counts as zero, then is dropped.
+    /// Check that a value recorded as zero every time still has a trend.
+    #[test]
+    fn always_zero_is_flat() {
+        assert_eq!(history(&[0.0, 0.0, 0.0, 0.0]).trend, Trend::Flat);
+    }
+
+    /// Check that a key gone from later samples counts as zero.
     #[test]
     fn vanished_key() {
         let mut history = History::new(0.5);

@@ -54,6 +54,7 @@ pub struct Reporter {
     live_bytes: History<()>,
     baseline: Option<MemoryPicture>,
     default_stack: u64,
+    reports: usize,
 }
 
 impl Reporter {
@@ -72,12 +73,14 @@ impl Reporter {
             thread_sites: History::new(0.5),
             heap_rss: History::new(HEAP_TOLERANCE),
             live_bytes: History::new(LIVE_TOLERANCE),
+            reports: 0,
         }
     }
 
     pub fn report(&mut self, is_final: bool, exited: bool) -> anyhow::Result<()> {
         let alive = !exited;
         let t = self.started.elapsed().as_secs_f64();
+        self.reports += 1;
         let mapped = if alive {
             self.symbolizer.refresh_modules();
             mapped_ranges(self.options.pid)
@@ -156,6 +159,7 @@ impl Reporter {
             &thread_evidence,
             retention.as_ref(),
             snapshot.total_bytes(),
+            self.reports,
         );
 
         let mut report = Report::new(

@@ -47,12 +47,16 @@ pub struct RetentionEvidence {
     pub live_trend: Trend,
 }
 
-/// Weigh the evidence. `growing` is sorted fastest first.
+/// Reports before a trend can be told.
+pub const REPORTS_FOR_TREND: usize = 3;
+
+/// Weigh the evidence of the `reports` so far. `growing` is sorted fastest first.
 pub fn decide(
     growing: &[GrowingSite],
     threads: &[ThreadSiteEvidence],
     retention: Option<&RetentionEvidence>,
     live_bytes: u64,
+    reports: usize,
 ) -> Verdict {
     let mut kinds = Vec::new();
     let mut statements = Vec::new();
@@ -90,10 +94,14 @@ pub fn decide(
 
     if kinds.is_empty() {
         kinds.push("no_leak");
-        statements.push(format!(
-            "no leak: live memory flat ({} outstanding)",
-            human_bytes(live_bytes)
-        ));
+        statements.push(if reports < REPORTS_FOR_TREND {
+            format!(
+                "no leak seen yet: a trend needs {REPORTS_FOR_TREND} reports ({} outstanding)",
+                human_bytes(live_bytes)
+            )
+        } else {
+            format!("no leak: live memory flat ({} outstanding)", human_bytes(live_bytes))
+        });
     }
     Verdict {
         kinds,
@@ -145,7 +153,7 @@ mod tests {
     /// Check that growing sites make a leak verdict naming the fastest.
     #[test]
     fn leak() {
-        let verdict = decide(&[site("fib (app.c:12)", 8192.0), site("b", 2048.0)], &[], None, 1);
+        let verdict = decide(&[site("fib (app.c:12)", 8192.0), site("b", 2048.0)], &[], None, 1, 5);
         assert_eq!(verdict.kinds, ["leak"]);
         assert_eq!(verdict.text, "leak: 2 call sites growing, 10.0 KiB/s in total, top: fib (app.c:12)");
         assert_eq!(verdict.leak_bytes_per_second, 10240.0);
@@ -161,7 +169,7 @@ mod tests {
             piling_up: true,
             stack_bytes: 96 << 20,
         }];
-        let verdict = decide(&[], &threads, None, 0);
+        let verdict = decide(&[], &threads, None, 0, 5);
         assert_eq!(verdict.kinds, ["thread_leak"]);
         assert!(verdict.text.contains("12 threads exited but never joined, created at spawn_worker (server.c:88), 96.0 MiB"), "{}", verdict.text);
     }
@@ -175,7 +183,7 @@ mod tests {
             heap_rss_trend: Trend::Growing,
             live_trend: Trend::Flat,
         };
-        let verdict = decide(&[], &[], Some(&evidence), 2 << 20);
+        let verdict = decide(&[], &[], Some(&evidence), 2 << 20, 5);
         assert_eq!(verdict.kinds, ["retention"]);
         assert!(verdict.text.starts_with("allocator retention: 2.0 MiB live in malloc, 180.0 MiB heap RSS"), "{}", verdict.text);
     }
@@ -190,11 +198,14 @@ mod tests {
             piling_up: true,
             stack_bytes: 40 << 20,
         }];
-        let verdict = decide(&[site("a", 1.0)], &threads, None, 1);
+        let verdict = decide(&[site("a", 1.0)], &threads, None, 1, 5);
         assert_eq!(verdict.kinds, ["leak", "thread_leak"]);
         assert!(verdict.text.contains("; thread leak: 5 threads alive and piling up"), "{}", verdict.text);
-        let verdict = decide(&[], &[], None, 4096);
+        let verdict = decide(&[], &[], None, 4096, 5);
         assert_eq!(verdict.kinds, ["no_leak"]);
         assert_eq!(verdict.text, "no leak: live memory flat (4.0 KiB outstanding)");
+        let verdict = decide(&[], &[], None, 4096, 2);
+        assert_eq!(verdict.kinds, ["no_leak"]);
+        assert!(verdict.text.starts_with("no leak seen yet"), "{}", verdict.text);
     }
 }

@@ -233,9 +233,9 @@ fn demo(leaktrace: &Path, json: bool) -> anyhow::Result<()> {
     let pid = demo.0.id();
     // Let it get going: its leaks should be older than --older by the first report.
     std::thread::sleep(Duration::from_millis(300));
-    eprintln!("xtask: tracing the demo server (pid {pid}): 3 reports, 2 s apart\n");
+    eprintln!("xtask: tracing the demo server (pid {pid}): 4 reports, 2 s apart\n");
     let mut cmd = Command::new(leaktrace);
-    cmd.args(["-p", &pid.to_string(), "2", "3", "--top", "5"]);
+    cmd.args(["-p", &pid.to_string(), "2", "4", "--top", "5"]);
     if json {
         cmd.arg("--json");
     }

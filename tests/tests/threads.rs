@@ -1,0 +1,70 @@
+//! Thread leaks: threads that exit but are never joined, and threads that
+//! never exit, reported per pthread_create call site with a thread_leak verdict.
+
+use leaktrace_tests::*;
+
+/// Reports a second over 8 s: each fixture starts 10 threads a second.
+const REPORTS: u32 = 8;
+
+/// Check that threads which exit without being joined are reported at their
+/// creation site, spawn_worker, with their stacks and a thread_leak verdict.
+#[test]
+fn unjoined_threads_reported_at_creation_site() {
+    let reports = trace_over_time("threads_unjoined", REPORTS);
+    let report = final_report(&reports);
+    let site = thread_site_through(report, "spawn_worker")
+        .unwrap_or_else(|| panic!("no thread site through spawn_worker: {report}"));
+    let unjoined = site_count(site, "exited_unjoined");
+    assert!(
+        unjoined >= 10,
+        "{unjoined} threads exited unjoined at spawn_worker, expected 10 or more (10 a second): {report}"
+    );
+    assert_eq!(site_count(site, "joined"), 0, "spawn_worker never joins a thread: {report}");
+    assert!(
+        site_count(site, "stack_bytes") > 0,
+        "unjoined threads keep their stacks, yet spawn_worker's site has no stack_bytes: {report}"
+    );
+    let kinds = verdict_kinds(report);
+    assert!(kinds.contains(&"thread_leak"), "verdict kinds {kinds:?} lack thread_leak: {report}");
+    let text = verdict_text(report);
+    assert!(
+        text.contains("spawn_worker"),
+        "verdict {text:?} does not name the creation site spawn_worker: {report}"
+    );
+}
+
+/// Check that threads which block forever are counted alive at
+/// start_blocked_worker, growing, with the process's thread count, as a thread leak.
+#[test]
+fn blocked_threads_counted_alive_and_growing() {
+    let reports = trace_over_time("threads_blocked", REPORTS);
+    let report = final_report(&reports);
+    let site = thread_site_through(report, "start_blocked_worker")
+        .unwrap_or_else(|| panic!("no thread site through start_blocked_worker: {report}"));
+    let (created, alive) = (site_count(site, "created"), site_count(site, "alive"));
+    assert!(
+        alive >= 10,
+        "{alive} threads alive at start_blocked_worker, expected 10 or more (10 a second): {report}"
+    );
+    assert_eq!(alive, created, "no thread from start_blocked_worker ever exits: {report}");
+    assert_eq!(
+        site_count(site, "exited_unjoined"),
+        0,
+        "no thread from start_blocked_worker ever exits: {report}"
+    );
+    assert_eq!(
+        site["trend"].as_str(),
+        Some("growing"),
+        "start_blocked_worker's threads should be growing: {report}"
+    );
+    let first = int_at(&reports[0], "/memory/threads");
+    let last = int_at(report, "/memory/threads");
+    assert!(
+        last >= first + 10,
+        "memory.threads went from {first} to {last}, expected 10 or more new threads: {report}"
+    );
+    let since = int_at(report, "/memory/since_attach/threads");
+    assert!(since >= 10, "memory.since_attach.threads is {since}, expected 10 or more: {report}");
+    let kinds = verdict_kinds(report);
+    assert!(kinds.contains(&"thread_leak"), "verdict kinds {kinds:?} lack thread_leak: {report}");
+}
