@@ -112,10 +112,13 @@ fn classify(samples: &[(f64, f64)], min_tolerance: f64) -> Growth {
         } else {
             Trend::Flat
         }
-    } else if last - first > tolerance {
+    } else if last - first > tolerance && steady(recent, tolerance, 1.0) {
         Trend::Growing
-    } else if first - last > tolerance {
+    } else if first - last > tolerance && steady(recent, tolerance, -1.0) {
         Trend::Shrinking
+    } else if last - first > tolerance && settled(recent, tolerance) {
+        // Rose early in the window, flat since.
+        Trend::Plateau
     } else {
         Trend::Flat
     };
@@ -123,6 +126,22 @@ fn classify(samples: &[(f64, f64)], min_tolerance: f64) -> Growth {
         bytes_per_second,
         trend,
     }
+}
+
+/// Whether the window moves one way (`direction` 1 up, -1 down): no step
+/// back by more than half the tolerance, and most steps clearly forward.
+/// A stable value that wobbles (allocations in flight come and go) is not
+/// a leak because its last sample happens to sit high.
+fn steady(recent: &[(f64, f64)], tolerance: f64, direction: f64) -> bool {
+    let steps: Vec<f64> = recent.windows(2).map(|w| direction * (w[1].1 - w[0].1)).collect();
+    let forward = steps.iter().filter(|&&step| step > tolerance / 4.0).count();
+    steps.iter().all(|&step| step >= -tolerance / 2.0) && 2 * forward >= steps.len()
+}
+
+/// Whether the last two steps of the window are flat.
+fn settled(recent: &[(f64, f64)], tolerance: f64) -> bool {
+    let steps: Vec<f64> = recent.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    steps.len() >= 2 && steps[steps.len() - 2..].iter().all(|step| step.abs() <= tolerance / 2.0)
 }
 
 /// Least-squares slope of value over time.
@@ -168,13 +187,20 @@ mod tests {
         assert_eq!(growth.trend, Trend::Plateau);
     }
 
-    /// Check that a cache still filling is growing until it has been flat a while.
+    /// Check that a cache still filling is growing, and settling is a plateau.
     #[test]
-    fn cache_flat_for_two_intervals_is_still_growing() {
+    fn cache_filling_then_settling() {
         let growth = history(&[100_000.0, 500_000.0, 1_000_000.0, 1_000_000.0]);
         assert_eq!(growth.trend, Trend::Growing);
         let growth = history(&[300_000.0, 1_000_000.0, 1_000_000.0, 1_000_000.0]);
-        assert_eq!(growth.trend, Trend::Growing);
+        assert_eq!(growth.trend, Trend::Plateau);
+    }
+
+    /// Check that a stable value wobbling around its mean is not growing.
+    #[test]
+    fn wobble_is_flat() {
+        let growth = history(&[940_000.0, 928_000.0, 952_000.0, 929_000.0, 951_000.0]);
+        assert_eq!(growth.trend, Trend::Flat);
     }
 
     /// Check the other trends: flat, shrinking and too early to say.
