@@ -126,6 +126,19 @@ fn try_alloc_enter_reallocarray(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
+/// Rust: void *__rust_realloc(void *ptr, size_t old_size, size_t align, size_t new_size);
+#[uprobe]
+pub fn alloc_enter_rust_realloc(ctx: ProbeContext) -> u32 {
+    let _ = try_alloc_enter_rust_realloc(&ctx);
+    0
+}
+
+fn try_alloc_enter_rust_realloc(ctx: &ProbeContext) -> Result {
+    let tid = target_tid().ok_or(())?;
+    let _ = enter(ctx, tid, CallKind::Realloc, arg(ctx, 3)?, arg(ctx, 0)?);
+    Ok(())
+}
+
 /// Return of realloc and reallocarray: the record moves to the new block
 /// and is charged to this call's stack. realloc(NULL, n) allocates,
 /// realloc(p, 0) returning NULL frees, any other NULL is a failure that

@@ -64,6 +64,20 @@ pub struct Args {
     #[arg(short = 'O', long = "obj", value_name = "PATH")]
     pub obj: Option<PathBuf>,
 
+    /// The allocator's functions carry this prefix (`je_malloc`: `je_`).
+    #[arg(long, value_name = "PREFIX")]
+    pub symbol_prefix: Option<String>,
+
+    /// Also look for separate debug info here (by .gnu_debuglink and by
+    /// build-id under DIR/.build-id); repeatable.
+    #[arg(long = "debug-dir", value_name = "DIR")]
+    pub debug_dirs: Vec<PathBuf>,
+
+    /// Symbolize from copies of the target's binaries under DIR (DIR/usr/lib/...),
+    /// for a target that has exited or binaries copied out of a container.
+    #[arg(long, value_name = "DIR")]
+    pub sysroot: Option<PathBuf>,
+
     /// Live allocations that can be tracked at once.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ALLOCATIONS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_allocations: u32,

@@ -2,7 +2,11 @@
 //! the allocator functions of the object that provides them, scoped to the
 //! target's process.
 
-use std::{collections::HashMap, num::NonZeroU32, path::Path};
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
@@ -16,9 +20,12 @@ use aya::{
 use leaktrace_common::{
     Config, GLOBAL_CONFIG, Lost, MAP_ALLOCS, MAP_LOST, MAP_STACK_STATS, MAP_STACKS,
 };
-use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+use serde::Serialize;
 
-use crate::placement::entry_probe_offset;
+use crate::{
+    elf::{ElfFile, Function},
+    placement::entry_probe_offset,
+};
 
 /// One allocator function and the programs that trace it.
 struct ProbeSpec {
@@ -51,6 +58,37 @@ const ALLOCATOR_PROBES: &[ProbeSpec] = &[
     probe("mmap", "mmap_enter_mmap", Some("mmap_exit_mmap")),
     probe("munmap", "mmap_enter_munmap", None),
     probe("mremap", "mmap_enter_mremap", Some("mmap_exit_mremap")),
+    // jemalloc's non-standard API.
+    probe("mallocx", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("rallocx", "alloc_enter_realloc", Some("alloc_exit_realloc")),
+    probe("dallocx", "alloc_enter_free", None),
+    probe("sdallocx", "alloc_enter_free", None),
+];
+
+/// operator delete of allocators whose delete does not call free
+/// (jemalloc, tcmalloc, mimalloc). libstdc++'s calls free: not probed.
+const CXX_DELETE_PROBES: &[ProbeSpec] = &[
+    probe("_ZdlPv", "alloc_enter_free", None),
+    probe("_ZdlPvm", "alloc_enter_free", None),
+    probe("_ZdaPv", "alloc_enter_free", None),
+    probe("_ZdaPvm", "alloc_enter_free", None),
+    probe("_ZdlPvRKSt9nothrow_t", "alloc_enter_free", None),
+    probe("_ZdaPvRKSt9nothrow_t", "alloc_enter_free", None),
+    probe("_ZdlPvSt11align_val_t", "alloc_enter_free", None),
+    probe("_ZdlPvmSt11align_val_t", "alloc_enter_free", None),
+    probe("_ZdaPvSt11align_val_t", "alloc_enter_free", None),
+    probe("_ZdaPvmSt11align_val_t", "alloc_enter_free", None),
+];
+
+/// Rust's allocator shims, which every Box, Vec and String goes through,
+/// whatever the #[global_allocator]. Rust's standard library has no frame
+/// pointers, so a stack taken in malloc can lose the allocating function.
+/// rustc 1.95 mangles them (`..._7___rustc12___rust_alloc`).
+const RUST_PROBES: &[ProbeSpec] = &[
+    probe("__rust_alloc", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("__rust_alloc_zeroed", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("__rust_realloc", "alloc_enter_rust_realloc", Some("alloc_exit_realloc")),
+    probe("__rust_dealloc", "alloc_enter_free", None),
 ];
 
 /// C++ operator new in all its forms (the size is always the first
@@ -79,6 +117,9 @@ const THREAD_PROBES: &[ProbeSpec] = &[
     probe("pthread_clockjoin_np", "thread_enter_pthread_join", Some("thread_exit_pthread_join")),
     probe("pthread_detach", "thread_enter_pthread_detach", Some("thread_exit_pthread_detach")),
 ];
+
+const ALL_SETS: [&[ProbeSpec]; 5] =
+    [ALLOCATOR_PROBES, CXX_NEW_PROBES, CXX_DELETE_PROBES, RUST_PROBES, THREAD_PROBES];
 
 /// Kernel tracepoints: (program, category, name).
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
@@ -116,9 +157,9 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         .map_max_entries(MAP_STACK_STATS, options.max_stacks)
         .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace")))
         .context("failed to load the eBPF programs")?;
-    let mut names: Vec<&str> = ALLOCATOR_PROBES
+    let mut names: Vec<&str> = ALL_SETS
         .iter()
-        .chain(THREAD_PROBES).flat_map(|p| [Some(p.enter), p.exit]).flatten().collect();
+        .flat_map(|set| set.iter()).flat_map(|p| [Some(p.enter), p.exit]).flatten().collect();
     names.sort_unstable();
     names.dedup();
     for name in names {
@@ -152,16 +193,6 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> anyhow::Result<()> {
             .with_context(|| format!("failed to attach to tracepoint {category}:{event}"))?;
     }
     Ok(())
-}
-
-/// Attach the pthread programs to the object at `path`, if it defines
-/// pthread_create.
-pub fn attach_threads(ebpf: &mut Ebpf, path: &Path, pid: u32) -> anyhow::Result<Vec<Probe>> {
-    let functions = find_functions(path, THREAD_PROBES)?;
-    if !functions.contains_key("pthread_create") {
-        return Ok(Vec::new());
-    }
-    attach_set(ebpf, path, pid, THREAD_PROBES, &functions)
 }
 
 /// Where sched_process_fork puts `child_pid`, from the tracepoint's format
@@ -223,20 +254,126 @@ pub struct Probe {
     pub alias_of: Option<&'static str>,
 }
 
-/// Attach the C allocator API's programs to the object at `path`.
-pub fn attach_allocator(ebpf: &mut Ebpf, path: &Path, pid: u32) -> anyhow::Result<Vec<Probe>> {
-    let functions = find_functions(path, ALLOCATOR_PROBES)?;
-    if !functions.contains_key("malloc") || !functions.contains_key("free") {
-        bail!("no allocator found: {} defines no malloc and free", path.display());
-    }
-    attach_set(ebpf, path, pid, ALLOCATOR_PROBES, &functions)
+/// An object to probe: its path as the target names it (for the user) and
+/// the path to open it by from here.
+#[derive(Clone, Debug)]
+pub struct Object {
+    pub shown: PathBuf,
+    pub open: PathBuf,
 }
 
-/// Attach the operator new programs to the object at `path`, if it defines
-/// any (libstdc++, or a static C++ program).
-pub fn attach_cxx_new(ebpf: &mut Ebpf, path: &Path, pid: u32) -> anyhow::Result<Vec<Probe>> {
-    let functions = find_functions(path, CXX_NEW_PROBES)?;
-    attach_set(ebpf, path, pid, CXX_NEW_PROBES, &functions)
+/// What was probed in one object.
+#[derive(Debug, Serialize)]
+pub struct Probed {
+    pub object: PathBuf,
+    pub functions: Vec<&'static str>,
+    #[serde(skip)]
+    pub probes: Vec<Probe>,
+}
+
+/// How to choose what to probe where.
+pub struct AttachOptions<'a> {
+    pub pid: u32,
+    /// Allocator functions are named with this prefix (`je_`).
+    pub symbol_prefix: Option<&'a str>,
+    /// Probe the allocator API in this object only (`--obj`).
+    pub allocator: Option<&'a Path>,
+}
+
+/// Probe every object for what it defines: the C allocator API where
+/// malloc and free are (the executable of a static program, libc, jemalloc,
+/// tcmalloc, mimalloc), operator new where it is, operator delete in
+/// allocators, Rust's allocator shims, and the pthread API once.
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    objects: &[Object],
+    options: &AttachOptions<'_>,
+) -> anyhow::Result<Vec<Probed>> {
+    let mut probed = Vec::new();
+    let mut threads_done = false;
+    let mut allocators = 0;
+    for object in objects {
+        let elf = match ElfFile::open(&object.open) {
+            Ok(elf) => elf,
+            Err(err) => {
+                log::debug!("skipping {}: {err:#}", object.shown.display());
+                continue;
+            }
+        };
+        let user_prefix = options.symbol_prefix.unwrap_or("");
+        let functions = elf.functions(|name| wanted(name, user_prefix));
+        let defines = |name: &str| functions.contains_key(name);
+        let allocator_prefix = [user_prefix, "", "je_"]
+            .into_iter()
+            .find(|prefix| defines(&format!("{prefix}malloc")) && defines(&format!("{prefix}free")));
+        let is_allocator = match options.allocator {
+            Some(path) => path == object.shown,
+            None => allocator_prefix.is_some(),
+        };
+        let name = object.shown.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut sets: Vec<(&[ProbeSpec], &str)> = Vec::new();
+        if is_allocator {
+            let prefix = allocator_prefix.unwrap_or(user_prefix);
+            if !defines(&format!("{prefix}malloc")) {
+                bail!("no allocator found: {} defines no {prefix}malloc and {prefix}free", object.shown.display());
+            }
+            allocators += 1;
+            sets.push((ALLOCATOR_PROBES, prefix));
+            if !name.starts_with("libstdc++") {
+                sets.push((CXX_DELETE_PROBES, ""));
+            }
+        }
+        sets.push((CXX_NEW_PROBES, ""));
+        sets.push((RUST_PROBES, ""));
+        if !threads_done && defines("pthread_create") && !name.starts_with("ld-") {
+            threads_done = true;
+            sets.push((THREAD_PROBES, ""));
+        }
+        let mut probes = Vec::new();
+        for (set, prefix) in sets {
+            probes.extend(attach_set(ebpf, &object.open, options.pid, set, &functions, prefix)?);
+        }
+        if !probes.is_empty() {
+            probed.push(Probed {
+                object: object.shown.clone(),
+                functions: probes.iter().map(|p| p.symbol).collect(),
+                probes,
+            });
+        }
+    }
+    if allocators == 0 {
+        bail!(
+            "no allocator found in process {}: no mapped object defines malloc and free (use --obj PATH or --symbol-prefix)",
+            options.pid
+        );
+    }
+    Ok(probed)
+}
+
+/// The key under which a symbol is kept, if leaktrace may probe it.
+fn wanted(name: &str, user_prefix: &str) -> Option<String> {
+    let known = |name: &str| ALL_SETS.iter().flat_map(|set| set.iter()).any(|spec| spec.symbol == name);
+    if known(name) {
+        return Some(name.to_string());
+    }
+    for spec in RUST_PROBES {
+        // v0 mangling ends with the length-prefixed identifier; one that
+        // starts with `_` gets a `_` separator.
+        if name.ends_with(&format!("{}_{}", spec.symbol.len(), spec.symbol)) {
+            return Some(spec.symbol.to_string());
+        }
+    }
+    for prefix in [user_prefix, "je_"] {
+        if prefix.is_empty() {
+            continue;
+        }
+        if let Some(rest) = name.strip_prefix(prefix) {
+            if ALLOCATOR_PROBES.iter().any(|spec| spec.symbol == rest) {
+                return Some(name.to_string());
+            }
+        }
+    }
+    None
 }
 
 /// Attach each function of `set` found in `functions`, for process `pid`
@@ -247,14 +384,15 @@ fn attach_set(
     path: &Path,
     pid: u32,
     set: &[ProbeSpec],
-    functions: &HashMap<&'static str, Function>,
+    functions: &HashMap<String, Function>,
+    prefix: &str,
 ) -> anyhow::Result<Vec<Probe>> {
     let scope = UProbeScope::OneProcess(
         NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 cannot be traced"))?,
     );
     let mut probes: Vec<Probe> = Vec::new();
     for spec in set {
-        let Some(function) = functions.get(spec.symbol) else {
+        let Some(function) = functions.get(&format!("{prefix}{}", spec.symbol)) else {
             log::debug!("{} has no {}: not probed", path.display(), spec.symbol);
             continue;
         };
@@ -312,62 +450,28 @@ pub fn reset_lost(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A function's file offset and first bytes.
-struct Function {
-    offset: u64,
-    code: Vec<u8>,
-}
-
-/// Find the functions of `set` defined in the ELF file at `path`.
-fn find_functions(
-    path: &Path,
-    set: &[ProbeSpec],
-) -> anyhow::Result<HashMap<&'static str, Function>> {
-    let data = std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
-    let file = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF file", path.display()))?;
-    let mut found = HashMap::new();
-    for symbol in file.dynamic_symbols().chain(file.symbols()) {
-        if symbol.kind() != SymbolKind::Text || !symbol.is_definition() {
-            continue;
-        }
-        let Ok(name) = symbol.name() else { continue };
-        let Some(spec) = set.iter().find(|spec| spec.symbol == name) else {
-            continue;
-        };
-        if found.contains_key(spec.symbol) {
-            continue;
-        }
-        let Some(section) = symbol.section_index().and_then(|i| file.section_by_index(i).ok())
-        else {
-            continue;
-        };
-        let Some((section_offset, _)) = section.file_range() else {
-            continue;
-        };
-        let Some(offset) = (symbol.address().checked_sub(section.address()))
-            .map(|relative| relative + section_offset)
-        else {
-            continue;
-        };
-        let start = offset as usize;
-        let code = data.get(start..start + 16).unwrap_or_default().to_vec();
-        found.insert(spec.symbol, Function { offset, code });
-    }
-    Ok(found)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Check that libstdc++ yields operator new and new[].
+    /// Check which symbol names are kept: probed names, Rust's mangled
+    /// shims under their plain name, and prefixed allocator functions.
     #[test]
-    fn finds_operator_new() {
-        let libstdcxx = Path::new("/usr/lib/x86_64-linux-gnu/libstdc++.so.6");
-        let functions = find_functions(libstdcxx, CXX_NEW_PROBES).unwrap();
-        assert!(functions.contains_key("_Znwm"));
-        assert!(functions.contains_key("_Znam"));
+    fn wanted_names() {
+        assert_eq!(wanted("malloc", ""), Some("malloc".into()));
+        assert_eq!(wanted("_Znwm", ""), Some("_Znwm".into()));
+        assert_eq!(
+            wanted("_RNvCsfLfy6EI15iL_7___rustc12___rust_alloc", ""),
+            Some("__rust_alloc".into())
+        );
+        assert_eq!(
+            wanted("_RNvCsfLfy6EI15iL_7___rustc14___rust_dealloc", ""),
+            Some("__rust_dealloc".into())
+        );
+        assert_eq!(wanted("je_malloc", ""), Some("je_malloc".into()));
+        assert_eq!(wanted("my_free", "my_"), Some("my_free".into()));
+        assert_eq!(wanted("my_strlen", "my_"), None);
+        assert_eq!(wanted("strlen", ""), None);
     }
 
     /// Check that child_pid's offset is read from a format file.
@@ -381,13 +485,4 @@ mod tests {
         assert_eq!(parse_field_offset(format, "pid"), None);
     }
 
-    /// Check that this machine's libc yields malloc and free with their code.
-    #[test]
-    fn finds_libc_functions() {
-        let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
-        let functions = find_functions(libc, ALLOCATOR_PROBES).unwrap();
-        assert!(functions.contains_key("malloc"));
-        assert!(functions.contains_key("free"));
-        assert_eq!(functions["malloc"].code.len(), 16);
-    }
 }

@@ -2,6 +2,7 @@
 
 mod cli;
 mod collector;
+mod elf;
 mod growth;
 mod loader;
 mod memory;

@@ -39,6 +39,14 @@ pub struct Report {
     /// The process's memory from /proc; absent once it has exited.
     pub memory: Option<MemoryReport>,
     pub verdict: Option<Verdict>,
+    /// What was probed in which object.
+    pub probed: Vec<ProbedObject>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbedObject {
+    pub object: String,
+    pub functions: Vec<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,6 +161,7 @@ impl Report {
             threads: None,
             memory: None,
             verdict: None,
+            probed: Vec::new(),
         }
     }
 

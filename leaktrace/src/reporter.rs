@@ -15,7 +15,7 @@ use crate::{
     growth::{History, Trend},
     memory::{self, MemoryPicture},
     report::{
-        FrameReport, MemoryReport, Report, StackReport, ThreadSiteReport, ThreadsReport,
+        FrameReport, MemoryReport, ProbedObject, Report, StackReport, ThreadSiteReport, ThreadsReport,
         frame_label,
     },
     symbolizer::Symbolizer,
@@ -37,6 +37,12 @@ pub struct ReportOptions {
     pub top: usize,
     pub older_ms: u64,
     pub json: bool,
+    /// What was probed where, for every report.
+    pub probed: Vec<ProbedObject>,
+    /// Extra directories for separate debug info.
+    pub debug_dirs: Vec<std::path::PathBuf>,
+    /// Copies of the target's binaries.
+    pub sysroot: Option<std::path::PathBuf>,
     /// Whether the target runs its own program yet (a `-c` child may still
     /// be exec'ing): the memory baseline is read now, or at the first report.
     pub baseline_now: bool,
@@ -63,7 +69,7 @@ impl Reporter {
         Self {
             ebpf,
             collector: Collector { epoch_ns },
-            symbolizer: Symbolizer::new(pid),
+            symbolizer: Symbolizer::new(pid, &options.debug_dirs, options.sysroot.clone()),
             // The picture at attach, for "since attach".
             baseline: if options.baseline_now { memory::read(pid).ok() } else { None },
             default_stack: default_thread_stack(pid),
@@ -179,6 +185,7 @@ impl Reporter {
             }
         });
         report.verdict = Some(verdict);
+        report.probed = self.options.probed.clone();
         let mut out = io::stdout().lock();
         if self.options.json {
             report.write_json(&mut out)?;

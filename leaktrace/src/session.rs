@@ -13,11 +13,12 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use leaktrace_common::YOUNG_EPOCHS;
-use object::Object as _;
 
 use crate::{
     cli::Args,
-    loader::{self, LoadOptions},
+    elf::ElfFile,
+    loader::{self, LoadOptions, Object},
+    report::ProbedObject,
     reporter::{ReportOptions, Reporter},
     target::{self, Target},
 };
@@ -47,7 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     let pid = target.pid;
-    let plan = probe_plan(args, target)?;
+    let objects = objects_to_probe(args, target)?;
 
     // Epochs of a quarter of --older: every allocation younger than --older
     // is left out, and none older than 1.25x --older.
@@ -61,41 +62,39 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         max_allocations: args.max_allocations,
         max_stacks: args.max_stacks,
     })?;
-    let mut probes = loader::attach_allocator(&mut ebpf, &plan.allocator.open, pid)
-        .map_err(|err| attach_error(err, target))?;
-    if let Some(threads) = &plan.threads {
-        let thread_probes = loader::attach_threads(&mut ebpf, &threads.open, pid)
-            .map_err(|err| attach_error(err, target))?;
-        if thread_probes.is_empty() {
-            log::info!("no pthread_create in {}: threads not traced", threads.shown.display());
-        }
-        probes.extend(thread_probes);
-    }
+    let allocator = args.obj.as_deref();
+    let probed = loader::attach_all(
+        &mut ebpf,
+        &objects,
+        &loader::AttachOptions {
+            pid,
+            symbol_prefix: args.symbol_prefix.as_deref(),
+            allocator,
+        },
+    )
+    .map_err(|err| attach_error(err, target))?;
     loader::attach_tracepoints(&mut ebpf)?;
-    if let Some(cxx) = &plan.cxx_runtime {
-        let cxx_probes = loader::attach_cxx_new(&mut ebpf, &cxx.open, pid)
-            .map_err(|err| attach_error(err, target))?;
-        if !cxx_probes.is_empty() {
-            log::info!("operator new probed in {}", cxx.shown.display());
-        }
-        probes.extend(cxx_probes);
-    }
     loader::reset_lost(&mut ebpf)?;
-    for probe in &probes {
-        match (probe.alias_of, probe.skipped) {
-            (Some(alias), _) => log::info!("{}: same address as {alias}, probed once", probe.symbol),
-            (None, 0) => log::info!("{}: probe at entry (file offset {:#x})", probe.symbol, probe.offset),
-            (None, n) => log::info!(
-                "{}: probe {n} bytes past entry (file offset {:#x}), past an instruction the kernel would single-step",
-                probe.symbol,
-                probe.offset
-            ),
+    for object in &probed {
+        for probe in &object.probes {
+            let symbol = probe.symbol;
+            match (probe.alias_of, probe.skipped) {
+                (Some(alias), _) => log::info!("{symbol}: same address as {alias}, probed once"),
+                (None, 0) => log::info!("{symbol}: probe at entry (file offset {:#x})", probe.offset),
+                (None, n) => log::info!(
+                    "{symbol}: probe {n} bytes past entry (file offset {:#x}), past an instruction the kernel would single-step",
+                    probe.offset
+                ),
+            }
         }
     }
+    let summary: Vec<String> = probed
+        .iter()
+        .map(|object| format!("{} in {}", object.functions.len(), object.object.display()))
+        .collect();
     eprintln!(
-        "leaktrace: attached to pid {pid}: {} functions probed in {}; Ctrl-C to stop",
-        probes.len(),
-        plan.allocator.shown.display()
+        "leaktrace: attached to pid {pid}: functions probed: {}; Ctrl-C to stop",
+        summary.join(", ")
     );
     target.release()?;
 
@@ -113,6 +112,15 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             top: args.top,
             older_ms: args.older,
             json: args.json,
+            probed: probed
+                .iter()
+                .map(|object| ProbedObject {
+                    object: object.object.display().to_string(),
+                    functions: object.functions.clone(),
+                })
+                .collect(),
+            debug_dirs: args.debug_dirs.clone(),
+            sysroot: args.sysroot.clone(),
             baseline_now: target.program().is_none(),
         },
     );
@@ -143,84 +151,57 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     }
 }
 
-/// An object to probe: its path as the target names it (for the user) and
-/// the path to open it by from here.
-struct Object {
-    shown: PathBuf,
-    open: PathBuf,
-}
-
-impl Object {
-    fn seen_by(target: &Target, shown: PathBuf) -> Self {
-        let open = target.host_path(&shown);
-        Self { shown, open }
-    }
-
-    fn local(path: PathBuf) -> Self {
-        Self {
-            shown: path.clone(),
-            open: path,
-        }
-    }
-}
-
-/// Which objects get which probes.
-struct ProbePlan {
-    /// Provides malloc and free.
-    allocator: Object,
-    /// Provides operator new, when it is not the allocator.
-    cxx_runtime: Option<Object>,
-    /// Provides pthread_create.
-    threads: Option<Object>,
-}
-
-fn probe_plan(args: &Args, target: &Target) -> anyhow::Result<ProbePlan> {
-    if let Some(program) = target.program() {
-        // A `-c` child has not run its program yet: a static program is its
-        // own allocator, a dynamic one gets the system libc, which is ours.
-        if !is_dynamic(program)? {
-            return Ok(ProbePlan {
-                allocator: Object::local(program.to_path_buf()),
-                cxx_runtime: Some(Object::local(program.to_path_buf())),
-                threads: Some(Object::local(program.to_path_buf())),
-            });
-        }
-        let ours = target::mapped_objects(std::process::id())?;
-        let allocator = match &args.obj {
-            Some(obj) => obj.clone(),
-            None => target::find_allocator(&ours[1..]).ok_or_else(|| {
-                anyhow!("no allocator found for {}: use --obj", program.display())
-            })?,
-        };
-        return Ok(ProbePlan {
-            allocator: Object::local(allocator),
-            cxx_runtime: target::system_cxx_runtime().map(Object::local),
-            threads: target::find_thread_library(&ours[1..]).map(Object::local),
-        });
-    }
-    let objects = target::mapped_objects(target.pid)?;
-    let allocator = match &args.obj {
-        Some(obj) => obj.clone(),
-        None => target::find_allocator(&objects).ok_or_else(|| {
-            anyhow!("no allocator found in process {}: use --obj PATH", target.pid)
-        })?,
+/// The objects whose functions may be probed, executable first: what the
+/// target maps, or for a `-c` child that has not run its program yet, the
+/// program and the libraries it needs as the loader would find them.
+fn objects_to_probe(args: &Args, target: &Target) -> anyhow::Result<Vec<Object>> {
+    let local = |path: PathBuf| Object {
+        shown: path.clone(),
+        open: path,
     };
-    let allocator = Object::seen_by(target, allocator);
-    anyhow::ensure!(
-        allocator.open.exists(),
-        "{} does not exist in process {}",
-        allocator.shown.display(),
-        target.pid
-    );
-    let cxx_runtime = target::find_cxx_runtime(&objects)
-        .or_else(|| (objects.first() == Some(&allocator.shown)).then(|| allocator.shown.clone()))
-        .map(|path| Object::seen_by(target, path));
-    let threads = target::find_thread_library(&objects).map(|path| Object::seen_by(target, path));
-    Ok(ProbePlan {
-        allocator,
-        cxx_runtime,
-        threads,
-    })
+    let mut objects: Vec<Object> = match target.program() {
+        Some(program) => {
+            let mut objects = vec![local(program.to_path_buf())];
+            let elf = ElfFile::open(program)?;
+            if elf.is_dynamic() {
+                for soname in elf.needed()? {
+                    if let Some(path) = target::find_library(&soname) {
+                        objects.push(local(path));
+                    }
+                }
+                // The C library and libstdc++ ours would load, whatever
+                // the program names directly.
+                let ours = target::mapped_objects(std::process::id())?;
+                objects.extend(target::find_libc(&ours).map(local));
+                objects.extend(target::system_cxx_runtime().map(local));
+            }
+            objects
+        }
+        None => target::mapped_objects(target.pid)?
+            .into_iter()
+            .map(|shown| Object {
+                open: target.host_path(&shown),
+                shown,
+            })
+            .collect(),
+    };
+    if let Some(obj) = &args.obj {
+        if !objects.iter().any(|object| &object.shown == obj) {
+            let object = if target.program().is_some() {
+                local(obj.clone())
+            } else {
+                Object {
+                    open: target.host_path(obj),
+                    shown: obj.clone(),
+                }
+            };
+            anyhow::ensure!(object.open.exists(), "--obj {} does not exist", obj.display());
+            objects.push(object);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    objects.retain(|object| seen.insert(object.shown.clone()));
+    Ok(objects)
 }
 
 fn attach_error(err: anyhow::Error, target: &mut Target) -> anyhow::Error {
@@ -229,14 +210,6 @@ fn attach_error(err: anyhow::Error, target: &mut Target) -> anyhow::Error {
     } else {
         err
     }
-}
-
-fn is_dynamic(program: &std::path::Path) -> anyhow::Result<bool> {
-    let data = std::fs::read(program)
-        .with_context(|| format!("failed to read {}", program.display()))?;
-    let file = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF executable", program.display()))?;
-    Ok(file.section_by_name(".interp").is_some())
 }
 
 /// Fail early, with what to do, when BPF is out of reach.

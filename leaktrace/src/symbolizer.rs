@@ -43,15 +43,27 @@ pub struct Symbolizer {
     pid: u32,
     cache: HashMap<u32, Vec<Frame>>,
     modules: Vec<Module>,
+    /// Copies of the target's files, for when its own are out of reach.
+    sysroot: Option<PathBuf>,
 }
 
+/// Where blazesym looks for separate debug info by default; `--debug-dir`
+/// adds to these.
+const DEFAULT_DEBUG_DIRS: [&str; 2] = ["/usr/lib/debug", "/lib/debug"];
+
 impl Symbolizer {
-    pub fn new(pid: u32) -> Self {
+    pub fn new(pid: u32, debug_dirs: &[PathBuf], sysroot: Option<PathBuf>) -> Self {
+        let dirs: Vec<PathBuf> = debug_dirs
+            .iter()
+            .cloned()
+            .chain(DEFAULT_DEBUG_DIRS.iter().map(PathBuf::from))
+            .collect();
         let mut symbolizer = Self {
-            blazesym: Blazesym::new(),
+            blazesym: Blazesym::builder().set_debug_dirs(Some(dirs)).build(),
             pid,
             cache: HashMap::new(),
             modules: Vec::new(),
+            sysroot,
         };
         symbolizer.refresh_modules();
         symbolizer
@@ -77,12 +89,14 @@ impl Symbolizer {
             .collect();
     }
 
-    /// The frames of a stack, innermost first.
+    /// The frames of a stack, innermost first. A live target is symbolized
+    /// through /proc (its own files, in any mount namespace); one that has
+    /// exited, or any target when `--sysroot` is given, from the files.
     pub fn frames(&mut self, stack_id: u32, ips: &[u64], alive: bool) -> Vec<Frame> {
         if let Some(frames) = self.cache.get(&stack_id) {
             return frames.clone();
         }
-        let frames = if alive {
+        let frames = if alive && self.sysroot.is_none() {
             self.symbolize_live(ips)
         } else {
             self.symbolize_from_files(ips)
@@ -113,7 +127,11 @@ impl Symbolizer {
                 let Some(module) = self.module_of(ip) else {
                     return vec![self.unknown(ip)];
                 };
-                let source = Source::Elf(Elf::new(&module.path));
+                let path = match &self.sysroot {
+                    Some(root) => root.join(module.path.strip_prefix("/").unwrap_or(&module.path)),
+                    None => module.path.clone(),
+                };
+                let source = Source::Elf(Elf::new(path));
                 let file_offset = ip - module.start + module.offset;
                 match self.blazesym.symbolize_single(&source, Input::FileOffset(file_offset)) {
                     Ok(sym) => self.to_frames(ip, sym),

@@ -239,12 +239,15 @@ fn find_program(program: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// File names of allocators that replace glibc's malloc when loaded.
-const REPLACEMENT_ALLOCATORS: [&str; 3] = ["libjemalloc", "libtcmalloc", "libmimalloc"];
-
 /// Whether a mapped file is a C library.
 fn is_libc(name: &str) -> bool {
     name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl")
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The objects mapped into `pid` as the target names them, executable
@@ -268,94 +271,49 @@ pub fn mapped_objects(pid: u32) -> anyhow::Result<Vec<PathBuf>> {
     Ok(objects)
 }
 
-/// Pick the object whose malloc the process calls: a replacement allocator
-/// if one is loaded, else libc. The executable itself (a static binary) is
-/// used when no C library is mapped at all.
-pub fn find_allocator(objects: &[PathBuf]) -> Option<PathBuf> {
-    let file_name = |path: &PathBuf| {
-        path.file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
-    objects
-        .iter()
-        .find(|path| {
-            let name = file_name(path);
-            REPLACEMENT_ALLOCATORS.iter().any(|alloc| name.starts_with(alloc))
-        })
-        .or_else(|| objects.iter().find(|path| is_libc(&file_name(path))))
-        .or_else(|| objects.first())
-        .cloned()
+/// The C library among `objects`.
+pub fn find_libc(objects: &[PathBuf]) -> Option<PathBuf> {
+    objects.iter().find(|path| is_libc(&file_name(path))).cloned()
 }
 
-/// The C++ runtime among the mapped objects, whose operator new is probed.
-pub fn find_cxx_runtime(objects: &[PathBuf]) -> Option<PathBuf> {
-    objects
-        .iter()
-        .find(|path| {
-            path.file_name()
-                .is_some_and(|name| name.to_string_lossy().starts_with("libstdc++.so"))
-        })
-        .cloned()
-}
+/// Library directories the dynamic loader searches by default here.
+const LIBRARY_DIRS: [&str; 5] =
+    ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib"];
 
-/// The object that provides pthread_create: libpthread before glibc 2.34,
-/// the C library since, the executable when it is static.
-pub fn find_thread_library(objects: &[PathBuf]) -> Option<PathBuf> {
-    let named = |prefix: &str| {
-        objects.iter().find(|path| {
-            path.file_name()
-                .is_some_and(|name| name.to_string_lossy().starts_with(prefix))
-        })
-    };
-    named("libpthread.so")
-        .or_else(|| {
-            objects
-                .iter()
-                .find(|path| path.file_name().is_some_and(|name| is_libc(&name.to_string_lossy())))
-        })
-        .or_else(|| objects.first())
-        .cloned()
-}
-
-/// Where the dynamic loader would find libstdc++ for a program that has not
-/// started yet.
-pub fn system_cxx_runtime() -> Option<PathBuf> {
-    ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib"]
+/// Where the dynamic loader would find `soname` for a program that has not
+/// started yet (the default directories; not RUNPATH or LD_LIBRARY_PATH).
+pub fn find_library(soname: &str) -> Option<PathBuf> {
+    LIBRARY_DIRS
         .iter()
-        .map(|dir| Path::new(dir).join("libstdc++.so.6"))
+        .map(|dir| Path::new(dir).join(soname))
         .find(|path| path.exists())
+}
+
+/// Where the dynamic loader would find libstdc++.
+pub fn system_cxx_runtime() -> Option<PathBuf> {
+    find_library("libstdc++.so.6")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Check that libc is chosen over the executable and other libraries.
+    /// Check that the C library is picked out of the mapped objects.
     #[test]
-    fn libc_is_the_allocator() {
+    fn libc_found() {
         let objects: Vec<PathBuf> = ["/usr/bin/app", "/usr/lib/libz.so.1", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
             .iter()
             .map(PathBuf::from)
             .collect();
-        assert_eq!(find_allocator(&objects), Some(objects[2].clone()));
+        assert_eq!(find_libc(&objects), Some(objects[2].clone()));
+        assert_eq!(find_libc(&objects[..2]), None);
     }
 
-    /// Check that a replacement allocator wins over libc.
+    /// Check that a library is found where the loader looks by default.
     #[test]
-    fn jemalloc_wins() {
-        let objects: Vec<PathBuf> = ["/app", "/usr/lib/libc.so.6", "/usr/lib/libjemalloc.so.2"]
-            .iter()
-            .map(PathBuf::from)
-            .collect();
-        assert_eq!(find_allocator(&objects), Some(objects[2].clone()));
-    }
-
-    /// Check that a static binary is its own allocator.
-    #[test]
-    fn static_binary() {
-        let objects = vec![PathBuf::from("/app")];
-        assert_eq!(find_allocator(&objects), Some(objects[0].clone()));
+    fn library_lookup() {
+        assert!(find_library("libc.so.6").is_some());
+        assert!(find_library("libnothing-here.so.9").is_none());
     }
 
     /// Check that PID 2 is refused as a kernel thread.
