@@ -65,6 +65,19 @@ const ALLOCATOR_PROBES: &[ProbeSpec] = &[
     probe("sdallocx", "alloc_enter_free", None),
 ];
 
+/// mimalloc's own API, which Rust's mimalloc crate calls directly (its
+/// GlobalAlloc is inlined into the program, past `__rust_alloc`).
+const MIMALLOC_PROBES: &[ProbeSpec] = &[
+    probe("mi_malloc", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("mi_zalloc", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("mi_calloc", "alloc_enter_calloc", Some("alloc_exit_malloc")),
+    probe("mi_malloc_aligned", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("mi_zalloc_aligned", "alloc_enter_malloc", Some("alloc_exit_malloc")),
+    probe("mi_realloc", "alloc_enter_realloc", Some("alloc_exit_realloc")),
+    probe("mi_realloc_aligned", "alloc_enter_realloc", Some("alloc_exit_realloc")),
+    probe("mi_free", "alloc_enter_free", None),
+];
+
 /// operator delete of allocators whose delete does not call free
 /// (jemalloc, tcmalloc, mimalloc). libstdc++'s calls free: not probed.
 const CXX_DELETE_PROBES: &[ProbeSpec] = &[
@@ -118,8 +131,18 @@ const THREAD_PROBES: &[ProbeSpec] = &[
     probe("pthread_detach", "thread_enter_pthread_detach", Some("thread_exit_pthread_detach")),
 ];
 
-const ALL_SETS: [&[ProbeSpec]; 5] =
-    [ALLOCATOR_PROBES, CXX_NEW_PROBES, CXX_DELETE_PROBES, RUST_PROBES, THREAD_PROBES];
+const ALL_SETS: [&[ProbeSpec]; 6] = [
+    ALLOCATOR_PROBES,
+    MIMALLOC_PROBES,
+    CXX_NEW_PROBES,
+    CXX_DELETE_PROBES,
+    RUST_PROBES,
+    THREAD_PROBES,
+];
+
+/// Prefixes allocators are built with: jemalloc's `je_`, and `_rjem_` of
+/// the jemalloc that Rust's tikv-jemallocator links in.
+const KNOWN_PREFIXES: [&str; 2] = ["je_", "_rjem_"];
 
 /// Kernel tracepoints: (program, category, name).
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
@@ -303,9 +326,11 @@ pub fn attach_all(
         let user_prefix = options.symbol_prefix.unwrap_or("");
         let functions = elf.functions(|name| wanted(name, user_prefix));
         let defines = |name: &str| functions.contains_key(name);
-        let allocator_prefix = [user_prefix, "", "je_"]
+        // A static program that never frees has no free linked in.
+        let allocator_prefix = [user_prefix, ""]
             .into_iter()
-            .find(|prefix| defines(&format!("{prefix}malloc")) && defines(&format!("{prefix}free")));
+            .chain(KNOWN_PREFIXES)
+            .find(|prefix| defines(&format!("{prefix}malloc")));
         let is_allocator = match options.allocator {
             Some(path) => path == object.shown,
             None => allocator_prefix.is_some(),
@@ -315,13 +340,19 @@ pub fn attach_all(
         if is_allocator {
             let prefix = allocator_prefix.unwrap_or(user_prefix);
             if !defines(&format!("{prefix}malloc")) {
-                bail!("no allocator found: {} defines no {prefix}malloc and {prefix}free", object.shown.display());
+                bail!("no allocator found: {} defines no {prefix}malloc", object.shown.display());
             }
             allocators += 1;
             sets.push((ALLOCATOR_PROBES, prefix));
             if !name.starts_with("libstdc++") {
                 sets.push((CXX_DELETE_PROBES, ""));
             }
+        }
+        // The linker keeps only the mimalloc functions a program calls.
+        let mimalloc = MIMALLOC_PROBES.iter().any(|spec| defines(spec.symbol));
+        if mimalloc && options.allocator.is_none() {
+            allocators += 1;
+            sets.push((MIMALLOC_PROBES, ""));
         }
         sets.push((CXX_NEW_PROBES, ""));
         sets.push((RUST_PROBES, ""));
@@ -331,7 +362,7 @@ pub fn attach_all(
         }
         let mut probes = Vec::new();
         for (set, prefix) in sets {
-            probes.extend(attach_set(ebpf, &object.open, options.pid, set, &functions, prefix)?);
+            attach_set(ebpf, &object.open, options.pid, set, &functions, prefix, &mut probes)?;
         }
         if !probes.is_empty() {
             probed.push(Probed {
@@ -343,7 +374,7 @@ pub fn attach_all(
     }
     if allocators == 0 {
         bail!(
-            "no allocator found in process {}: no mapped object defines malloc and free (use --obj PATH or --symbol-prefix)",
+            "no allocator found in process {}: no mapped object defines malloc (use --obj PATH or --symbol-prefix)",
             options.pid
         );
     }
@@ -363,7 +394,7 @@ fn wanted(name: &str, user_prefix: &str) -> Option<String> {
             return Some(spec.symbol.to_string());
         }
     }
-    for prefix in [user_prefix, "je_"] {
+    for prefix in std::iter::once(user_prefix).chain(KNOWN_PREFIXES) {
         if prefix.is_empty() {
             continue;
         }
@@ -386,11 +417,11 @@ fn attach_set(
     set: &[ProbeSpec],
     functions: &HashMap<String, Function>,
     prefix: &str,
-) -> anyhow::Result<Vec<Probe>> {
+    probes: &mut Vec<Probe>,
+) -> anyhow::Result<()> {
     let scope = UProbeScope::OneProcess(
         NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 cannot be traced"))?,
     );
-    let mut probes: Vec<Probe> = Vec::new();
     for spec in set {
         let Some(function) = functions.get(&format!("{prefix}{}", spec.symbol)) else {
             log::debug!("{} has no {}: not probed", path.display(), spec.symbol);
@@ -433,7 +464,7 @@ fn attach_set(
             alias_of: None,
         });
     }
-    Ok(probes)
+    Ok(())
 }
 
 /// Zero the lost-event counters once every probe is in: calls already under
