@@ -1,8 +1,14 @@
-//! Compiles the C/C++ fixture programs into OUT_DIR/fixtures with debug info and
-//! frame pointers, and exposes that directory to the tests as FIXTURE_DIR.
+//! Compiles the C/C++/Rust fixture programs into OUT_DIR/fixtures with debug
+//! info and frame pointers, and exposes that directory to the tests as
+//! FIXTURE_DIR (and OUT_DIR/debug, a --debug-dir, as FIXTURE_DEBUG_DIR).
+//!
+//! Fixtures that need an optional package (an allocator library, musl) do not
+//! fail the build when it is missing: build.rs writes NAME.missing next to
+//! where NAME would be, naming the package, and the tests that need NAME fail
+//! with that message while the others run.
 
 use std::{
-    env,
+    env, fs,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -28,6 +34,8 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("arena_retention.c", "arena_retention"),
     ("steady_leak.c", "steady_leak"),
     ("stable.c", "stable"),
+    ("mntns_leak.c", "mntns_leak"),
+    ("sysroot_leak.c", "sysroot_leak"),
 ];
 
 fn main() {
@@ -61,17 +69,240 @@ fn main() {
         ],
     );
 
+    let debug_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("debug");
+    build_allocator_fixtures(&src, &out);
+    build_debug_info_fixtures(&src, &out, &debug_dir);
+    build_rust_fixtures(&src, &out);
+
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
+    println!("cargo:rustc-env=FIXTURE_DEBUG_DIR={}", debug_dir.display());
+}
+
+/// Programs whose allocator is not glibc's shared malloc: static glibc, static
+/// musl, and programs linked against jemalloc, tcmalloc and mimalloc.
+fn build_allocator_fixtures(src: &Path, out: &Path) {
+    let fixtures: &[(&str, &str, Option<&str>, &[&str], &str)] = &[
+        // (source, output, compiler (None: gcc/g++), extra flags, package)
+        (
+            "static_glibc.c",
+            "static_glibc",
+            None,
+            &["-static"],
+            "libc6-dev (static libc.a)",
+        ),
+        (
+            "static_musl.c",
+            "static_musl",
+            Some("musl-gcc"),
+            &["-static"],
+            "musl-tools",
+        ),
+        (
+            "jemalloc_new.cpp",
+            "jemalloc_new",
+            None,
+            &["-ljemalloc"],
+            "libjemalloc-dev",
+        ),
+        (
+            "tcmalloc_leak.c",
+            "tcmalloc_leak",
+            None,
+            &["-ltcmalloc"],
+            "libgoogle-perftools-dev",
+        ),
+        (
+            "mimalloc_leak.c",
+            "mimalloc_leak",
+            None,
+            &["-lmimalloc"],
+            "libmimalloc-dev",
+        ),
+    ];
+    for &(source, name, compiler, extra, package) in fixtures {
+        let output = out.join(name);
+        let result = try_compile(compiler, &src.join(source), &output, extra);
+        optional(&output, package, result);
+    }
+}
+
+/// Stripped programs whose symbols must come from elsewhere: separate debug
+/// files found by .gnu_debuglink or by build ID, .dynsym only, or nothing.
+fn build_debug_info_fixtures(src: &Path, out: &Path, debug_dir: &Path) {
+    let pie: &[&str] = &["-pie", "-fPIE"];
+
+    // Debug info in debuglink_leak.debug next to the binary, named by
+    // .gnu_debuglink (the way distributions ship -dbg packages).
+    let binary = out.join("debuglink_leak");
+    compile(&src.join("debuglink_leak.c"), &binary, pie);
+    let debug = out.join("debuglink_leak.debug");
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&binary)
+        .arg(&debug));
+    run(Command::new("strip").arg("--strip-all").arg(&binary));
+    // objcopy resolves the debuglink name relative to its working directory
+    // and stores only the file name (plus the file's CRC).
+    run(Command::new("objcopy")
+        .current_dir(out)
+        .arg("--add-gnu-debuglink=debuglink_leak.debug")
+        .arg(&binary));
+
+    // Debug info only under DEBUG_DIR/.build-id/xx/rest.debug; no debuglink,
+    // so only a lookup by build ID (with --debug-dir) finds it.
+    let binary = out.join("buildid_leak");
+    let mut flags = pie.to_vec();
+    flags.push("-Wl,--build-id=sha1");
+    compile(&src.join("buildid_leak.c"), &binary, &flags);
+    let build_id = build_id(&binary);
+    let debug = debug_dir
+        .join(".build-id")
+        .join(&build_id[..2])
+        .join(format!("{}.debug", &build_id[2..]));
+    fs::create_dir_all(debug.parent().unwrap()).unwrap();
+    run(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&binary)
+        .arg(&debug));
+    run(Command::new("strip").arg("--strip-all").arg(&binary));
+
+    // No symbols at all: frames can only be given as module + offset.
+    let binary = out.join("nosyms_leak");
+    compile(&src.join("nosyms_leak.c"), &binary, pie);
+    run(Command::new("strip").arg("--strip-all").arg(&binary));
+
+    // -rdynamic puts every global function in .dynsym, which strip keeps.
+    let binary = out.join("dynsym_leak");
+    let mut flags = pie.to_vec();
+    flags.push("-rdynamic");
+    compile(&src.join("dynsym_leak.c"), &binary, &flags);
+    run(Command::new("strip").arg("--strip-all").arg(&binary));
+}
+
+/// The hex build ID of an ELF file, from `readelf -n`.
+fn build_id(binary: &Path) -> String {
+    let notes = run(Command::new("readelf").arg("-n").arg(binary));
+    notes
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Build ID: "))
+        .map(|id| id.trim().to_owned())
+        .filter(|id| id.len() > 2)
+        .unwrap_or_else(|| panic!("no build ID in {}:\n{notes}", binary.display()))
+}
+
+/// Rust programs: one with the system allocator, built by rustc with legacy
+/// and with v0 symbol mangling, and a cargo project whose global allocator is
+/// the mimalloc crate.
+fn build_rust_fixtures(src: &Path, out: &Path) {
+    // Cargo tells build scripts which rustc it uses.
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    // Legacy mangling (_ZN...17h<hash>E) is the default, and stable rustc
+    // only accepts -C symbol-mangling-version=v0 (legacy needs -Z).
+    for (name, mangling) in [
+        ("rust_system", &[][..]),
+        ("rust_system_v0", &["-C", "symbol-mangling-version=v0"][..]),
+    ] {
+        let mut command = Command::new(&rustc);
+        command
+            .args(["-g", "-C", "opt-level=0", "-C", "force-frame-pointers=yes"])
+            .args(mangling)
+            .arg("-o")
+            .arg(out.join(name))
+            .arg(src.join("rust_system.rs"));
+        run(&mut command);
+    }
+
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let target_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("rust_global");
+    let mut command = Command::new(&cargo);
+    command
+        .args(["build", "--release", "--locked", "--manifest-path"])
+        .arg(src.join("rust_global/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        // Cargo hands this build script the outer build's flags and target
+        // settings; the nested build must use its own.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("CARGO_TARGET_DIR")
+        .env("RUSTFLAGS", "-C force-frame-pointers=yes -g");
+    let output = out.join("rust_global");
+    let result = try_run(&mut command).and_then(|_| {
+        fs::copy(target_dir.join("release/rust_global"), &output)
+            .map(drop)
+            .map_err(|err| format!("failed to copy rust_global: {err}"))
+    });
+    optional(
+        &output,
+        "the mimalloc crate from crates.io (network access for cargo)",
+        result,
+    );
+}
+
+/// Records the outcome of building an optional fixture: on failure, writes
+/// OUTPUT.missing with the package to install and the compiler's complaint.
+fn optional(output: &Path, package: &str, result: Result<(), String>) {
+    let marker = output.with_extension("missing");
+    let _ = fs::remove_file(&marker);
+    if let Err(err) = result {
+        let _ = fs::remove_file(output);
+        println!(
+            "cargo:warning={} not built (install {package}): {}",
+            output.display(),
+            err.lines().next().unwrap_or("")
+        );
+        fs::write(
+            &marker,
+            format!("install {package} (`cargo xtask setup`):\n{err}"),
+        )
+        .unwrap();
+    }
+}
+
+/// Runs a tool to completion, panicking with its stderr if it fails, and
+/// returns its stdout.
+fn run(command: &mut Command) -> String {
+    try_run(command).unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// Like [`run`], returning what went wrong instead of panicking.
+fn try_run(command: &mut Command) -> Result<String, String> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let result = command
+        .output()
+        .map_err(|err| format!("failed to run {program}: {err}"))?;
+    if !result.status.success() {
+        return Err(format!(
+            "{program} failed ({}): {command:?}\n{}",
+            result.status,
+            String::from_utf8_lossy(&result.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&result.stdout).into_owned())
 }
 
 /// Compiles one source file with gcc (C) or g++ (C++); `extra` goes after the
 /// source so that libraries given with -l resolve.
 fn compile(source: &Path, output: &Path, extra: &[&str]) {
+    if let Err(err) = try_compile(None, source, output, extra) {
+        panic!("{err}");
+    }
+}
+
+/// Like [`compile`] with an optional compiler in place of gcc/g++ (e.g.
+/// musl-gcc), returning what went wrong instead of panicking.
+fn try_compile(
+    compiler: Option<&str>,
+    source: &Path,
+    output: &Path,
+    extra: &[&str],
+) -> Result<(), String> {
     let cpp = source.extension().is_some_and(|ext| ext == "cpp");
-    let compiler = if cpp {
-        env::var("CXX").unwrap_or_else(|_| "g++".into())
-    } else {
-        env::var("CC").unwrap_or_else(|_| "gcc".into())
+    let compiler = match compiler {
+        Some(compiler) => compiler.to_owned(),
+        None if cpp => env::var("CXX").unwrap_or_else(|_| "g++".into()),
+        None => env::var("CC").unwrap_or_else(|_| "gcc".into()),
     };
     let result = Command::new(&compiler)
         .args(COMMON_FLAGS)
@@ -82,15 +313,16 @@ fn compile(source: &Path, output: &Path, extra: &[&str]) {
         .arg(source)
         .args(extra)
         .output()
-        .unwrap_or_else(|err| panic!("failed to run {compiler}: {err}"));
+        .map_err(|err| format!("failed to run {compiler}: {err}"))?;
     if !result.status.success() {
-        panic!(
+        return Err(format!(
             "{compiler} failed on {}:\n{}",
             source.display(),
             String::from_utf8_lossy(&result.stderr)
-        );
+        ));
     }
     for line in String::from_utf8_lossy(&result.stderr).lines() {
         println!("cargo:warning={}: {line}", source.display());
     }
+    Ok(())
 }

@@ -8,7 +8,7 @@ use std::{collections::HashMap, fs::File, path::Path};
 use anyhow::{Context as _, anyhow};
 use memmap2::Mmap;
 use object::{
-    Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind,
+    Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind,
     elf::{DT_NEEDED, FileHeader64},
     read::elf::{Dyn as _, FileHeader as _},
 };
@@ -68,6 +68,21 @@ impl ElfFile {
             found.insert(key, Function { offset, code });
         }
         found
+    }
+
+    /// The GNU build-id, hex-encoded.
+    pub fn build_id(&self) -> Option<String> {
+        let id = self.parse().build_id().ok()??;
+        Some(id.iter().map(|byte| format!("{byte:02x}")).collect())
+    }
+
+    /// The virtual address that a file offset is loaded at.
+    pub fn virtual_address(&self, file_offset: u64) -> Option<u64> {
+        self.parse().segments().find_map(|segment| {
+            let (start, size) = segment.file_range();
+            (start <= file_offset && file_offset < start + size)
+                .then(|| segment.address() + (file_offset - start))
+        })
     }
 
     /// Whether the object is dynamically linked (has an interpreter).
@@ -130,6 +145,16 @@ mod tests {
         let libstdcxx = ElfFile::open(Path::new("/usr/lib/x86_64-linux-gnu/libstdc++.so.6")).unwrap();
         let needed = libstdcxx.needed().unwrap();
         assert!(needed.iter().any(|name| name == "libc.so.6"), "{needed:?}");
+    }
+
+    /// Check that libc's build-id is read and an offset maps into its text.
+    #[test]
+    fn build_id_and_addresses() {
+        let libc = ElfFile::open(Path::new("/lib/x86_64-linux-gnu/libc.so.6")).unwrap();
+        assert_eq!(libc.build_id().map(|id| id.len()), Some(40));
+        let malloc = libc.functions(|name| (name == "malloc").then(|| name.to_string()));
+        let offset = malloc["malloc"].offset;
+        assert!(libc.virtual_address(offset).is_some());
     }
 
     /// Check that a file that is not ELF is refused.

@@ -295,10 +295,24 @@ fn short_module(path: &str) -> &str {
 
 pub use crate::memory::human_bytes;
 
-/// "function (file:line)" for the first frame of a stack, for one-line
-/// statements.
+/// Frames of the language runtime between an allocator and the code that
+/// asked for memory: Rust's alloc/core/std helpers (real frames in debug
+/// builds) and C++ operator new.
+const RUNTIME_PREFIXES: [&str; 8] =
+    ["alloc::", "core::", "std::", "<alloc::", "<core::", "<std::", "__rust", "operator new"];
+
+/// Whether a frame belongs to the language runtime's allocation path.
+pub fn is_runtime_frame(frame: &FrameReport) -> bool {
+    frame
+        .symbol
+        .as_deref()
+        .is_some_and(|symbol| RUNTIME_PREFIXES.iter().any(|prefix| symbol.starts_with(prefix)))
+}
+
+/// "function (file:line)" for a stack's first frame outside the language
+/// runtime (its first frame if all are), for one-line statements.
 pub fn frame_label(frames: &[FrameReport]) -> String {
-    let Some(frame) = frames.first() else {
+    let Some(frame) = frames.iter().find(|f| !is_runtime_frame(f)).or(frames.first()) else {
         return "an unknown stack".to_string();
     };
     let name = match &frame.symbol {
@@ -340,6 +354,11 @@ mod tests {
     fn label() {
         assert_eq!(frame_label(&[frame(Some("leak"), false)]), "leak (app.c:12)");
         assert_eq!(frame_label(&[]), "an unknown stack");
+        let runtime = FrameReport {
+            symbol: Some("<alloc::raw_vec::RawVecInner>::finish_grow".into()),
+            ..frame(None, false)
+        };
+        assert_eq!(frame_label(&[runtime, frame(Some("leak"), false)]), "leak (app.c:12)");
     }
 
     /// Check that the JSON contract's field names are there.

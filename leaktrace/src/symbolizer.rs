@@ -14,6 +14,8 @@ use blazesym::{
 };
 use procfs::process::MMapPath;
 
+use crate::elf::ElfFile;
+
 /// One frame of a symbolized stack.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
@@ -40,6 +42,10 @@ struct Module {
 
 pub struct Symbolizer {
     blazesym: Blazesym,
+    /// Where separate debug info is looked for.
+    debug_dirs: Vec<PathBuf>,
+    /// Per module: its debug file found by build-id alone, if any.
+    build_id_files: HashMap<PathBuf, Option<PathBuf>>,
     pid: u32,
     cache: HashMap<u32, Vec<Frame>>,
     modules: Vec<Module>,
@@ -59,7 +65,9 @@ impl Symbolizer {
             .chain(DEFAULT_DEBUG_DIRS.iter().map(PathBuf::from))
             .collect();
         let mut symbolizer = Self {
-            blazesym: Blazesym::builder().set_debug_dirs(Some(dirs)).build(),
+            blazesym: Blazesym::builder().set_debug_dirs(Some(dirs.clone())).build(),
+            debug_dirs: dirs,
+            build_id_files: HashMap::new(),
             pid,
             cache: HashMap::new(),
             modules: Vec::new(),
@@ -96,11 +104,18 @@ impl Symbolizer {
         if let Some(frames) = self.cache.get(&stack_id) {
             return frames.clone();
         }
-        let frames = if alive && self.sysroot.is_none() {
+        let mut frames = if alive && self.sysroot.is_none() {
             self.symbolize_live(ips)
         } else {
             self.symbolize_from_files(ips)
         };
+        for frame in &mut frames {
+            if frame.symbol.is_none() {
+                if let Some(found) = self.symbolize_by_build_id(frame.address) {
+                    *frame = found;
+                }
+            }
+        }
         self.cache.insert(stack_id, frames.clone());
         frames
     }
@@ -127,11 +142,7 @@ impl Symbolizer {
                 let Some(module) = self.module_of(ip) else {
                     return vec![self.unknown(ip)];
                 };
-                let path = match &self.sysroot {
-                    Some(root) => root.join(module.path.strip_prefix("/").unwrap_or(&module.path)),
-                    None => module.path.clone(),
-                };
-                let source = Source::Elf(Elf::new(path));
+                let source = Source::Elf(Elf::new(self.readable_path(&module.path)));
                 let file_offset = ip - module.start + module.offset;
                 match self.blazesym.symbolize_single(&source, Input::FileOffset(file_offset)) {
                     Ok(sym) => self.to_frames(ip, sym),
@@ -139,6 +150,54 @@ impl Symbolizer {
                 }
             })
             .collect()
+    }
+
+    /// blazesym follows a build-id only from a .gnu_debuglink; a stripped
+    /// binary with neither symbols nor a link is looked up here, as
+    /// DIR/.build-id/xx/rest.debug in each debug directory.
+    fn symbolize_by_build_id(&mut self, ip: u64) -> Option<Frame> {
+        let module = self.module_of(ip)?.clone();
+        let path = self.readable_path(&module.path);
+        let debug_file = match self.build_id_files.get(&path) {
+            Some(found) => found.clone()?,
+            None => {
+                let found = ElfFile::open(&path).ok().and_then(|elf| elf.build_id()).and_then(|id| {
+                    let (dir, rest) = id.split_at(2);
+                    self.debug_dirs
+                        .iter()
+                        .map(|debug| debug.join(".build-id").join(dir).join(format!("{rest}.debug")))
+                        .find(|candidate| candidate.exists())
+                });
+                self.build_id_files.insert(path.clone(), found.clone());
+                found?
+            }
+        };
+        let address = ElfFile::open(&path)
+            .ok()?
+            .virtual_address(ip - module.start + module.offset)?;
+        let symbolized = self
+            .blazesym
+            .symbolize_single(&Source::Elf(Elf::new(debug_file)), Input::VirtOffset(address))
+            .ok()?;
+        let mut frames = self.to_frames(ip, symbolized);
+        let frame = frames.pop()?;
+        frame.symbol.is_some().then(|| Frame {
+            module: Some(module.path.display().to_string()),
+            ..frame
+        })
+    }
+
+    /// A module's file as leaktrace can open it: under --sysroot, through
+    /// /proc/PID/root while the target lives, or as named.
+    fn readable_path(&self, path: &std::path::Path) -> PathBuf {
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        match &self.sysroot {
+            Some(root) => root.join(relative),
+            None => {
+                let through_root = PathBuf::from(format!("/proc/{}/root", self.pid)).join(relative);
+                if through_root.exists() { through_root } else { path.to_path_buf() }
+            }
+        }
     }
 
     fn to_frames(&self, ip: u64, symbolized: Symbolized<'_>) -> Vec<Frame> {

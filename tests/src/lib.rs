@@ -25,9 +25,16 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the tracer may run in total before a test gives up on it.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Path of a compiled fixture program.
+/// Directory of separate debug files by build ID, for --debug-dir (set by build.rs).
+pub const FIXTURE_DEBUG_DIR: &str = env!("FIXTURE_DEBUG_DIR");
+
+/// Path of a compiled fixture program. A fixture that needs an optional
+/// package fails here with the package to install, if build.rs could not build it.
 pub fn fixture_path(name: &str) -> PathBuf {
     let path = Path::new(FIXTURE_DIR).join(name);
+    if let Ok(why) = std::fs::read_to_string(path.with_extension("missing")) {
+        panic!("fixture {name} was not built: {why}");
+    }
     assert!(path.exists(), "fixture {} was not built", path.display());
     path
 }
@@ -563,4 +570,87 @@ pub fn site_count(site: &Value, field: &str) -> u64 {
 /// Whether `actual` is within `percent` % of `expected`.
 pub fn within_f64(actual: f64, expected: f64, percent: f64) -> bool {
     (actual - expected).abs() * 100.0 <= expected.abs() * percent
+}
+
+/// The report's `probed` list: which functions were probed in which object.
+pub fn probed(report: &Value) -> &[Value] {
+    report["probed"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_else(|| panic!("report has no `probed` list: {report}"))
+}
+
+/// The functions probed in the first object whose path satisfies `matches`.
+pub fn probed_in<'a>(report: &'a Value, matches: impl Fn(&str) -> bool) -> Option<Vec<&'a str>> {
+    probed(report)
+        .iter()
+        .find(|entry| entry["object"].as_str().is_some_and(&matches))
+        .map(|entry| {
+            entry["functions"]
+                .as_array()
+                .unwrap_or_else(|| panic!("probed object without functions: {entry}"))
+                .iter()
+                .filter_map(Value::as_str)
+                .collect()
+        })
+}
+
+/// Every stack whose first frame's symbol contains `part` (for demangled
+/// names with paths and generics, e.g. `rust_system::box_leak`).
+pub fn stacks_by_first_frame_containing<'a>(report: &'a Value, part: &str) -> Vec<&'a Value> {
+    stacks(report)
+        .iter()
+        .filter(|stack| first_symbol(stack).is_some_and(|sym| sym.contains(part)))
+        .collect()
+}
+
+/// Frames of the language runtime's allocation path, as the tracer skips
+/// them when naming a stack: Rust's alloc/core/std helpers (real frames in
+/// debug builds) and C++ operator new.
+const RUNTIME_PREFIXES: [&str; 8] =
+    ["alloc::", "core::", "std::", "<alloc::", "<core::", "<std::", "__rust", "operator new"];
+
+/// The symbol of a stack's first frame outside the language runtime.
+pub fn first_user_symbol(stack: &Value) -> Option<&str> {
+    frames(stack)
+        .iter()
+        .filter_map(symbol)
+        .find(|sym| !RUNTIME_PREFIXES.iter().any(|prefix| sym.starts_with(prefix)))
+}
+
+/// (bytes, allocations) summed over every stack whose first frame outside
+/// the language runtime contains `part`.
+pub fn totals_by_first_user_frame_containing(report: &Value, part: &str) -> (u64, u64) {
+    stacks(report)
+        .iter()
+        .filter(|stack| first_user_symbol(stack).is_some_and(|sym| sym.contains(part)))
+        .fold((0, 0), |(b, a), stack| (b + bytes(stack), a + allocations(stack)))
+}
+
+/// (bytes, allocations) summed over every stack whose first frame's symbol contains `part`.
+pub fn totals_by_first_frame_containing(report: &Value, part: &str) -> (u64, u64) {
+    stacks_by_first_frame_containing(report, part)
+        .iter()
+        .fold((0, 0), |(b, a), stack| {
+            (b + bytes(stack), a + allocations(stack))
+        })
+}
+
+/// A scratch directory under the system temp dir, removed on drop.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    /// Creates an empty leaktrace-TAG-PID directory.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("leaktrace-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -66,6 +66,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Test { cargo_args } => {
             setup()?;
             require_root("the integration tests load eBPF programs")?;
+            install_packages(&TEST_PACKAGES)?;
             let leaktrace = build_leaktrace()?;
             let mut cmd = cargo();
             // The default members: everything but the eBPF crate, which
@@ -159,6 +160,34 @@ fn require_root(why: &str) -> anyhow::Result<()> {
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+}
+
+/// Debian packages the test fixtures build with: the allocators leaktrace
+/// must find (jemalloc, tcmalloc, mimalloc) and musl for a static musl program.
+const TEST_PACKAGES: [&str; 4] =
+    ["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev", "musl-tools"];
+
+/// Install the Debian packages in `packages` that are missing.
+fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|package| {
+            output_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+                .is_none_or(|status| !status.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run_cmd(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 /// Install the nightly rust-src component and bpf-linker when missing.
