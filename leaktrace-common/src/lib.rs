@@ -15,6 +15,14 @@ pub const MAP_STACKS: &str = "STACKS";
 pub const MAP_PENDING: &str = "PENDING";
 /// Per-CPU counters of lost events, indexed by [`Lost`].
 pub const MAP_LOST: &str = "LOST";
+/// Whether the heap block at `addr` is one of the 1 in `rate` tracked.
+/// Blocks are 16-byte aligned, so the low bits are dropped and the rest
+/// mixed (Fibonacci hashing) before taking the bucket.
+#[inline(always)]
+pub fn is_sampled(addr: u64, rate: u64) -> bool {
+    rate <= 1 || ((addr >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % rate == 0
+}
+
 /// Threads of the target created since attach: kernel tid -> [`ThreadInfo`].
 pub const MAP_THREADS: &str = "THREADS";
 /// pthread_t -> kernel tid, for join and detach.
@@ -64,6 +72,9 @@ pub struct Config {
     /// read from its format file (it differs between kernels).
     pub fork_child_pid_offset: u32,
     pub _pad2: u32,
+    /// Track one heap allocation in this many (1: all), chosen by address
+    /// so that its free is recognised without a lookup.
+    pub sample_rate: u64,
 }
 
 /// One live allocation or mapping.
@@ -228,7 +239,7 @@ impl Lost {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 const _: () = assert!(core::mem::size_of::<ThreadInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<ThreadSiteStats>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 16);
@@ -245,4 +256,18 @@ mod user {
     unsafe impl aya::Pod for super::Pending {}
     unsafe impl aya::Pod for super::ThreadInfo {}
     unsafe impl aya::Pod for super::ThreadSiteStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Check that about one address in N is sampled, and all when N is 1.
+    #[test]
+    fn sampling_rate() {
+        let addresses = (0..100_000u64).map(|i| 0x5555_0000_0000 + i * 48);
+        let sampled = addresses.clone().filter(|&a| is_sampled(a, 10)).count();
+        assert!((9_000..11_000).contains(&sampled), "{sampled} of 100000 sampled at 1 in 10");
+        assert!(addresses.into_iter().all(|a| is_sampled(a, 1)));
+    }
 }

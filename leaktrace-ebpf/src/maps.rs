@@ -22,6 +22,7 @@ pub static CONFIG: Global<Config> = Global::new(Config {
     max_size: u64::MAX,
     fork_child_pid_offset: 0,
     _pad2: 0,
+    sample_rate: 1,
 });
 
 /// Live heap allocations. Preallocated: inserts on the hot path must not

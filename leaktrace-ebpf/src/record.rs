@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
 };
 use leaktrace_common::{
-    AllocInfo, CallKind, Lost, NO_STACK, Pending, StackStats, YOUNG_SLOTS, YoungSlot,
+    AllocInfo, CallKind, Lost, NO_STACK, Pending, StackStats, YOUNG_SLOTS, YoungSlot, is_sampled,
 };
 
 use crate::maps::{ALLOCS, PENDING, STACK_STATS, STACKS, config, count_lost};
@@ -138,7 +138,8 @@ pub fn size_wanted(size: u64) -> bool {
 /// Record a new heap allocation at `addr` made from the current stack.
 #[inline(always)]
 pub fn record_alloc<C: StackIdContext>(ctx: &C, addr: u64, size: u64) {
-    if addr == 0 || !size_wanted(size) {
+    // Sampling skips the dear part (the stack walk and the map insert).
+    if addr == 0 || !size_wanted(size) || !is_sampled(addr, config().sample_rate) {
         return;
     }
     let info = AllocInfo {
@@ -166,6 +167,9 @@ pub fn record_alloc<C: StackIdContext>(ctx: &C, addr: u64, size: u64) {
 /// allocated before attach, or filtered out, find nothing and are ignored.
 #[inline(always)]
 pub fn release(addr: u64) {
+    if !is_sampled(addr, config().sample_rate) {
+        return;
+    }
     // SAFETY: copied out at once; a racing free of the same address on
     // another thread is a double free in the target, and at worst makes
     // both of us subtract it.

@@ -173,15 +173,21 @@ pub fn thread_exit_pthread_join(ctx: RetProbeContext) -> u32 {
     0
 }
 
-fn try_thread_exit_pthread_join(ctx: &RetProbeContext) -> Result {
+/// The kernel tid of the thread a join or detach named, once it succeeded.
+#[inline(always)]
+fn named_thread(ctx: &RetProbeContext) -> core::result::Result<u32, ()> {
     let tid = target_tid().ok_or(())?;
     let pending = exit(ctx, tid).ok_or(())?;
     let status: i32 = ctx.ret();
     if status != 0 {
-        return Ok(());
+        return Err(());
     }
     // SAFETY: copied out at once.
-    let child = *unsafe { PTHREADS.get(pending.arg) }.ok_or(())?;
+    unsafe { PTHREADS.get(pending.arg) }.copied().ok_or(())
+}
+
+fn try_thread_exit_pthread_join(ctx: &RetProbeContext) -> Result {
+    let child = named_thread(ctx)?;
     // SAFETY: copied out at once.
     let info = *unsafe { THREADS.get(child) }.ok_or(())?;
     forget_thread(child, &info, SiteEvent::Joined);
@@ -208,14 +214,7 @@ pub fn thread_exit_pthread_detach(ctx: RetProbeContext) -> u32 {
 }
 
 fn try_thread_exit_pthread_detach(ctx: &RetProbeContext) -> Result {
-    let tid = target_tid().ok_or(())?;
-    let pending = exit(ctx, tid).ok_or(())?;
-    let status: i32 = ctx.ret();
-    if status != 0 {
-        return Ok(());
-    }
-    // SAFETY: copied out at once.
-    let child = *unsafe { PTHREADS.get(pending.arg) }.ok_or(())?;
+    let child = named_thread(ctx)?;
     let info = THREADS.get_ptr_mut(child).ok_or(())?;
     // SAFETY: a pointer from a successful lookup, valid for this run.
     let info = unsafe { &mut *info };

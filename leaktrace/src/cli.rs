@@ -51,6 +51,11 @@ pub struct Args {
     #[arg(short = 'Z', long, value_name = "BYTES")]
     pub max_size: Option<u64>,
 
+    /// Track one heap allocation in N, chosen by address so that its free is
+    /// recognised; bytes and counts are scaled by N in the report.
+    #[arg(short = 's', long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sample_rate: u64,
+
     /// Stop after this many seconds, with a final report.
     #[arg(long, value_name = "SECS", value_parser = positive_seconds)]
     pub duration: Option<f64>,

@@ -45,6 +45,8 @@ impl Snapshot {
 pub struct Collector {
     /// Length of an age epoch in ns, 0 when every allocation is reported.
     pub epoch_ns: u64,
+    /// One heap allocation in this many is tracked: heap figures are scaled.
+    pub sample_rate: u64,
 }
 
 impl Collector {
@@ -74,8 +76,8 @@ impl Collector {
                     stack_id,
                     ..StackUsage::default()
                 });
-                usage.bytes += bytes as u64;
-                usage.allocations += allocations as u64;
+                usage.bytes += bytes as u64 * self.sample_rate;
+                usage.allocations += allocations as u64 * self.sample_rate;
             }
         }
 
@@ -131,9 +133,10 @@ impl Collector {
 }
 
 /// The threads created at one pthread_create call site since attach.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ThreadSite {
     /// Stack id of the pthread_create call.
+    #[serde(skip)]
     pub site: u32,
     pub created: u64,
     pub alive: u64,
@@ -244,11 +247,17 @@ mod tests {
     /// Check the age rule: the last YOUNG_EPOCHS epochs are young.
     #[test]
     fn young_epochs() {
-        let collector = Collector { epoch_ns: 1 };
+        let collector = Collector {
+            epoch_ns: 1,
+            sample_rate: 1,
+        };
         assert!(collector.is_young(100, 100));
         assert!(collector.is_young(96, 100));
         assert!(!collector.is_young(95, 100));
-        let everything = Collector { epoch_ns: 0 };
+        let everything = Collector {
+            epoch_ns: 0,
+            sample_rate: 1,
+        };
         assert!(!everything.is_young(100, 100));
     }
 }

@@ -160,6 +160,7 @@ pub struct LoadOptions {
     pub max_size: u64,
     pub max_allocations: u32,
     pub max_stacks: u32,
+    pub sample_rate: u64,
 }
 
 /// Load every program, configured for one target.
@@ -172,6 +173,7 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         max_size: options.max_size,
         fork_child_pid_offset: fork_child_pid_offset()?,
         _pad2: 0,
+        sample_rate: options.sample_rate,
     };
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_CONFIG, &config, true)

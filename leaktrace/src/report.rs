@@ -41,6 +41,8 @@ pub struct Report {
     pub verdict: Option<Verdict>,
     /// What was probed in which object.
     pub probed: Vec<ProbedObject>,
+    /// One heap allocation in this many was tracked; heap figures are scaled.
+    pub sample_rate: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -58,30 +60,11 @@ pub struct ThreadsReport {
 
 #[derive(Debug, Serialize)]
 pub struct ThreadSiteReport {
-    pub frames: Vec<FrameReport>,
-    pub created: u64,
-    pub alive: u64,
-    pub exited_unjoined: u64,
-    pub joined: u64,
-    pub detached: u64,
-    pub stack_bytes: u64,
+    pub frames: Vec<Frame>,
+    #[serde(flatten)]
+    pub counts: ThreadSite,
     /// Trend of the threads alive or unjoined.
     pub trend: Trend,
-}
-
-impl ThreadSiteReport {
-    pub fn new(site: &ThreadSite, frames: Vec<FrameReport>, trend: Trend) -> Self {
-        Self {
-            frames,
-            created: site.created,
-            alive: site.alive,
-            exited_unjoined: site.exited_unjoined,
-            joined: site.joined,
-            detached: site.detached,
-            stack_bytes: site.stack_bytes,
-            trend,
-        }
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -101,33 +84,8 @@ pub struct Totals {
 pub struct StackReport {
     pub bytes: u64,
     pub allocations: u64,
-    pub frames: Vec<FrameReport>,
+    pub frames: Vec<Frame>,
     pub growth: Option<Growth>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct FrameReport {
-    pub address: String,
-    pub symbol: Option<String>,
-    pub offset: Option<u64>,
-    pub file: Option<String>,
-    pub line: Option<u32>,
-    pub module: Option<String>,
-    pub inlined: bool,
-}
-
-impl From<&Frame> for FrameReport {
-    fn from(frame: &Frame) -> Self {
-        Self {
-            address: format!("{:#x}", frame.address),
-            symbol: frame.symbol.clone(),
-            offset: frame.offset,
-            file: frame.file.clone(),
-            line: frame.line,
-            module: frame.module.clone(),
-            inlined: frame.inlined,
-        }
-    }
 }
 
 impl Report {
@@ -162,6 +120,7 @@ impl Report {
             memory: None,
             verdict: None,
             probed: Vec::new(),
+            sample_rate: 1,
         }
     }
 
@@ -184,6 +143,13 @@ impl Report {
             human_bytes(self.totals.bytes),
             self.totals.allocations,
         )?;
+        if self.sample_rate > 1 {
+            writeln!(
+                out,
+                "\tSampled: 1 heap allocation in {} tracked; bytes and counts are scaled estimates.",
+                self.sample_rate
+            )?;
+        }
         for stack in &self.stacks {
             let growth = match stack.growth {
                 Some(Growth { trend: Trend::New, .. }) | None => String::new(),
@@ -247,12 +213,12 @@ impl Report {
             writeln!(
                 out,
                 "\t  {} created: {} alive, {} exited but not joined, {} joined, {} detached; {} of stacks held ({}), from",
-                site.created,
-                site.alive,
-                site.exited_unjoined,
-                site.joined,
-                site.detached,
-                human_bytes(site.stack_bytes),
+                site.counts.created,
+                site.counts.alive,
+                site.counts.exited_unjoined,
+                site.counts.joined,
+                site.counts.detached,
+                human_bytes(site.counts.stack_bytes),
                 site.trend.as_str()
             )?;
             for frame in &site.frames {
@@ -264,7 +230,7 @@ impl Report {
 }
 
 /// `func+0x1d (file.c:12) [module]`, or `[module]+0x1234` when unknown.
-fn frame_line(frame: &FrameReport) -> String {
+fn frame_line(frame: &Frame) -> String {
     let module = frame.module.as_deref().map(short_module);
     let mut line = match (&frame.symbol, frame.inlined) {
         (Some(symbol), true) => format!("{symbol} [inlined]"),
@@ -274,7 +240,7 @@ fn frame_line(frame: &FrameReport) -> String {
         },
         (None, _) => match (module, frame.offset) {
             (Some(module), Some(offset)) => return format!("[{module}]+{offset:#x}"),
-            _ => return frame.address.clone(),
+            _ => return format!("{:#x}", frame.address),
         },
     };
     if let Some(file) = &frame.file {
@@ -302,7 +268,7 @@ const RUNTIME_PREFIXES: [&str; 8] =
     ["alloc::", "core::", "std::", "<alloc::", "<core::", "<std::", "__rust", "operator new"];
 
 /// Whether a frame belongs to the language runtime's allocation path.
-pub fn is_runtime_frame(frame: &FrameReport) -> bool {
+pub fn is_runtime_frame(frame: &Frame) -> bool {
     frame
         .symbol
         .as_deref()
@@ -311,7 +277,7 @@ pub fn is_runtime_frame(frame: &FrameReport) -> bool {
 
 /// "function (file:line)" for a stack's first frame outside the language
 /// runtime (its first frame if all are), for one-line statements.
-pub fn frame_label(frames: &[FrameReport]) -> String {
+pub fn frame_label(frames: &[Frame]) -> String {
     let Some(frame) = frames.iter().find(|f| !is_runtime_frame(f)).or(frames.first()) else {
         return "an unknown stack".to_string();
     };
@@ -329,9 +295,9 @@ pub fn frame_label(frames: &[FrameReport]) -> String {
 mod tests {
     use super::*;
 
-    fn frame(symbol: Option<&str>, inlined: bool) -> FrameReport {
-        FrameReport {
-            address: "0x1234".into(),
+    fn frame(symbol: Option<&str>, inlined: bool) -> Frame {
+        Frame {
+            address: 0x1234,
             symbol: symbol.map(String::from),
             offset: Some(0x1d),
             file: Some("app.c".into()),
@@ -354,7 +320,7 @@ mod tests {
     fn label() {
         assert_eq!(frame_label(&[frame(Some("leak"), false)]), "leak (app.c:12)");
         assert_eq!(frame_label(&[]), "an unknown stack");
-        let runtime = FrameReport {
+        let runtime = Frame {
             symbol: Some("<alloc::raw_vec::RawVecInner>::finish_grow".into()),
             ..frame(None, false)
         };

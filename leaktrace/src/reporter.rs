@@ -15,10 +15,10 @@ use crate::{
     growth::{History, Trend},
     memory::{self, MemoryPicture},
     report::{
-        FrameReport, MemoryReport, ProbedObject, Report, StackReport, ThreadSiteReport, ThreadsReport,
+        MemoryReport, ProbedObject, Report, StackReport, ThreadSiteReport, ThreadsReport,
         frame_label,
     },
-    symbolizer::Symbolizer,
+    symbolizer::{Frame, Symbolizer},
     verdict::{self, GrowingSite, RetentionEvidence, ThreadSiteEvidence},
 };
 
@@ -64,11 +64,11 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(ebpf: Ebpf, epoch_ns: u64, options: ReportOptions) -> Self {
+    pub fn new(ebpf: Ebpf, collector: Collector, options: ReportOptions) -> Self {
         let pid = options.pid;
         Self {
             ebpf,
-            collector: Collector { epoch_ns },
+            collector,
             symbolizer: Symbolizer::new(pid, &options.debug_dirs, options.sysroot.clone()),
             // The picture at attach, for "since attach".
             baseline: if options.baseline_now { memory::read(pid).ok() } else { None },
@@ -143,10 +143,10 @@ impl Reporter {
             .iter()
             .map(|site| ThreadSiteEvidence {
                 label: frame_label(&site.frames),
-                alive: site.alive,
-                exited_unjoined: site.exited_unjoined,
+                alive: site.counts.alive,
+                exited_unjoined: site.counts.exited_unjoined,
                 piling_up: site.trend == Trend::Growing,
-                stack_bytes: site.stack_bytes,
+                stack_bytes: site.counts.stack_bytes,
             })
             .collect();
 
@@ -186,6 +186,7 @@ impl Reporter {
         });
         report.verdict = Some(verdict);
         report.probed = self.options.probed.clone();
+        report.sample_rate = self.collector.sample_rate;
         let mut out = io::stdout().lock();
         if self.options.json {
             report.write_json(&mut out)?;
@@ -213,22 +214,22 @@ impl Reporter {
             .iter()
             .map(|site| {
                 let trend = self.thread_sites.growth(site.site).map_or(Trend::Flat, |g| g.trend);
-                ThreadSiteReport::new(site, self.frames(site.site, alive), trend)
+                ThreadSiteReport {
+                    frames: self.frames(site.site, alive),
+                    counts: *site,
+                    trend,
+                }
             })
             .collect();
         Ok(ThreadsReport { live, sites })
     }
 
-    fn frames(&mut self, stack_id: u32, alive: bool) -> Vec<FrameReport> {
+    fn frames(&mut self, stack_id: u32, alive: bool) -> Vec<Frame> {
         if stack_id == NO_STACK {
             return Vec::new();
         }
         let ips = stack_ips(&self.ebpf, stack_id).unwrap_or_default();
-        self.symbolizer
-            .frames(stack_id, &ips, alive)
-            .iter()
-            .map(FrameReport::from)
-            .collect()
+        self.symbolizer.frames(stack_id, &ips, alive)
     }
 }
 

@@ -16,6 +16,7 @@ use leaktrace_common::YOUNG_EPOCHS;
 
 use crate::{
     cli::Args,
+    collector::Collector,
     elf::ElfFile,
     loader::{self, LoadOptions, Object},
     report::ProbedObject,
@@ -61,6 +62,7 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         max_size: args.max_size.unwrap_or(u64::MAX),
         max_allocations: args.max_allocations,
         max_stacks: args.max_stacks,
+        sample_rate: args.sample_rate,
     })?;
     let allocator = args.obj.as_deref();
     let probed = loader::attach_all(
@@ -106,7 +108,10 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
 
     let mut reporter = Reporter::new(
         ebpf,
-        epoch_ns,
+        Collector {
+            epoch_ns,
+            sample_rate: args.sample_rate,
+        },
         ReportOptions {
             pid,
             top: args.top,

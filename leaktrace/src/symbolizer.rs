@@ -13,12 +13,14 @@ use blazesym::{
     },
 };
 use procfs::process::MMapPath;
+use serde::{Serialize, Serializer};
 
 use crate::elf::ElfFile;
 
-/// One frame of a symbolized stack.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One frame of a symbolized stack, as reports show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Frame {
+    #[serde(serialize_with = "hex")]
     pub address: u64,
     pub symbol: Option<String>,
     /// Offset of the address from the symbol's start (not for inlined frames).
@@ -257,6 +259,12 @@ impl Symbolizer {
     fn module_of(&self, ip: u64) -> Option<&Module> {
         self.modules.iter().find(|m| m.start <= ip && ip < m.end)
     }
+}
+
+/// Addresses are "0x..." strings in JSON: scripts read them without 64-bit
+/// integer trouble.
+fn hex<S: Serializer>(address: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format!("{address:#x}"))
 }
 
 fn code_location(info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {

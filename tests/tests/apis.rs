@@ -105,3 +105,18 @@ fn free_of_memory_from_before_attach_ignored() {
         .unwrap_or(u64::MAX);
     assert_eq!(lost, 0, "frees of untracked memory counted as lost events: {report}");
 }
+
+/// Check that -s 4 tracks about one allocation in four and scales the
+/// report back: 2000 leaked blocks are estimated within 15%, and the report
+/// says it is sampled.
+#[test]
+fn sampling_scales_estimates() {
+    let report = trace_fixture("args_leak", &["2000", "100"], &["-s", "4"]);
+    assert_eq!(report["sample_rate"], 4, "report does not say it is sampled: {report}");
+    let (bytes, allocations) = totals_by_first_frame(&report, "arg_leak");
+    assert!(
+        within(allocations, 2000, 15) && within(bytes, 200_000, 15),
+        "arg_leak estimated at {bytes} bytes in {allocations} allocations, not 200000 in 2000 within 15%: {report}"
+    );
+    assert_eq!(bytes % 4, 0, "sampled bytes are not scaled by 4: {report}");
+}
