@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{bail, ensure, Context as _};
 use clap::{Parser, Subcommand};
 
 /// The bpf-linker release that works with rustc's own LLVM 22 here; newer
@@ -41,7 +41,8 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
-    /// Set up, build, and measure the cost per malloc/free pair, untraced and traced.
+    /// Set up, build, and measure the cost per malloc/free pair (untraced, traced,
+    /// under a bpftrace memleak script) and the cost of a large live set.
     Bench(bench::BenchArgs),
 }
 
@@ -102,7 +103,9 @@ fn cargo() -> Command {
 }
 
 pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("failed to run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to run {cmd:?}"))?;
     ensure!(status.success(), "{cmd:?} failed: {status}");
     Ok(())
 }
@@ -164,8 +167,12 @@ unsafe extern "C" {
 
 /// Debian packages the test fixtures build with: the allocators leaktrace
 /// must find (jemalloc, tcmalloc, mimalloc) and musl for a static musl program.
-const TEST_PACKAGES: [&str; 4] =
-    ["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev", "musl-tools"];
+const TEST_PACKAGES: [&str; 4] = [
+    "libjemalloc-dev",
+    "libgoogle-perftools-dev",
+    "libmimalloc-dev",
+    "musl-tools",
+];
 
 /// Install the Debian packages in `packages` that are missing.
 fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
@@ -202,7 +209,13 @@ fn setup() -> anyhow::Result<()> {
     .is_some_and(|list| list.lines().any(|line| line.starts_with("rust-src")));
     if !has_rust_src {
         eprintln!("xtask: installing rust-src for the nightly toolchain");
-        run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run_cmd(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let linker = output_of(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
@@ -253,7 +266,11 @@ impl Drop for KillOnDrop {
 
 fn demo(leaktrace: &Path, json: bool) -> anyhow::Result<()> {
     let source = workspace_root().join("xtask/demo/leaky_server.c");
-    let server = compile_c(&source, "leaky_server", &["-g", "-O1", "-fno-omit-frame-pointer"])?;
+    let server = compile_c(
+        &source,
+        "leaky_server",
+        &["-g", "-O1", "-fno-omit-frame-pointer"],
+    )?;
     let child = Command::new(&server)
         .stdout(Stdio::null())
         .spawn()
@@ -278,7 +295,8 @@ mod tests {
     /// Check that counts are read from a cargo test summary line.
     #[test]
     fn summary_counts() {
-        let line = "ok. 19 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s";
+        let line =
+            "ok. 19 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s";
         assert_eq!(count_before(line, " passed"), 19);
         assert_eq!(count_before(line, " failed"), 2);
     }

@@ -1,0 +1,299 @@
+//! `cargo xtask bench`: what leaktrace adds to each malloc/free pair, timed
+//! round by round against the same workload untraced and under a bpftrace
+//! memleak script, then what holding a large live set costs leaktrace.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{ensure, Context as _};
+
+mod live;
+mod process;
+
+use crate::{compile_c, install_packages, output_of, workspace_root};
+use live::*;
+use process::*;
+
+/// How long a tracer may take to load and attach its probes.
+pub(super) const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a tracer may take to print its last output and exit after SIGINT.
+pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Far longer than any run, so no periodic report lands inside the timed loop.
+pub(super) const TRACE_INTERVAL: &str = "3600";
+/// bpftrace says "Attaching N probes..." before it has attached them and has
+/// no signal for having done so; this is the margin after that line.
+pub(super) const BPFTRACE_SETTLE: Duration = Duration::from_secs(1);
+/// Seconds between leaktrace's reports in the live-set part: short, so the
+/// idle window below sees its periodic work several times over.
+pub(super) const LIVE_INTERVAL: &str = "1";
+/// How long leaktrace's reports may take to count the whole live set.
+pub(super) const LIVE_SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The window over which leaktrace's CPU is measured while the target idles.
+pub(super) const IDLE_WINDOW: Duration = Duration::from_secs(5);
+/// Output lines kept per tracer for error messages.
+pub(super) const TAIL_LINES: usize = 30;
+pub(super) const SIGINT: i32 = 2;
+pub(super) const SC_CLK_TCK: i32 = 2;
+
+/// Options for `cargo xtask bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// malloc/free pairs each thread makes per run.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pairs: u64,
+    /// Threads allocating at the same time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: u32,
+    /// Rounds of one run per mode; the table shows median, min and max.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Live allocations for the live-set part (report time, peak RSS, idle
+    /// CPU under leaktrace); 0 skips it.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    live: u64,
+    /// Leave the bpftrace baseline out of the rounds.
+    #[arg(long)]
+    no_bpftrace: bool,
+}
+
+/// Run both parts of the benchmark and print their results on stdout.
+pub fn run(leaktrace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let bpftrace = if args.no_bpftrace {
+        None
+    } else {
+        Some(find_bpftrace()?)
+    };
+    time_pairs(leaktrace, bpftrace.as_ref(), args)?;
+    if args.live > 0 {
+        let live = measure_live_set(leaktrace, args.live)?;
+        println!();
+        live.print();
+    }
+    Ok(())
+}
+
+/// bpftrace and the memleak script it runs.
+struct Bpftrace {
+    bin: PathBuf,
+    version: String,
+    script: PathBuf,
+}
+
+/// Finds bpftrace, installing the Debian package if it is missing.
+fn find_bpftrace() -> anyhow::Result<Bpftrace> {
+    let version = || output_of(Command::new("bpftrace").arg("--version"));
+    if version().is_none() {
+        install_packages(&["bpftrace"]).context("failed to install bpftrace for the baseline")?;
+    }
+    let version = version()
+        .context("bpftrace --version fails even after installing it (or pass --no-bpftrace)")?;
+    let script = workspace_root().join("xtask/bench/memleak.bt");
+    ensure!(script.exists(), "{} is missing", script.display());
+    Ok(Bpftrace {
+        bin: PathBuf::from("bpftrace"),
+        version: version.trim().to_owned(),
+        script,
+    })
+}
+
+/// Times alloc_loop in every mode, round by round, and prints the table.
+fn time_pairs(
+    leaktrace: &Path,
+    bpftrace: Option<&Bpftrace>,
+    args: &BenchArgs,
+) -> anyhow::Result<()> {
+    let source = workspace_root().join("xtask/bench/alloc_loop.c");
+    // Frame pointers, as in the programs leaktrace is meant for: its stack walks
+    // (and bpftrace's ustack) rely on them, so leaving them out would time a
+    // cheaper, less useful trace.
+    let workload = compile_c(&source, "alloc_loop", &C_FLAGS)?;
+    let workload_args = [args.pairs.to_string(), args.threads.to_string()];
+    let mut modes = vec![Mode::Untraced, Mode::Floor, Mode::Leaktrace, Mode::Sampled];
+    if bpftrace.is_some() {
+        modes.push(Mode::Bpftrace);
+    }
+
+    // Alternate the modes so drift (CPU frequency, other load) hits all alike.
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 1..=args.rounds {
+        let mut line = format!("xtask: round {round}/{}:", args.rounds);
+        for (&mode, samples) in modes.iter().zip(&mut samples) {
+            let ns = timed_run(
+                mode,
+                leaktrace,
+                bpftrace,
+                args.threads,
+                &workload,
+                &workload_args,
+            )
+            .with_context(|| format!("{} run in round {round} failed", mode.name()))?;
+            samples.push(ns);
+            line.push_str(&format!(" {} {ns:.1}", mode.name()));
+        }
+        eprintln!("{line} ns/pair");
+    }
+
+    let threads = if args.threads == 1 {
+        "thread"
+    } else {
+        "threads"
+    };
+    let rounds = if args.rounds == 1 { "round" } else { "rounds" };
+    println!(
+        "leaktrace bench: {} malloc/free pairs x {} {threads}, {} {rounds}, kernel {}",
+        grouped(args.pairs),
+        args.threads,
+        args.rounds,
+        kernel_release()
+    );
+    if let Some(bpftrace) = bpftrace {
+        // bpftrace before 0.20 ignores -p for probes in shared libraries
+        // (bpftrace/bpftrace#2817): its libc probes then fire in every process
+        // and the script's pid filter throws the others' events away.
+        println!(
+            "bpftrace: {} running xtask/bench/memleak.bt (size by address, bytes by user stack)",
+            bpftrace.version
+        );
+    }
+    println!(
+        "{:<16} {:>15} {:>10} {:>10}",
+        "mode", "median ns/pair", "min", "max"
+    );
+    let summaries: Vec<Summary> = samples.iter_mut().map(|s| Summary::of(s)).collect();
+    for (mode, summary) in modes.iter().zip(&summaries) {
+        summary.print_row(mode.name());
+    }
+    let [untraced, floor, traced] = [&summaries[0], &summaries[1], &summaries[2]];
+    let added = traced.median - untraced.median;
+    println!(
+        "traced/untraced: {:.1}x; added per pair: {added:.0} ns ({:.2} µs)",
+        traced.median / untraced.median,
+        added / 1000.0
+    );
+    println!(
+        "traced/floor: {:.2}x (floor: the same probes with programs that return at once, {:.2} µs added per pair)",
+        traced.median / floor.median,
+        (floor.median - untraced.median) / 1000.0
+    );
+    let sampled = &summaries[3];
+    println!(
+        "sampling 1 in 10 saves {:.2} µs per pair ({:.2} µs added); the traps remain",
+        (traced.median - sampled.median) / 1000.0,
+        (sampled.median - untraced.median) / 1000.0
+    );
+    if let Some(bpftrace) = summaries.get(4) {
+        let bpftrace_added = bpftrace.median - untraced.median;
+        let ratio = if added > 0.0 {
+            format!("{:.1}x less", bpftrace_added / added)
+        } else {
+            "leaktrace's cost is within noise".to_owned()
+        };
+        println!(
+            "added cost per pair: leaktrace {:.2} µs vs bpftrace {:.2} µs ({ratio})",
+            added / 1000.0,
+            bpftrace_added / 1000.0
+        );
+    }
+    Ok(())
+}
+
+/// The C flags of both workloads.
+pub(super) const C_FLAGS: [&str; 4] = ["-O2", "-g", "-fno-omit-frame-pointer", "-Wall"];
+
+/// One way of running alloc_loop.
+#[derive(Clone, Copy)]
+enum Mode {
+    Untraced,
+    /// leaktrace --floor: every probe attached, every program returns at once.
+    Floor,
+    Leaktrace,
+    /// leaktrace -s 10: one allocation in ten tracked.
+    Sampled,
+    /// xtask/bench/memleak.bt under bpftrace.
+    Bpftrace,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Untraced => "untraced",
+            Self::Floor => "floor",
+            Self::Leaktrace => "leaktrace",
+            Self::Sampled => "leaktrace -s 10",
+            Self::Bpftrace => "bpftrace",
+        }
+    }
+}
+
+/// One run of alloc_loop in `mode`, the tracer attached before the loop starts.
+fn timed_run(
+    mode: Mode,
+    leaktrace: &Path,
+    bpftrace: Option<&Bpftrace>,
+    threads: u32,
+    workload: &Path,
+    args: &[String],
+) -> anyhow::Result<f64> {
+    let mut run = Workload::start(workload, args)?;
+    let tracer = match mode {
+        Mode::Untraced => None,
+        Mode::Floor => Some(Tracer::leaktrace(
+            leaktrace,
+            run.pid,
+            TRACE_INTERVAL,
+            &["--floor"],
+        )?),
+        Mode::Leaktrace => Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &[])?),
+        Mode::Sampled => Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &["-s", "10"])?),
+        Mode::Bpftrace => {
+            let bpftrace = bpftrace.expect("the bpftrace mode runs only when bpftrace was found");
+            Some(Tracer::bpftrace(bpftrace, run.pid, threads)?)
+        }
+    };
+    run.go()?;
+    let ns = run.read_value("ns_per_pair")?;
+    let ns = ns
+        .parse()
+        .with_context(|| format!("bad ns_per_pair from {}: {ns:?}", run.path.display()))?;
+    if let Some(tracer) = tracer {
+        tracer.stop()?;
+    }
+    run.wait()?;
+    Ok(ns)
+}
+
+/// Median, min and max of one mode's ns/pair over the rounds.
+struct Summary {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Summary {
+    /// Summarizes `samples` (sorting them); there is at least one.
+    fn of(samples: &mut [f64]) -> Self {
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        let median = if n % 2 == 1 {
+            samples[n / 2]
+        } else {
+            (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+        };
+        Self {
+            median,
+            min: samples[0],
+            max: samples[n - 1],
+        }
+    }
+
+    /// Prints one table row under the header `time_pairs` prints.
+    fn print_row(&self, mode: &str) {
+        println!(
+            "{mode:<16} {:>15.1} {:>10.1} {:>10.1}",
+            self.median, self.min, self.max
+        );
+    }
+}
