@@ -17,7 +17,7 @@ use aya_ebpf::{
 use leaktrace_common::{AllocInfo, CallKind, Lost};
 
 use crate::{
-    maps::{MMAPS, PENDING, count_lost},
+    maps::{MMAPS, PENDING, config, count_lost},
     record::{current_epoch, enter, exit, size_wanted, stack_id, stack_pointer, target_tid},
 };
 
@@ -100,14 +100,17 @@ fn try_mmap_exit_mmap(ctx: &RetProbeContext) -> Result {
     let tid = target_tid().ok_or(())?;
     let pending = exit(ctx, tid).ok_or(())?;
     let addr: u64 = ctx.ret();
-    if pending.kind != CallKind::Mmap as u32 || addr == MAP_FAILED || !size_wanted(pending.size)
+    let config = config();
+    if pending.kind != CallKind::Mmap as u32
+        || addr == MAP_FAILED
+        || !size_wanted(pending.size, &config)
     {
         return Ok(());
     }
     let info = AllocInfo {
         size: pending.size,
         stack_id: stack_id(ctx),
-        epoch: current_epoch(),
+        epoch: current_epoch(&config),
     };
     insert(addr, info);
     Ok(())

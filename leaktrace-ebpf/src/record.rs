@@ -9,7 +9,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
 };
 use leaktrace_common::{
-    AllocInfo, CallKind, Lost, NO_STACK, Pending, StackStats, YOUNG_SLOTS, YoungSlot, is_sampled,
+    AllocInfo, CallKind, Config, Lost, NO_STACK, Pending, StackStats, YOUNG_SLOTS, YoungSlot,
+    is_sampled,
 };
 
 use crate::maps::{ALLOCS, PENDING, STACK_STATS, STACKS, config, count_lost};
@@ -119,8 +120,8 @@ pub fn stack_id<C: StackIdContext>(ctx: &C) -> u32 {
 
 /// The age epoch of an allocation made now.
 #[inline(always)]
-pub fn current_epoch() -> u32 {
-    let epoch_ns = config().epoch_ns;
+pub fn current_epoch(config: &Config) -> u32 {
+    let epoch_ns = config.epoch_ns;
     if epoch_ns == 0 {
         return 0;
     }
@@ -130,22 +131,22 @@ pub fn current_epoch() -> u32 {
 
 /// Whether an allocation of `size` bytes passes `--min-size`/`--max-size`.
 #[inline(always)]
-pub fn size_wanted(size: u64) -> bool {
-    let config = config();
+pub fn size_wanted(size: u64, config: &Config) -> bool {
     size >= config.min_size && size <= config.max_size
 }
 
 /// Record a new heap allocation at `addr` made from the current stack.
 #[inline(always)]
 pub fn record_alloc<C: StackIdContext>(ctx: &C, addr: u64, size: u64) {
+    let config = config();
     // Sampling skips the dear part (the stack walk and the map insert).
-    if addr == 0 || !size_wanted(size) || !is_sampled(addr, config().sample_rate) {
+    if addr == 0 || !size_wanted(size, &config) || !is_sampled(addr, config.sample_rate) {
         return;
     }
     let info = AllocInfo {
         size,
         stack_id: stack_id(ctx),
-        epoch: current_epoch(),
+        epoch: current_epoch(&config),
     };
     if let Err(err) = ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
         if i64::from(err) != -EEXIST {
@@ -154,22 +155,27 @@ pub fn record_alloc<C: StackIdContext>(ctx: &C, addr: u64, size: u64) {
         }
         // The address is live in our records: its free was missed (it
         // happened in a way we do not probe). Replace the stale record.
-        release(addr);
+        forget(addr, &config);
         if ALLOCS.insert(addr, info, BPF_ANY.into()).is_err() {
             count_lost(Lost::AllocMapFull);
             return;
         }
     }
-    account(info, 1);
+    account(info, 1, &config);
 }
 
 /// Forget the heap allocation at `addr`, if we recorded it. Frees of memory
 /// allocated before attach, or filtered out, find nothing and are ignored.
 #[inline(always)]
 pub fn release(addr: u64) {
-    if !is_sampled(addr, config().sample_rate) {
-        return;
+    let config = config();
+    if is_sampled(addr, config.sample_rate) {
+        forget(addr, &config);
     }
+}
+
+#[inline(always)]
+fn forget(addr: u64, config: &Config) {
     // SAFETY: copied out at once; a racing free of the same address on
     // another thread is a double free in the target, and at worst makes
     // both of us subtract it.
@@ -177,14 +183,14 @@ pub fn release(addr: u64) {
         return;
     };
     if ALLOCS.remove(addr).is_ok() {
-        account(info, -1);
+        account(info, -1, config);
     }
 }
 
 /// Add (`sign` 1) or remove (`sign` -1) an allocation from its stack's totals
 /// on this CPU.
 #[inline(always)]
-fn account(info: AllocInfo, sign: i64) {
+fn account(info: AllocInfo, sign: i64, config: &Config) {
     let stats = match STACK_STATS.get_ptr_mut(info.stack_id) {
         Some(stats) => stats,
         None => {
@@ -206,7 +212,7 @@ fn account(info: AllocInfo, sign: i64) {
     let stats = unsafe { &mut *stats };
     stats.bytes += bytes;
     stats.allocs += sign;
-    if config().epoch_ns == 0 {
+    if config.epoch_ns == 0 {
         return;
     }
     let slot: &mut YoungSlot = &mut stats.young[info.epoch as usize % YOUNG_SLOTS];
