@@ -7,6 +7,8 @@ use std::{collections::HashMap, fs::File, path::Path};
 
 use anyhow::{Context as _, anyhow};
 use memmap2::Mmap;
+
+use crate::placement::CODE_BYTES;
 use object::{
     Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind,
     elf::{DT_NEEDED, FileHeader64},
@@ -63,8 +65,9 @@ impl ElfFile {
             let Some(offset) = file_offset(&file, &symbol) else {
                 continue;
             };
-            let start = offset as usize;
-            let code = self.data.get(start..start + 16).unwrap_or_default().to_vec();
+            let start = (offset as usize).min(self.data.len());
+            let end = (start + CODE_BYTES).min(self.data.len());
+            let code = self.data[start..end].to_vec();
             found.insert(key, Function { offset, code });
         }
         found
@@ -128,7 +131,7 @@ mod tests {
         let libc = ElfFile::open(Path::new("/lib/x86_64-linux-gnu/libc.so.6")).unwrap();
         let found = libc.functions(|name| (name == "malloc").then(|| name.to_string()));
         assert_eq!(found.len(), 1);
-        assert_eq!(found["malloc"].code.len(), 16);
+        assert_eq!(found["malloc"].code.len(), CODE_BYTES);
     }
 
     /// Check that a dynamic executable is told from a static one.
