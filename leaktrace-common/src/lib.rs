@@ -9,8 +9,18 @@ pub const MAP_ALLOCS: &str = "ALLOCS";
 pub const MAP_MMAPS: &str = "MMAPS";
 /// Per-CPU outstanding totals per user stack: stack id -> [`StackStats`].
 pub const MAP_STACK_STATS: &str = "STACK_STATS";
-/// User stacks, as collected by `bpf_get_stackid`.
+/// User stacks, as unwound by the programs: stack id -> [`UserStack`].
 pub const MAP_STACKS: &str = "STACKS";
+/// Unwind rules of every loaded object, [`UNWIND_CHUNK_ROWS`] rows per entry:
+/// chunk index -> [`UnwindChunk`].
+pub const MAP_UNWIND_ROWS: &str = "UNWIND_ROWS";
+/// The target's executable mappings, two sets of [`MAX_UNWIND_MAPPINGS`]
+/// sorted by address: index -> [`UnwindMapping`].
+pub const MAP_UNWIND_MAPPINGS: &str = "UNWIND_MAPPINGS";
+/// Which mapping set is live and how many mappings it has: one
+/// [`UnwindState`] at index 0, written whole so that a probe never sees a
+/// half-written set.
+pub const MAP_UNWIND_STATE: &str = "UNWIND_STATE";
 /// Calls in flight, between entry and return probe: thread id -> [`Pending`].
 pub const MAP_PENDING: &str = "PENDING";
 /// Per-CPU counters of lost events, indexed by [`Lost`].
@@ -47,6 +57,107 @@ pub const MAX_THREADS: u32 = 65_536;
 
 /// The stack id recorded when the user stack could not be collected.
 pub const NO_STACK: u32 = u32::MAX;
+
+/// Deepest user stack kept (the kernel's own stack map default is 127).
+pub const MAX_FRAMES: usize = 128;
+/// Unwind rows per entry of [`MAP_UNWIND_ROWS`]: one map update loads 256.
+pub const UNWIND_CHUNK_ROWS: usize = 256;
+/// Default capacity of [`MAP_UNWIND_ROWS`] in chunks (2,097,152 rows, 24 MiB).
+pub const DEFAULT_UNWIND_CHUNKS: u32 = 8_192;
+/// Executable mappings per set in [`MAP_UNWIND_MAPPINGS`].
+pub const MAX_UNWIND_MAPPINGS: u32 = 1_024;
+
+/// A user stack: return addresses, innermost first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UserStack {
+    /// The 64-bit hash of `ips[..len]`; the map key is its folded 32 bits,
+    /// so a key collision between two different stacks is detected.
+    pub hash: u64,
+    pub len: u64,
+    pub ips: [u64; MAX_FRAMES],
+}
+
+/// How to find the canonical frame address (CFA, the caller's stack pointer)
+/// at an address, from its call-frame information.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CfaRule {
+    /// No call-frame information covers the address.
+    NoInfo = 0,
+    /// CFA = rsp + offset.
+    Rsp = 1,
+    /// CFA = rbp + offset.
+    Rbp = 2,
+    /// The return address is undefined: the outermost frame (_start, a new
+    /// thread's clone).
+    End = 3,
+    /// A rule the programs do not follow (a DWARF expression, another
+    /// register); the walk stops there.
+    Unsupported = 4,
+}
+
+/// Where the caller's rbp is, at an address.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RbpRule {
+    /// Unchanged (not yet saved, or restored).
+    Same = 0,
+    /// Saved at CFA + offset.
+    AtCfa = 1,
+    /// Not recoverable with our rules: frames above cannot use it.
+    Lost = 2,
+}
+
+/// One row of an object's unwind table: the rules from `pc` (relative to the
+/// object's link-time addresses) up to the next row's `pc`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnwindRow {
+    pub pc: u32,
+    pub cfa_offset: i32,
+    pub rbp_offset: i16,
+    /// A [`CfaRule`].
+    pub cfa_rule: u8,
+    /// An [`RbpRule`].
+    pub rbp_rule: u8,
+}
+
+impl UnwindRow {
+    pub const EMPTY: UnwindRow = UnwindRow {
+        pc: 0,
+        cfa_offset: 0,
+        rbp_offset: 0,
+        cfa_rule: CfaRule::NoInfo as u8,
+        rbp_rule: RbpRule::Same as u8,
+    };
+}
+
+/// [`UNWIND_CHUNK_ROWS`] rows; one value of [`MAP_UNWIND_ROWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UnwindChunk {
+    pub rows: [UnwindRow; UNWIND_CHUNK_ROWS],
+}
+
+/// One executable mapping of the target and where its object's rows are.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindMapping {
+    pub start: u64,
+    pub end: u64,
+    /// Runtime address minus link-time address.
+    pub bias: u64,
+    /// Index of the object's first row in [`MAP_UNWIND_ROWS`] (global row
+    /// index, chunk * [`UNWIND_CHUNK_ROWS`] + row).
+    pub first_row: u32,
+    /// Number of rows; 0 when the object has no call-frame information.
+    pub rows: u32,
+}
+
+/// The live mapping set: `set` (0 or 1) and its `count` of mappings, packed
+/// in one u64 (`count << 32 | set`) so that it is written atomically.
+pub type UnwindState = u64;
 
 /// Young-allocation buckets kept per stack (see [`StackStats`]).
 pub const YOUNG_SLOTS: usize = 8;
@@ -205,10 +316,18 @@ pub enum Lost {
     ReadFailed = 8,
     /// The thread map was full.
     ThreadMapFull = 9,
+    /// A stack was cut where a frame had no call-frame information (or lay
+    /// outside every known executable mapping).
+    UnwindNoInfo = 10,
+    /// A stack was cut at a rule the programs do not follow, or at stack
+    /// memory that could not be read.
+    UnwindFailed = 11,
+    /// A stack was deeper than [`MAX_FRAMES`] and was cut.
+    UnwindDepth = 12,
 }
 
 impl Lost {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Lost; Self::COUNT as usize] = [
         Lost::AllocMapFull,
         Lost::MmapMapFull,
@@ -220,6 +339,9 @@ impl Lost {
         Lost::PendingMapFull,
         Lost::ReadFailed,
         Lost::ThreadMapFull,
+        Lost::UnwindNoInfo,
+        Lost::UnwindFailed,
+        Lost::UnwindDepth,
     ];
 
     /// The name used in reports and JSON.
@@ -235,6 +357,9 @@ impl Lost {
             Lost::PendingMapFull => "pending_map_full",
             Lost::ReadFailed => "read_failed",
             Lost::ThreadMapFull => "thread_map_full",
+            Lost::UnwindNoInfo => "unwind_no_info",
+            Lost::UnwindFailed => "unwind_failed",
+            Lost::UnwindDepth => "unwind_depth",
         }
     }
 }
@@ -245,6 +370,8 @@ const _: () = assert!(core::mem::size_of::<ThreadSiteStats>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<StackStats>() == 16 + 24 * YOUNG_SLOTS);
 const _: () = assert!(core::mem::size_of::<Pending>() == 40);
+const _: () = assert!(core::mem::size_of::<UnwindRow>() == 12);
+const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 32);
 
 #[cfg(feature = "user")]
 mod user {
@@ -256,6 +383,9 @@ mod user {
     unsafe impl aya::Pod for super::Pending {}
     unsafe impl aya::Pod for super::ThreadInfo {}
     unsafe impl aya::Pod for super::ThreadSiteStats {}
+    unsafe impl aya::Pod for super::UserStack {}
+    unsafe impl aya::Pod for super::UnwindChunk {}
+    unsafe impl aya::Pod for super::UnwindMapping {}
 }
 
 #[cfg(test)]

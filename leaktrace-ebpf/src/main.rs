@@ -9,6 +9,7 @@ mod maps;
 mod mmap;
 mod record;
 mod thread;
+mod unwind;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -6,11 +6,12 @@ use aya_ebpf::{
     Global,
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use leaktrace_common::{
-    AllocInfo, Config, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_STACKS, Lost,
-    MAX_PENDING, MAX_THREADS, Pending, StackStats, ThreadInfo, ThreadSiteStats,
+    AllocInfo, Config, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_STACKS,
+    DEFAULT_UNWIND_CHUNKS, Lost, MAX_PENDING, MAX_THREADS, MAX_UNWIND_MAPPINGS, Pending,
+    StackStats, ThreadInfo, ThreadSiteStats, UnwindChunk, UnwindMapping, UnwindState, UserStack,
 };
 
 #[unsafe(no_mangle)]
@@ -41,8 +42,24 @@ pub static MMAPS: HashMap<u64, AllocInfo> =
 pub static STACK_STATS: PerCpuHashMap<u32, StackStats> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
 
+/// Distinct user stacks; inserted rarely, so allocated on demand.
 #[map]
-pub static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
+pub static STACKS: HashMap<u32, UserStack> =
+    HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
+
+/// The stack being unwound (too big for the 512-byte program stack).
+#[map]
+pub static STACK_SCRATCH: PerCpuArray<UserStack> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static UNWIND_ROWS: Array<UnwindChunk> = Array::with_max_entries(DEFAULT_UNWIND_CHUNKS, 0);
+
+#[map]
+pub static UNWIND_MAPPINGS: Array<UnwindMapping> =
+    Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, 0);
+
+#[map]
+pub static UNWIND_STATE: Array<UnwindState> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(MAX_PENDING, 0);

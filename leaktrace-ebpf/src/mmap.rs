@@ -18,7 +18,8 @@ use leaktrace_common::{AllocInfo, CallKind, Lost};
 
 use crate::{
     maps::{MMAPS, PENDING, config, count_lost},
-    record::{current_epoch, enter, exit, size_wanted, stack_id, stack_pointer, target_tid},
+    record::{current_epoch, enter, exit, size_wanted, stack_pointer, target_tid},
+    unwind::stack_id,
 };
 
 type Result = core::result::Result<(), ()>;

@@ -4,16 +4,19 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
+    bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
+    programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    AllocInfo, CallKind, Config, Lost, NO_STACK, Pending, StackStats, YOUNG_SLOTS, YoungSlot,
+    AllocInfo, CallKind, Config, Lost, Pending, StackStats, YOUNG_SLOTS, YoungSlot,
     is_sampled,
 };
 
-use crate::maps::{ALLOCS, PENDING, STACK_STATS, STACKS, config, count_lost};
+use crate::{
+    maps::{ALLOCS, PENDING, STACK_STATS, config, count_lost},
+    unwind::stack_id,
+};
 
 const EEXIST: i64 = 17;
 
@@ -100,24 +103,6 @@ pub fn exit(ctx: &RetProbeContext, tid: u32) -> Option<Pending> {
     Some(taken)
 }
 
-/// The current user stack's id, or `NO_STACK` (counted) if it cannot be had.
-/// Called from return probes, where the first frame is the allocator's
-/// caller: at the entry the caller's frame is not yet on the frame chain.
-#[inline(always)]
-pub fn stack_id<C: StackIdContext>(ctx: &C) -> u32 {
-    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK.into()) {
-        Ok(id) => id as u32,
-        Err(err) => {
-            if i64::from(err) == -EEXIST {
-                count_lost(Lost::StackCollision);
-            } else {
-                count_lost(Lost::StackUnavailable);
-            }
-            NO_STACK
-        }
-    }
-}
-
 /// The age epoch of an allocation made now.
 #[inline(always)]
 pub fn current_epoch(config: &Config) -> u32 {
@@ -137,7 +122,7 @@ pub fn size_wanted(size: u64, config: &Config) -> bool {
 
 /// Record a new heap allocation at `addr` made from the current stack.
 #[inline(always)]
-pub fn record_alloc<C: StackIdContext>(ctx: &C, addr: u64, size: u64) {
+pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
     let config = config();
     // Sampling skips the dear part (the stack walk and the map insert).
     if addr == 0 || !size_wanted(size, &config) || !is_sampled(addr, config.sample_rate) {

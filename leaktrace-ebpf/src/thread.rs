@@ -16,7 +16,8 @@ use leaktrace_common::{
 
 use crate::{
     maps::{DETACH_ATTRS, PENDING, PTHREADS, THREAD_SITES, THREADS, count_lost},
-    record::{enter, exit, stack_id, target_tid},
+    record::{enter, exit, target_tid},
+    unwind::stack_id,
 };
 
 type Result = core::result::Result<(), ()>;

@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
 };
 use leaktrace_common::{
     AllocInfo, Lost, MAP_LOST, MAP_MMAPS, MAP_STACK_STATS, MAP_STACKS, MAP_THREAD_SITES,
     MAP_THREADS, StackStats, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, ThreadInfo,
-    ThreadSiteStats, YOUNG_EPOCHS,
+    ThreadSiteStats, UserStack, YOUNG_EPOCHS,
 };
 
 /// Outstanding memory of one stack.
@@ -200,11 +200,12 @@ pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<Th
 
 /// The instruction pointers of a stack, innermost first.
 pub fn stack_ips(ebpf: &Ebpf, stack_id: u32) -> anyhow::Result<Vec<u64>> {
-    let stacks: StackTraceMap<&MapData> = StackTraceMap::try_from(map(ebpf, MAP_STACKS)?)?;
-    let trace = stacks
+    let stacks: BpfHashMap<&MapData, u32, UserStack> = BpfHashMap::try_from(map(ebpf, MAP_STACKS)?)?;
+    let stack = stacks
         .get(&stack_id, 0)
         .with_context(|| format!("failed to read stack {stack_id}"))?;
-    Ok(trace.frames().iter().map(|frame| frame.ip).collect())
+    let len = (stack.len as usize).min(stack.ips.len());
+    Ok(stack.ips[..len].to_vec())
 }
 
 fn map<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a Map> {

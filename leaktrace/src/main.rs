@@ -12,6 +12,7 @@ mod reporter;
 mod session;
 mod symbolizer;
 mod target;
+mod unwind;
 mod verdict;
 
 use std::process::ExitCode;

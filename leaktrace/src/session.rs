@@ -22,6 +22,7 @@ use crate::{
     report::ProbedObject,
     reporter::{ReportOptions, Reporter},
     target::{self, Target},
+    unwind::Unwinder,
 };
 
 const CAP_SYS_ADMIN: u32 = 21;
@@ -64,6 +65,13 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         max_stacks: args.max_stacks,
         sample_rate: args.sample_rate,
     })?;
+    // The unwind tables go in before the probes, so that the first events
+    // already get whole stacks. A `-c` child has not run its program yet:
+    // its tables are loaded as it maps it.
+    let mut unwinder = Unwinder::new(&mut ebpf, pid)?;
+    if target.program().is_none() {
+        unwinder.refresh().map_err(|err| attach_error(err, target))?;
+    }
     let allocator = args.obj.as_deref();
     let probed = loader::attach_all(
         &mut ebpf,
@@ -98,13 +106,13 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         "leaktrace: attached to pid {pid}: functions probed: {}; Ctrl-C to stop",
         summary.join(", ")
     );
-    target.release()?;
-
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("failed to install a signal handler")?;
     }
+    target.release()?;
+    let _unwinding = unwinder.spawn(Arc::clone(&stop));
 
     let mut reporter = Reporter::new(
         ebpf,

@@ -1,0 +1,248 @@
+//! User stacks unwound from call-frame information, so that code built
+//! without frame pointers (most distributions' -O2, glibc, libstdc++, Rust's
+//! standard library) still gives the whole chain of callers.
+//!
+//! The loader turns each object's .eh_frame (or .debug_frame) into rows of
+//! two rules, where the caller's stack pointer (the CFA) is and where the
+//! caller's rbp was saved, and publishes the target's executable mappings.
+//! Each frame is one `bpf_loop` step: find the mapping, binary-search its
+//! rows, read the return address at CFA - 8. A frame without rows, or with a
+//! rule we do not follow, ends the stack there (counted), so no guessed
+//! frame ever enters a report. Frames whose rule is "CFA = rbp + 16" (code
+//! built with frame pointers) take the same path: the row says so.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_NOEXIST, pt_regs},
+    helpers::{bpf_probe_read_user, generated::bpf_loop},
+};
+use leaktrace_common::{
+    CfaRule, Lost, MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, RbpRule, UNWIND_CHUNK_ROWS,
+    UnwindMapping, UnwindRow,
+};
+
+use crate::maps::{STACK_SCRATCH, STACKS, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE, count_lost};
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+/// Enough halvings for [`MAX_UNWIND_MAPPINGS`] mappings.
+const MAPPING_SEARCH_STEPS: u32 = 11;
+/// Enough halvings for 16 Mi rows in one object.
+const ROW_SEARCH_STEPS: u32 = 24;
+const EEXIST: i64 = 17;
+
+/// `bpf_loop` callback results.
+const CONTINUE: i64 = 0;
+const STOP: i64 = 1;
+
+/// The walk's registers and progress, on the probe's stack; `bpf_loop`
+/// hands it to every step.
+#[repr(C)]
+struct Walk {
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    hash: u64,
+    /// First index of the live mapping set.
+    set_base: u32,
+    count: u32,
+    /// Whether `bp` still holds the frame's rbp.
+    bp_known: u32,
+    /// Frames recorded so far.
+    len: u32,
+}
+
+/// The id of the current user stack in `STACKS`, or `NO_STACK` (counted).
+/// Called from return probes, where the first frame is the allocator's
+/// caller, at the instruction after its call.
+#[inline(always)]
+pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
+    let regs = ctx.as_ptr().cast::<pt_regs>();
+    // SAFETY: the context of a (u)probe program is the user pt_regs, which
+    // the verifier lets the program read directly.
+    let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    let state = UNWIND_STATE.get(0).copied().unwrap_or(0);
+    let count = (state >> 32) as u32;
+    let mut walk = Walk {
+        ip,
+        sp,
+        bp,
+        hash: FNV_OFFSET,
+        set_base: (state as u32 & 1) * MAX_UNWIND_MAPPINGS,
+        count: if count > MAX_UNWIND_MAPPINGS { MAX_UNWIND_MAPPINGS } else { count },
+        bp_known: 1,
+        len: 0,
+    };
+    // SAFETY: `step` has the callback signature bpf_loop expects, and
+    // `walk` outlives the call.
+    unsafe {
+        bpf_loop(
+            MAX_FRAMES as u32,
+            step as *const () as *mut c_void,
+            (&raw mut walk).cast(),
+            0,
+        )
+    };
+    let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
+        count_lost(Lost::StackUnavailable);
+        return NO_STACK;
+    };
+    if walk.len == 0 {
+        count_lost(Lost::StackUnavailable);
+        return NO_STACK;
+    }
+    // SAFETY: a pointer from a successful lookup in a per-CPU array, valid
+    // for this program run and used by this CPU only.
+    let stack = unsafe { &mut *stack };
+    stack.hash = walk.hash;
+    stack.len = walk.len as u64;
+    let mut id = (walk.hash ^ (walk.hash >> 32)) as u32;
+    if id == NO_STACK {
+        id = 0;
+    }
+    if let Some(known) = STACKS.get_ptr(id) {
+        // SAFETY: a pointer from a successful lookup, valid for this run;
+        // stacks are never changed once inserted.
+        let known = unsafe { &*known };
+        if known.hash == stack.hash && known.len == stack.len {
+            return id;
+        }
+        count_lost(Lost::StackCollision);
+        return NO_STACK;
+    }
+    match STACKS.insert(id, &*stack, BPF_NOEXIST.into()) {
+        Ok(()) => id,
+        // Another CPU inserted it between our lookup and insert.
+        Err(err) if i64::from(err) == -EEXIST => id,
+        Err(_) => {
+            count_lost(Lost::StackCollision);
+            NO_STACK
+        }
+    }
+}
+
+/// One frame: record `walk.ip`, then move `walk` to the caller's frame.
+/// Returns [`STOP`] when the stack ends or cannot be followed further.
+#[inline(never)]
+extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `stack_id` gave it, to
+    // a `Walk` on that function's stack.
+    let walk = unsafe { &mut *ctx.cast::<Walk>() };
+    let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return STOP;
+    };
+    // SAFETY: as in `stack_id`.
+    let stack = unsafe { &mut *stack };
+    stack.ips[index as usize & (MAX_FRAMES - 1)] = walk.ip;
+    walk.len = index + 1;
+    walk.hash = (walk.hash ^ walk.ip).wrapping_mul(FNV_PRIME);
+    if index as usize + 1 >= MAX_FRAMES {
+        count_lost(Lost::UnwindDepth);
+        return STOP;
+    }
+    // A return address is the instruction after the call; the call itself
+    // belongs to the frame's function (a call to a noreturn function can be
+    // its last instruction). The first frame's ip is where it resumes.
+    let lookup = if index == 0 { walk.ip } else { walk.ip.wrapping_sub(1) };
+    let Some(row) = find_mapping(walk, lookup).and_then(|mapping| find_row(&mapping, lookup))
+    else {
+        count_lost(Lost::UnwindNoInfo);
+        return STOP;
+    };
+    let offset = row.cfa_offset as i64 as u64;
+    let cfa = if row.cfa_rule == CfaRule::Rsp as u8 {
+        walk.sp.wrapping_add(offset)
+    } else if row.cfa_rule == CfaRule::Rbp as u8 && walk.bp_known != 0 {
+        walk.bp.wrapping_add(offset)
+    } else if row.cfa_rule == CfaRule::End as u8 {
+        return STOP;
+    } else if row.cfa_rule == CfaRule::NoInfo as u8 {
+        count_lost(Lost::UnwindNoInfo);
+        return STOP;
+    } else {
+        count_lost(Lost::UnwindFailed);
+        return STOP;
+    };
+    // The caller's frame is above ours: anything else is a corrupt stack or
+    // a wrong rule, and could loop.
+    if cfa <= walk.sp {
+        count_lost(Lost::UnwindFailed);
+        return STOP;
+    }
+    // SAFETY: bpf_probe_read_user checks the address.
+    let Ok(return_address) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
+        count_lost(Lost::UnwindFailed);
+        return STOP;
+    };
+    if row.rbp_rule == RbpRule::AtCfa as u8 {
+        let saved = cfa.wrapping_add(row.rbp_offset as i64 as u64);
+        // SAFETY: as above.
+        match unsafe { bpf_probe_read_user(saved as *const u64) } {
+            Ok(bp) => walk.bp = bp,
+            Err(_) => walk.bp_known = 0,
+        }
+    } else if row.rbp_rule == RbpRule::Lost as u8 {
+        walk.bp_known = 0;
+    }
+    if return_address == 0 {
+        return STOP;
+    }
+    walk.sp = cfa;
+    walk.ip = return_address;
+    CONTINUE
+}
+
+/// The live mapping containing `addr`.
+#[inline(always)]
+fn find_mapping(walk: &Walk, addr: u64) -> Option<UnwindMapping> {
+    let (mut low, mut high) = (0u32, walk.count);
+    for _ in 0..MAPPING_SEARCH_STEPS {
+        if low >= high {
+            return None;
+        }
+        let middle = low + (high - low) / 2;
+        let mapping = UNWIND_MAPPINGS.get(walk.set_base + middle)?;
+        if addr < mapping.start {
+            high = middle;
+        } else if addr >= mapping.end {
+            low = middle + 1;
+        } else {
+            return Some(*mapping);
+        }
+    }
+    None
+}
+
+/// The row in force at `addr` in `mapping`'s object: the last row whose pc
+/// is not above it.
+#[inline(always)]
+fn find_row(mapping: &UnwindMapping, addr: u64) -> Option<UnwindRow> {
+    let pc = addr.wrapping_sub(mapping.bias);
+    if mapping.rows == 0 || pc > u32::MAX as u64 {
+        return None;
+    }
+    let pc = pc as u32;
+    // The answer is in [low, high).
+    let (mut low, mut high) = (mapping.first_row, mapping.first_row + mapping.rows);
+    for _ in 0..ROW_SEARCH_STEPS {
+        if high - low <= 1 {
+            break;
+        }
+        let middle = low + (high - low) / 2;
+        if row(middle)?.pc <= pc {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    let found = row(low)?;
+    (high - low <= 1 && found.pc <= pc).then_some(found)
+}
+
+#[inline(always)]
+fn row(index: u32) -> Option<UnwindRow> {
+    let chunk = UNWIND_ROWS.get(index / UNWIND_CHUNK_ROWS as u32)?;
+    Some(chunk.rows[index as usize % UNWIND_CHUNK_ROWS])
+}
