@@ -106,12 +106,23 @@ fn time_pairs(
     args: &BenchArgs,
 ) -> anyhow::Result<()> {
     let source = workspace_root().join("xtask/bench/alloc_loop.c");
-    // Frame pointers, as in the programs leaktrace is meant for: its stack walks
-    // (and bpftrace's ustack) rely on them, so leaving them out would time a
-    // cheaper, less useful trace.
-    let workload = compile_c(&source, "alloc_loop", &C_FLAGS)?;
+    // With frame pointers (bpftrace's ustack needs them), and the same
+    // program as distributions build it, -O2 without: leaktrace unwinds both
+    // from their call-frame information, and the second pair of modes shows
+    // what walking frames without frame pointers costs.
+    let workloads = Workloads {
+        frame_pointers: compile_c(&source, "alloc_loop", &C_FLAGS)?,
+        no_frame_pointers: compile_c(&source, "alloc_loop_nofp", &C_FLAGS_NO_FRAME_POINTERS)?,
+    };
     let workload_args = [args.pairs.to_string(), args.threads.to_string()];
-    let mut modes = vec![Mode::Untraced, Mode::Floor, Mode::Leaktrace, Mode::Sampled];
+    let mut modes = vec![
+        Mode::Untraced,
+        Mode::Floor,
+        Mode::Leaktrace,
+        Mode::Sampled,
+        Mode::UntracedNoFp,
+        Mode::LeaktraceNoFp,
+    ];
     if bpftrace.is_some() {
         modes.push(Mode::Bpftrace);
     }
@@ -126,7 +137,7 @@ fn time_pairs(
                 leaktrace,
                 bpftrace,
                 args.threads,
-                &workload,
+                workloads.for_mode(mode),
                 &workload_args,
             )
             .with_context(|| format!("{} run in round {round} failed", mode.name()))?;
@@ -184,7 +195,15 @@ fn time_pairs(
         (traced.median - sampled.median) / 1000.0,
         (sampled.median - untraced.median) / 1000.0
     );
-    if let Some(bpftrace) = summaries.get(4) {
+    let [untraced_nofp, traced_nofp] = [&summaries[4], &summaries[5]];
+    let added_nofp = traced_nofp.median - untraced_nofp.median;
+    println!(
+        "-O2 without frame pointers: {:.2} µs added per pair, against {:.2} µs with frame pointers ({:+.2} µs)",
+        added_nofp / 1000.0,
+        added / 1000.0,
+        (added_nofp - added) / 1000.0
+    );
+    if let Some(bpftrace) = summaries.get(6) {
         let bpftrace_added = bpftrace.median - untraced.median;
         let ratio = if added > 0.0 {
             format!("{:.1}x less", bpftrace_added / added)
@@ -202,6 +221,23 @@ fn time_pairs(
 
 /// The C flags of both workloads.
 pub(super) const C_FLAGS: [&str; 4] = ["-O2", "-g", "-fno-omit-frame-pointer", "-Wall"];
+/// alloc_loop as distributions build programs.
+const C_FLAGS_NO_FRAME_POINTERS: [&str; 4] = ["-O2", "-g", "-fomit-frame-pointer", "-Wall"];
+
+/// alloc_loop built two ways.
+struct Workloads {
+    frame_pointers: PathBuf,
+    no_frame_pointers: PathBuf,
+}
+
+impl Workloads {
+    fn for_mode(&self, mode: Mode) -> &Path {
+        match mode {
+            Mode::UntracedNoFp | Mode::LeaktraceNoFp => &self.no_frame_pointers,
+            _ => &self.frame_pointers,
+        }
+    }
+}
 
 /// One way of running alloc_loop.
 #[derive(Clone, Copy)]
@@ -212,6 +248,10 @@ enum Mode {
     Leaktrace,
     /// leaktrace -s 10: one allocation in ten tracked.
     Sampled,
+    /// The -O2 build without frame pointers, untraced.
+    UntracedNoFp,
+    /// The -O2 build without frame pointers under leaktrace.
+    LeaktraceNoFp,
     /// xtask/bench/memleak.bt under bpftrace.
     Bpftrace,
 }
@@ -223,6 +263,8 @@ impl Mode {
             Self::Floor => "floor",
             Self::Leaktrace => "leaktrace",
             Self::Sampled => "leaktrace -s 10",
+            Self::UntracedNoFp => "untraced nofp",
+            Self::LeaktraceNoFp => "leaktrace nofp",
             Self::Bpftrace => "bpftrace",
         }
     }
@@ -239,14 +281,16 @@ fn timed_run(
 ) -> anyhow::Result<f64> {
     let mut run = Workload::start(workload, args)?;
     let tracer = match mode {
-        Mode::Untraced => None,
+        Mode::Untraced | Mode::UntracedNoFp => None,
         Mode::Floor => Some(Tracer::leaktrace(
             leaktrace,
             run.pid,
             TRACE_INTERVAL,
             &["--floor"],
         )?),
-        Mode::Leaktrace => Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &[])?),
+        Mode::Leaktrace | Mode::LeaktraceNoFp => {
+            Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &[])?)
+        }
         Mode::Sampled => Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &["-s", "10"])?),
         Mode::Bpftrace => {
             let bpftrace = bpftrace.expect("the bpftrace mode runs only when bpftrace was found");
