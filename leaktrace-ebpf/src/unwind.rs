@@ -130,6 +130,17 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer `stack_id` gave it, to
     // a `Walk` on that function's stack.
     let walk = unsafe { &mut *ctx.cast::<Walk>() };
+    // A return address is the instruction after the call; the call itself
+    // belongs to the frame's function (a call to a noreturn function can be
+    // its last instruction). The first frame's ip is where it resumes.
+    let lookup = if index == 0 { walk.ip } else { walk.ip.wrapping_sub(1) };
+    let mapping = find_mapping(walk, lookup);
+    // A return address outside every executable mapping is not code we
+    // know: it is left out rather than shown as a frame.
+    if index > 0 && mapping.is_none() {
+        count_lost(Lost::UnwindNoInfo);
+        return STOP;
+    }
     let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
         return STOP;
     };
@@ -142,12 +153,7 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
         count_lost(Lost::UnwindDepth);
         return STOP;
     }
-    // A return address is the instruction after the call; the call itself
-    // belongs to the frame's function (a call to a noreturn function can be
-    // its last instruction). The first frame's ip is where it resumes.
-    let lookup = if index == 0 { walk.ip } else { walk.ip.wrapping_sub(1) };
-    let Some(row) = find_mapping(walk, lookup).and_then(|mapping| find_row(&mapping, lookup))
-    else {
+    let Some(row) = mapping.and_then(|mapping| find_row(&mapping, lookup)) else {
         count_lost(Lost::UnwindNoInfo);
         return STOP;
     };

@@ -29,7 +29,9 @@ use leaktrace_common::{
     UNWIND_CHUNK_ROWS, UnwindChunk, UnwindMapping, UnwindRow,
 };
 use memmap2::Mmap;
-use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+use object::{
+    Object as _, ObjectSection as _, ObjectSegment as _, SegmentFlags, elf::PF_X,
+};
 use procfs::process::{MMPermissions, MMapPath, Process};
 
 /// How often the mappings are checked: often while a `-c` program is
@@ -210,13 +212,38 @@ struct ExecMapping {
     path: PathBuf,
 }
 
+/// A PT_LOAD segment: file range and link-time address.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    offset: u64,
+    size: u64,
+    address: u64,
+}
+
+const PAGE_SIZE: u64 = 4096;
+
+/// Runtime minus link-time address for an executable mapping. The kernel
+/// maps a segment from its file offset rounded down to a page, so the
+/// mapping's offset can lie before the segment's own (lld does not
+/// page-align segments in the file).
+fn mapping_bias(segments: &[Segment], mapping: &ExecMapping) -> Option<u64> {
+    segments.iter().find_map(|segment| {
+        let page_start = segment.offset & !(PAGE_SIZE - 1);
+        (page_start <= mapping.offset && mapping.offset < segment.offset + segment.size).then(|| {
+            // The link-time address of the mapping's first byte.
+            let address = (segment.address - segment.offset).wrapping_add(mapping.offset);
+            mapping.start.wrapping_sub(address)
+        })
+    })
+}
+
 /// Where an object's rows are, and how its file offsets become addresses.
 #[derive(Clone, Debug)]
 struct LoadedObject {
     first_row: u32,
     rows: u32,
-    /// (file offset, size, link-time address) of each PT_LOAD segment.
-    segments: Vec<(u64, u64, u64)>,
+    /// The executable PT_LOAD segments.
+    segments: Vec<Segment>,
 }
 
 /// Keeps the kernel's unwind maps in step with the target's mappings.
@@ -264,10 +291,7 @@ impl Unwinder {
             let Some(object) = self.object(mapping) else {
                 continue;
             };
-            let Some(bias) = object.segments.iter().find_map(|&(offset, size, address)| {
-                (offset <= mapping.offset && mapping.offset < offset + size)
-                    .then(|| mapping.start.wrapping_sub(address + (mapping.offset - offset)))
-            }) else {
+            let Some(bias) = mapping_bias(&object.segments, mapping) else {
                 continue;
             };
             published.push(UnwindMapping {
@@ -325,9 +349,16 @@ impl Unwinder {
         let data = unsafe { Mmap::map(&file) }.with_context(|| format!("failed to map {path}"))?;
         let segments = object::File::parse(&*data)?
             .segments()
+            .filter(|segment| {
+                matches!(segment.flags(), SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0)
+            })
             .map(|segment| {
                 let (offset, size) = segment.file_range();
-                (offset, size, segment.address())
+                Segment {
+                    offset,
+                    size,
+                    address: segment.address(),
+                }
             })
             .collect();
         let rows = object_rows(&data)?;
@@ -427,6 +458,26 @@ mod tests {
         assert_eq!((rows[at].cfa_rule, rows[at].cfa_offset), (CfaRule::Rsp as u8, 8));
     }
 
+    /// Check the bias of a mapping whose segment starts mid-page in the file
+    /// (as lld lays out Rust binaries): offset 0x154d0 at 0x164d0.
+    #[test]
+    fn bias_of_unaligned_segment() {
+        let segments = [Segment {
+            offset: 0x154d0,
+            size: 0x40000,
+            address: 0x164d0,
+        }];
+        let mapping = ExecMapping {
+            start: 0x5555_5556_a000,
+            end: 0x5555_555a_a000,
+            offset: 0x15000,
+            file: (0, 0),
+            path: PathBuf::new(),
+        };
+        // File offset 0x15000 is link-time address 0x16000.
+        assert_eq!(mapping_bias(&segments, &mapping), Some(0x5555_5556_a000 - 0x16000));
+    }
+
     /// Check the gap and merge rules on hand-made spans.
     #[test]
     fn compaction() {
@@ -451,5 +502,24 @@ mod tests {
         let gap = compact(vec![span(0x100, 0x110, rule(8)), span(0x200, 0x210, rule(8))]).unwrap();
         let pcs: Vec<(u32, u8)> = gap.iter().map(|row| (row.pc, row.cfa_rule)).collect();
         assert_eq!(pcs, [(0x100, 1), (0x110, 0), (0x200, 1), (0x210, 0)]);
+    }
+}
+
+#[cfg(test)]
+mod dump {
+    /// Print the rows of $UNWIND_DUMP between $UNWIND_FROM and $UNWIND_TO (hex).
+    #[test]
+    #[ignore]
+    fn dump_rows() {
+        let path = std::env::var("UNWIND_DUMP").unwrap();
+        let from = u32::from_str_radix(&std::env::var("UNWIND_FROM").unwrap(), 16).unwrap();
+        let to = u32::from_str_radix(&std::env::var("UNWIND_TO").unwrap(), 16).unwrap();
+        let file = std::fs::File::open(path).unwrap();
+        let data = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        let rows = super::object_rows(&data).unwrap();
+        println!("{} rows", rows.len());
+        for row in rows.iter().filter(|row| row.pc >= from && row.pc <= to) {
+            println!("{row:x?}");
+        }
     }
 }
