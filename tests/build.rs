@@ -1,5 +1,6 @@
 //! Compiles the C/C++/Rust fixture programs into OUT_DIR/fixtures with debug
-//! info and frame pointers, and exposes that directory to the tests as
+//! info and frame pointers (the unwind_* and rust_unwind fixtures: optimized,
+//! without frame pointers), and exposes that directory to the tests as
 //! FIXTURE_DIR (and OUT_DIR/debug, a --debug-dir, as FIXTURE_DEBUG_DIR).
 //!
 //! Fixtures that need an optional package (an allocator library, musl) do not
@@ -38,6 +39,31 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("sysroot_leak.c", "sysroot_leak"),
 ];
 
+/// Flags of the unwinding fixtures: optimized code without frame pointers,
+/// whose stacks only DWARF call-frame information (.eh_frame) can walk. The
+/// sources keep each function a real frame themselves (noinline, noclone, and
+/// no call in tail position, so no call becomes a jmp).
+const UNWIND_FLAGS: &[&str] = &["-g", "-O2", "-fomit-frame-pointer", "-pthread", "-Wall", "-Wextra"];
+
+/// Flags of the one unwinding fixture file with no unwind information at all:
+/// no .eh_frame, and no -g, with which GCC would write the CFI to .debug_frame.
+const NO_CFI_FLAGS: &[&str] = &[
+    "-O2",
+    "-fomit-frame-pointer",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-unwind-tables",
+    "-Wall",
+    "-Wextra",
+];
+
+/// Unwinding fixtures, built with UNWIND_FLAGS: (source file, output name).
+const UNWIND_PROGRAMS: &[(&str, &str)] = &[
+    ("unwind_chain.c", "unwind_chain"),
+    ("unwind_cpp.cpp", "unwind_cpp"),
+    ("unwind_libc.c", "unwind_libc"),
+    ("unwind_thread.c", "unwind_thread"),
+];
+
 fn main() {
     let src = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap()).join("fixtures");
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("fixtures");
@@ -69,6 +95,8 @@ fn main() {
         ],
     );
 
+    build_unwind_fixtures(&src, &out);
+
     let debug_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("debug");
     build_allocator_fixtures(&src, &out);
     build_debug_info_fixtures(&src, &out, &debug_dir);
@@ -76,6 +104,31 @@ fn main() {
 
     println!("cargo:rustc-env=FIXTURE_DIR={}", out.display());
     println!("cargo:rustc-env=FIXTURE_DEBUG_DIR={}", debug_dir.display());
+}
+
+/// Optimized programs without frame pointers, for the tracer's DWARF
+/// unwinder; unwind_nocfi links in nocfi_caller, a function with no unwind
+/// information, from an object built with NO_CFI_FLAGS.
+fn build_unwind_fixtures(src: &Path, out: &Path) {
+    for (source, name) in UNWIND_PROGRAMS {
+        compile_with(UNWIND_FLAGS, &[&src.join(source)], &out.join(name), &[])
+            .unwrap_or_else(|err| panic!("{err}"));
+    }
+    let object = out.join("unwind_nocfi_caller.o");
+    compile_with(
+        NO_CFI_FLAGS,
+        &[&src.join("unwind_nocfi_caller.c")],
+        &object,
+        &["-c"],
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    compile_with(
+        UNWIND_FLAGS,
+        &[&src.join("unwind_nocfi.c"), &object],
+        &out.join("unwind_nocfi"),
+        &[],
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
 }
 
 /// Programs whose allocator is not glibc's shared malloc: static glibc, static
@@ -212,6 +265,15 @@ fn build_rust_fixtures(src: &Path, out: &Path) {
         run(&mut command);
     }
 
+    // Optimized, without frame pointers: only .eh_frame walks its stacks.
+    let mut command = Command::new(&rustc);
+    command
+        .args(["-g", "-C", "opt-level=2", "-C", "force-frame-pointers=no"])
+        .arg("-o")
+        .arg(out.join("rust_unwind"))
+        .arg(src.join("rust_unwind.rs"));
+    run(&mut command);
+
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let target_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("rust_global");
     let mut command = Command::new(&cargo);
@@ -298,6 +360,32 @@ fn try_compile(
     output: &Path,
     extra: &[&str],
 ) -> Result<(), String> {
+    compile_by(compiler, COMMON_FLAGS, &[source], output, extra)
+}
+
+/// Compiles and links `inputs` (or, with "-c" in `extra`, compiles one into
+/// an object) with `flags` in place of COMMON_FLAGS, with gcc, or g++ if the
+/// first input is C++.
+fn compile_with(
+    flags: &[&str],
+    inputs: &[&Path],
+    output: &Path,
+    extra: &[&str],
+) -> Result<(), String> {
+    compile_by(None, flags, inputs, output, extra)
+}
+
+/// Runs `compiler` (None: gcc, or g++ if the first input is C++) with
+/// `flags`, the fixtures directory as an include path, `inputs` (sources and
+/// objects) and then `extra`.
+fn compile_by(
+    compiler: Option<&str>,
+    flags: &[&str],
+    inputs: &[&Path],
+    output: &Path,
+    extra: &[&str],
+) -> Result<(), String> {
+    let source = inputs[0];
     let cpp = source.extension().is_some_and(|ext| ext == "cpp");
     let compiler = match compiler {
         Some(compiler) => compiler.to_owned(),
@@ -305,12 +393,12 @@ fn try_compile(
         None => env::var("CC").unwrap_or_else(|_| "gcc".into()),
     };
     let result = Command::new(&compiler)
-        .args(COMMON_FLAGS)
+        .args(flags)
         .arg("-I")
         .arg(source.parent().unwrap())
         .arg("-o")
         .arg(output)
-        .arg(source)
+        .args(inputs)
         .args(extra)
         .output()
         .map_err(|err| format!("failed to run {compiler}: {err}"))?;

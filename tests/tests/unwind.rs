@@ -1,0 +1,302 @@
+//! Stacks of programs built without frame pointers (C and C++ at -O2
+//! -fomit-frame-pointer, Rust at opt-level 2), walked from their DWARF
+//! call-frame information: every frame from the allocator's caller up to
+//! main is reported, in order, also through code in libc, libstdc++ and
+//! Rust's standard library; a frame with no call-frame information ends the
+//! stack cleanly and is counted as lost.
+
+use leaktrace_tests::*;
+use serde_json::Value;
+use std::{ops::Range, path::Path, process::Command};
+
+/// How a frame's symbol is matched: C names exactly, demangled C++ and Rust
+/// names (with parameters, generics, crate paths or hashes) by a part.
+#[derive(Clone, Copy, Debug)]
+enum Name {
+    Is(&'static str),
+    Has(&'static str),
+}
+
+impl Name {
+    fn matches(self, symbol: Option<&str>) -> bool {
+        match (self, symbol) {
+            (Name::Is(name), Some(symbol)) => symbol == name,
+            (Name::Has(part), Some(symbol)) => symbol.contains(part),
+            (_, None) => false,
+        }
+    }
+}
+
+/// A stack's frames that are calls of their own, innermost first. Inlined
+/// frames share the address of the frame after them (a return address in a
+/// caller may fall in code inlined there, e.g. black_box), so they are left out.
+fn calls(stack: &Value) -> Vec<&Value> {
+    frames(stack).iter().filter(|frame| frame["inlined"] != true).collect()
+}
+
+/// The symbols of a stack's calls, "?" for a frame without one, for messages.
+fn call_names(stack: &Value) -> Vec<&str> {
+    calls(stack).into_iter().map(|frame| symbol(frame).unwrap_or("?")).collect()
+}
+
+/// Where `chain` (innermost first) begins in the stack's calls: the first
+/// call matching chain[0], followed at once by calls matching the rest, in order.
+fn chain_start(stack: &Value, chain: &[Name]) -> Result<usize, String> {
+    let calls = calls(stack);
+    let start = calls
+        .iter()
+        .position(|frame| chain[0].matches(symbol(frame)))
+        .ok_or_else(|| format!("no frame {:?}", chain[0]))?;
+    for (i, name) in chain.iter().enumerate().skip(1) {
+        if !calls.get(start + i).is_some_and(|frame| name.matches(symbol(frame))) {
+            return Err(format!("frame {} after {:?} is not {name:?}", start + i, chain[0]));
+        }
+    }
+    Ok(start)
+}
+
+/// Every stack of the report that calls through `chain[0]`, each asserted to
+/// show the whole chain as consecutive calls, with their (bytes, allocations)
+/// total. Returns the stacks and where the chain begins in each.
+fn chain_stacks<'a>(report: &'a Value, chain: &[Name]) -> (Vec<(&'a Value, usize)>, (u64, u64)) {
+    let through: Vec<&Value> = stacks(report)
+        .iter()
+        .filter(|stack| calls(stack).iter().any(|frame| chain[0].matches(symbol(frame))))
+        .collect();
+    assert!(!through.is_empty(), "no stack has a frame {:?}: {report}", chain[0]);
+    let mut found = Vec::new();
+    for stack in through {
+        match chain_start(stack, chain) {
+            Ok(start) => found.push((stack, start)),
+            Err(why) => panic!(
+                "a stack through {:?} lacks the chain {chain:?} ({why}); its calls are {:?}: {report}",
+                chain[0],
+                call_names(stack)
+            ),
+        }
+    }
+    let total =
+        found.iter().fold((0, 0), |(b, a), (stack, _)| (b + bytes(stack), a + allocations(stack)));
+    (found, total)
+}
+
+/// Asserts that every call before `start` (the frames the chain's first
+/// function called into) lies in a module whose path contains `library`, that
+/// there is at least one, and that one's symbol contains `name`.
+fn assert_called_into(report: &Value, stack: &Value, start: usize, library: &str, name: &str) {
+    let inside = &calls(stack)[..start];
+    assert!(
+        !inside.is_empty(),
+        "the stack has no {library} frame before its first own frame; calls {:?}: {report}",
+        call_names(stack)
+    );
+    for frame in inside {
+        assert!(
+            frame["module"].as_str().is_some_and(|module| module.contains(library)),
+            "frame {frame} before the program's own frames is not in {library}; calls {:?}: {report}",
+            call_names(stack)
+        );
+    }
+    assert!(
+        inside.iter().filter_map(|frame| symbol(frame)).any(|sym| sym.contains(name)),
+        "no {library} frame names {name}; calls {:?}: {report}",
+        call_names(stack)
+    );
+}
+
+/// Check that a C leak made two calls below main in -O2 code without frame
+/// pointers is reported as leak_leaf -> leak_middle -> leak_outer -> main, with
+/// its exact bytes.
+#[test]
+fn c_leak_without_frame_pointers_unwound_to_main() {
+    let report = trace_fixture("unwind_chain", &[], &[]);
+    let chain =
+        [Name::Is("leak_leaf"), Name::Is("leak_middle"), Name::Is("leak_outer"), Name::Is("main")];
+    let (found, total) = chain_stacks(&report, &chain);
+    for (stack, start) in found {
+        assert_eq!(
+            start,
+            0,
+            "leak_leaf is not the first frame (malloc's caller); calls {:?}: {report}",
+            call_names(stack)
+        );
+    }
+    assert_eq!(total, (43210, 10), "leak_leaf should hold 10 x 4321 bytes: {report}");
+}
+
+/// Check that a C++ leak through operator new from a template method in -O2
+/// code without frame pointers is reported as [operator new ->]
+/// Pool<Block>::grow -> fill_pool -> main, with its exact bytes.
+#[test]
+fn cpp_template_leak_without_frame_pointers_unwound_to_main() {
+    let report = trace_fixture("unwind_cpp", &[], &[]);
+    let chain = [Name::Has("Pool<Block>::grow"), Name::Has("fill_pool"), Name::Is("main")];
+    let (found, total) = chain_stacks(&report, &chain);
+    for (stack, start) in found {
+        assert!(
+            first_user_symbol(stack).is_some_and(|sym| sym.contains("Pool<Block>::grow")),
+            "the first frame outside operator new is not Pool<Block>::grow; calls {:?}: {report}",
+            call_names(stack)
+        );
+        // Stacks are taken at operator new's return (so it is not a frame) or
+        // inside it, in libstdc++; nothing else may come before grow.
+        for frame in &calls(stack)[..start] {
+            assert!(
+                frame["module"].as_str().is_some_and(|module| module.contains("libstdc++")),
+                "frame {frame} before Pool<Block>::grow is not operator new in libstdc++: {report}"
+            );
+        }
+    }
+    assert_eq!(total, (6400, 20), "Pool<Block>::grow should hold 20 x 320 bytes: {report}");
+}
+
+/// Check that blocks allocated inside libc, by strdup and by asprintf, called
+/// from -O2 code without frame pointers, are reported through their libc
+/// frames as ... -> leak_dup -> main and ... -> leak_fmt -> main, with exact bytes.
+#[test]
+fn libc_allocations_unwound_through_libc_to_main() {
+    let report = trace_fixture("unwind_libc", &[], &[]);
+
+    let (found, total) = chain_stacks(&report, &[Name::Is("leak_dup"), Name::Is("main")]);
+    for (stack, start) in found {
+        assert_called_into(&report, stack, start, "libc.so", "strdup");
+    }
+    assert_eq!(total, (640, 10), "leak_dup should hold 10 strdup'ed 64-byte strings: {report}");
+
+    let (found, total) = chain_stacks(&report, &[Name::Is("leak_fmt"), Name::Is("main")]);
+    for (stack, start) in found {
+        assert_called_into(&report, stack, start, "libc.so", "asprintf");
+    }
+    assert_eq!(total, (280, 10), "leak_fmt should hold 10 asprintf'ed 28-byte strings: {report}");
+}
+
+/// Check that Rust leaks at opt-level 2 without frame pointers, through Vec
+/// growth and through Box::leak, are reported as leak_vec -> vec_caller ->
+/// main and leak_box -> box_caller -> main, with exact bytes.
+#[test]
+fn rust_leaks_without_frame_pointers_unwound_to_main() {
+    let report = trace_fixture("rust_unwind", &[], &[]);
+    let cases = [
+        ("leak_vec", "rust_unwind::leak_vec", "rust_unwind::vec_caller", (8192, 1)),
+        ("leak_box", "rust_unwind::leak_box", "rust_unwind::box_caller", (30000, 10)),
+    ];
+    for (function, leaking, caller, expected) in cases {
+        let chain = [Name::Has(leaking), Name::Has(caller), Name::Has("rust_unwind::main")];
+        let (found, total) = chain_stacks(&report, &chain);
+        for (stack, _) in found {
+            assert!(
+                first_user_symbol(stack).is_some_and(|sym| sym.contains(leaking)),
+                "the first frame outside the standard library is not {leaking}; calls {:?}: {report}",
+                call_names(stack)
+            );
+        }
+        assert_eq!(
+            total, expected,
+            "{function} should hold {} bytes in {} allocations: {report}",
+            expected.0, expected.1
+        );
+    }
+}
+
+/// Check that a pthread_create call site in -O2 code without frame pointers
+/// is reported as spawn_thread -> start_threads -> main.
+#[test]
+fn thread_site_without_frame_pointers_unwound_to_main() {
+    let report = trace_fixture("unwind_thread", &[], &[]);
+    let site = thread_site_through(&report, "spawn_thread")
+        .unwrap_or_else(|| panic!("no thread site through spawn_thread: {report}"));
+    let chain = [Name::Is("spawn_thread"), Name::Is("start_threads"), Name::Is("main")];
+    match chain_start(site, &chain) {
+        Ok(0) => {}
+        Ok(start) => panic!(
+            "spawn_thread is frame {start}, not the first (pthread_create's caller); calls {:?}: {report}",
+            call_names(site)
+        ),
+        Err(why) => panic!(
+            "the spawn_thread site lacks the chain {chain:?} ({why}); its calls are {:?}: {report}",
+            call_names(site)
+        ),
+    }
+    assert_eq!(site_count(site, "created"), 3, "spawn_thread creates 3 threads: {report}");
+}
+
+/// The address ranges of the FDEs in `binary`'s .eh_frame and .debug_frame.
+fn fde_ranges(binary: &Path) -> Vec<Range<u64>> {
+    let output = Command::new("readelf")
+        .args(["-W", "--debug-dump=frames"])
+        .arg(binary)
+        .output()
+        .expect("failed to run readelf");
+    assert!(output.status.success(), "readelf failed on {}", binary.display());
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains(" FDE "))
+        .filter_map(|line| {
+            let (start, end) = line.split("pc=").nth(1)?.split_once("..")?;
+            let start = u64::from_str_radix(start.trim(), 16).ok()?;
+            let end = u64::from_str_radix(end.trim(), 16).ok()?;
+            Some(start..end)
+        })
+        .collect()
+}
+
+/// The address range of function `name` in `binary`'s symbol table.
+fn function_range(binary: &Path, name: &str) -> Range<u64> {
+    let output = Command::new("nm").arg("-S").arg(binary).output().expect("failed to run nm");
+    assert!(output.status.success(), "nm failed on {}", binary.display());
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [start, size, _, symbol] = fields[..] else { return None };
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let size = u64::from_str_radix(size, 16).ok()?;
+            (symbol == name).then_some(start..start + size)
+        })
+        .unwrap_or_else(|| panic!("{name} not in the symbol table of {}", binary.display()))
+}
+
+/// Check that a walk from leak_leaf (with call-frame information) into
+/// nocfi_caller (without any) stops there: the stack is exactly leak_leaf,
+/// nocfi_caller, with nothing made up after it (main is unreachable without
+/// frame pointers), its bytes are exact, and the cut is counted in lost.unwind_no_info.
+#[test]
+fn frame_without_unwind_info_ends_stack_cleanly() {
+    let binary = fixture_path("unwind_nocfi");
+    let fdes = fde_ranges(&binary);
+    let caller = function_range(&binary, "nocfi_caller");
+    assert!(
+        !fdes.iter().any(|fde| fde.start < caller.end && caller.start < fde.end),
+        "fixture unwind_nocfi is wrong: nocfi_caller {caller:x?} has call-frame information ({fdes:x?})"
+    );
+    let leaf = function_range(&binary, "leak_leaf");
+    assert!(
+        fdes.iter().any(|fde| fde.start <= leaf.start && leaf.end <= fde.end),
+        "fixture unwind_nocfi is wrong: leak_leaf {leaf:x?} has no FDE ({fdes:x?})"
+    );
+
+    let report = trace_fixture("unwind_nocfi", &[], &[]);
+    let through: Vec<&Value> = stacks(&report)
+        .iter()
+        .filter(|stack| frames(stack).iter().any(|frame| symbol(frame) == Some("leak_leaf")))
+        .collect();
+    assert!(!through.is_empty(), "no stack through leak_leaf: {report}");
+    for stack in &through {
+        let names: Vec<Option<&str>> = frames(stack).iter().map(symbol).collect();
+        assert_eq!(
+            names,
+            [Some("leak_leaf"), Some("nocfi_caller")],
+            "the stack through leak_leaf should be exactly leak_leaf, nocfi_caller \
+             (nocfi_caller has no call-frame information): {report}"
+        );
+    }
+    let total =
+        through.iter().fold((0, 0), |(b, a), stack| (b + bytes(stack), a + allocations(stack)));
+    assert_eq!(total, (23450, 10), "leak_leaf should hold 10 x 2345 bytes: {report}");
+    let no_info = report["lost"]["unwind_no_info"].as_u64();
+    assert!(
+        no_info.is_some_and(|count| count > 0),
+        "lost.unwind_no_info is {no_info:?}, expected a count above 0 for the stacks cut at \
+         nocfi_caller: {report}"
+    );
+}
