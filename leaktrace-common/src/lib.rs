@@ -153,7 +153,14 @@ pub struct UnwindMapping {
     pub first_row: u32,
     /// Number of rows; 0 when the object has no call-frame information.
     pub rows: u32,
+    /// [`MAPPING_FRAME_POINTERS`] or 0.
+    pub flags: u64,
 }
+
+/// Every function of the mapping's object keeps rbp as a frame pointer
+/// (checked on all of its call-frame information): frames there are walked
+/// by the frame-pointer rule without a row search.
+pub const MAPPING_FRAME_POINTERS: u64 = 1;
 
 /// The live mapping set: `set` (0 or 1) and its `count` of mappings, packed
 /// in one u64 (`count << 32 | set`) so that it is written atomically.
@@ -371,7 +378,7 @@ const _: () = assert!(core::mem::size_of::<AllocInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<StackStats>() == 16 + 24 * YOUNG_SLOTS);
 const _: () = assert!(core::mem::size_of::<Pending>() == 40);
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 12);
-const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 32);
+const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 40);
 
 #[cfg(feature = "user")]
 mod user {

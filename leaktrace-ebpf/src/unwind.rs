@@ -8,8 +8,9 @@
 //! Each frame is one `bpf_loop` step: find the mapping, binary-search its
 //! rows, read the return address at CFA - 8. A frame without rows, or with a
 //! rule we do not follow, ends the stack there (counted), so no guessed
-//! frame ever enters a report. Frames whose rule is "CFA = rbp + 16" (code
-//! built with frame pointers) take the same path: the row says so.
+//! frame ever enters a report. Frames in an object whose every function
+//! keeps a frame pointer (the loader checks all of its call-frame
+//! information) skip the row search: CFA = rbp + 16.
 
 use core::ffi::c_void;
 
@@ -19,8 +20,8 @@ use aya_ebpf::{
     helpers::{bpf_probe_read_user, generated::bpf_loop},
 };
 use leaktrace_common::{
-    CfaRule, Lost, MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, RbpRule, UNWIND_CHUNK_ROWS,
-    UnwindMapping, UnwindRow,
+    CfaRule, Lost, MAPPING_FRAME_POINTERS, MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, RbpRule,
+    UNWIND_CHUNK_ROWS, UnwindMapping, UnwindRow,
 };
 
 use crate::maps::{STACK_SCRATCH, STACKS, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE, count_lost};
@@ -32,6 +33,16 @@ const MAPPING_SEARCH_STEPS: u32 = 11;
 /// Enough halvings for 16 Mi rows in one object.
 const ROW_SEARCH_STEPS: u32 = 24;
 const EEXIST: i64 = 17;
+
+/// The rule of a function body built with frame pointers: the caller's
+/// frame starts 16 bytes above rbp, where rbp was pushed.
+const FRAME_POINTER_ROW: UnwindRow = UnwindRow {
+    pc: 0,
+    cfa_offset: 16,
+    rbp_offset: -16,
+    cfa_rule: CfaRule::Rbp as u8,
+    rbp_rule: RbpRule::AtCfa as u8,
+};
 
 /// `bpf_loop` callback results.
 const CONTINUE: i64 = 0;
@@ -153,9 +164,23 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
         count_lost(Lost::UnwindDepth);
         return STOP;
     }
-    let Some(row) = mapping.and_then(|mapping| find_row(&mapping, lookup)) else {
+    let Some(mapping) = mapping else {
         count_lost(Lost::UnwindNoInfo);
         return STOP;
+    };
+    let row = if mapping.flags & MAPPING_FRAME_POINTERS != 0 && walk.bp_known != 0 {
+        // The fast path: code built with frame pointers. rbp 0 marks the
+        // outermost frame (_start and clone clear it).
+        if walk.bp == 0 {
+            return STOP;
+        }
+        FRAME_POINTER_ROW
+    } else {
+        let Some(row) = find_row(&mapping, lookup) else {
+            count_lost(Lost::UnwindNoInfo);
+            return STOP;
+        };
+        row
     };
     let offset = row.cfa_offset as i64 as u64;
     let cfa = if row.cfa_rule == CfaRule::Rsp as u8 {

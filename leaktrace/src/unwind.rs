@@ -25,7 +25,7 @@ use gimli::{
     RegisterRule, UnwindContext, UnwindSection, X86_64,
 };
 use leaktrace_common::{
-    CfaRule, MAP_UNWIND_MAPPINGS, MAP_UNWIND_ROWS, MAP_UNWIND_STATE, MAX_UNWIND_MAPPINGS, RbpRule,
+    CfaRule, MAPPING_FRAME_POINTERS, MAP_UNWIND_MAPPINGS, MAP_UNWIND_ROWS, MAP_UNWIND_STATE, MAX_UNWIND_MAPPINGS, RbpRule,
     UNWIND_CHUNK_ROWS, UnwindChunk, UnwindMapping, UnwindRow,
 };
 use memmap2::Mmap;
@@ -40,9 +40,57 @@ const FAST_POLL: Duration = Duration::from_millis(5);
 const FAST_PERIOD: Duration = Duration::from_secs(1);
 const POLL: Duration = Duration::from_millis(100);
 
-/// Rows of one object's table, in `pc` order: each holds until the next.
-pub fn object_rows(data: &[u8]) -> anyhow::Result<Vec<UnwindRow>> {
+/// One object's unwind table.
+pub struct ObjectTable {
+    /// In `pc` order: each holds until the next.
+    pub rows: Vec<UnwindRow>,
+    /// Every function keeps rbp as a frame pointer.
+    pub frame_pointers: bool,
+}
+
+/// Whether every function described follows the frame-pointer discipline:
+/// a body with CFA = rbp + 16 (rbp pushed at CFA - 16), or no frame at all.
+/// A function that pushes rbp but never makes it the CFA register uses it
+/// as a plain register, and rules the whole object out.
+struct FramePointerCheck {
+    /// Address ranges of the PLT sections, whose rules are expressions.
+    plt: Vec<(u64, u64)>,
+    every_function: bool,
+    any_function: bool,
+}
+
+impl FramePointerCheck {
+    fn function(&mut self, start: u64, rows: &[UnwindRow]) {
+        let rsp = CfaRule::Rsp as u8;
+        let rbp = CfaRule::Rbp as u8;
+        let pushed = |row: &UnwindRow| row.rbp_rule == RbpRule::AtCfa as u8 && row.rbp_offset == -16;
+        let in_plt = self.plt.iter().any(|&(low, high)| low <= start && start < high);
+        let allowed = rows.iter().all(|row| {
+            row.cfa_rule == CfaRule::End as u8
+                || (row.cfa_rule == rsp && row.cfa_offset == 8)
+                || (row.cfa_rule == rsp && row.cfa_offset == 16 && pushed(row))
+                || (row.cfa_rule == rbp && row.cfa_offset == 16 && pushed(row))
+                || in_plt
+        });
+        let has_frame = rows.iter().any(|row| row.cfa_rule == rbp);
+        let frameless = rows.iter().all(|row| row.cfa_rule != rsp || row.cfa_offset == 8);
+        self.every_function &= allowed && (has_frame || frameless || in_plt);
+        self.any_function |= has_frame;
+    }
+}
+
+/// The unwind table of an object file.
+pub fn object_rows(data: &[u8]) -> anyhow::Result<ObjectTable> {
     let file = object::File::parse(data)?;
+    let mut check = FramePointerCheck {
+        plt: file
+            .sections()
+            .filter(|section| section.name().is_ok_and(|name| name.starts_with(".plt")))
+            .map(|section| (section.address(), section.address() + section.size()))
+            .collect(),
+        every_function: true,
+        any_function: false,
+    };
     let section_data = |name: &str| {
         file.section_by_name(name)
             .and_then(|section| Some((section.address(), section.data().ok()?)))
@@ -58,13 +106,13 @@ pub fn object_rows(data: &[u8]) -> anyhow::Result<Vec<UnwindRow>> {
         }
         let mut section = EhFrame::new(bytes, LittleEndian);
         section.set_address_size(8);
-        collect(&section, &bases, &mut spans);
+        collect(&section, &bases, &mut spans, &mut check);
     }
     if let Some((_, bytes)) = section_data(".debug_frame") {
         let mut section = DebugFrame::new(bytes, LittleEndian);
         section.set_address_size(8);
         let mut extra = Vec::new();
-        collect(&section, &BaseAddresses::default(), &mut extra);
+        collect(&section, &BaseAddresses::default(), &mut extra, &mut check);
         // .eh_frame wins where both describe an address.
         spans.sort_by_key(|span: &Span| span.start);
         let covered = |span: &Span| {
@@ -74,7 +122,10 @@ pub fn object_rows(data: &[u8]) -> anyhow::Result<Vec<UnwindRow>> {
         let extra: Vec<Span> = extra.into_iter().filter(|span| !covered(span)).collect();
         spans.extend(extra);
     }
-    compact(spans)
+    Ok(ObjectTable {
+        rows: compact(spans)?,
+        frame_pointers: check.every_function && check.any_function,
+    })
 }
 
 /// One row of gimli's table: `[start, end)` and its rules.
@@ -85,8 +136,12 @@ struct Span {
     row: UnwindRow,
 }
 
-fn collect<'data, S>(section: &S, bases: &BaseAddresses, spans: &mut Vec<Span>)
-where
+fn collect<'data, S>(
+    section: &S,
+    bases: &BaseAddresses,
+    spans: &mut Vec<Span>,
+    check: &mut FramePointerCheck,
+) where
     S: UnwindSection<EndianSlice<'data, LittleEndian>>,
 {
     let mut context = Box::new(UnwindContext::new());
@@ -107,6 +162,7 @@ where
         let Ok(mut table) = fde.rows(section, bases, &mut context) else {
             continue;
         };
+        let first = spans.len();
         while let Ok(Some(row)) = table.next_row() {
             if row.start_address() < row.end_address() {
                 spans.push(Span {
@@ -116,6 +172,8 @@ where
                 });
             }
         }
+        let rows: Vec<UnwindRow> = spans[first..].iter().map(|span| span.row).collect();
+        check.function(fde.initial_address(), &rows);
     }
 }
 
@@ -242,6 +300,7 @@ fn mapping_bias(segments: &[Segment], mapping: &ExecMapping) -> Option<u64> {
 struct LoadedObject {
     first_row: u32,
     rows: u32,
+    frame_pointers: bool,
     /// The executable PT_LOAD segments.
     segments: Vec<Segment>,
 }
@@ -300,6 +359,7 @@ impl Unwinder {
                 bias,
                 first_row: object.first_row,
                 rows: object.rows,
+                flags: if object.frame_pointers { MAPPING_FRAME_POINTERS } else { 0 },
             });
         }
         published.sort_by_key(|mapping| mapping.start);
@@ -331,6 +391,7 @@ impl Unwinder {
                 LoadedObject {
                     first_row: 0,
                     rows: 0,
+                    frame_pointers: false,
                     segments: Vec::new(),
                 }
             }
@@ -361,7 +422,10 @@ impl Unwinder {
                 }
             })
             .collect();
-        let rows = object_rows(&data)?;
+        let ObjectTable {
+            rows,
+            frame_pointers,
+        } = object_rows(&data)?;
         let chunks = rows.len().div_ceil(UNWIND_CHUNK_ROWS) as u32;
         let capacity = self.rows.len();
         if self.next_chunk + chunks > capacity {
@@ -386,10 +450,16 @@ impl Unwinder {
                 .context("failed to load unwind rows")?;
         }
         self.next_chunk += chunks;
-        log::debug!("unwind: {} rows for {}", rows.len(), mapping.path.display());
+        log::info!(
+            "unwind: {} rows for {}{}",
+            rows.len(),
+            mapping.path.display(),
+            if frame_pointers { ", built with frame pointers" } else { "" }
+        );
         Ok(LoadedObject {
             first_row: first_chunk * UNWIND_CHUNK_ROWS as u32,
             rows: rows.len() as u32,
+            frame_pointers,
             segments,
         })
     }
@@ -436,7 +506,7 @@ fn exec_mappings(pid: u32) -> anyhow::Result<Vec<ExecMapping>> {
 mod tests {
     use super::*;
 
-    fn rows_of(path: &str) -> Vec<UnwindRow> {
+    fn table_of(path: &str) -> ObjectTable {
         let file = File::open(path).unwrap();
         // SAFETY: a system library, read-only.
         let data = unsafe { Mmap::map(&file) }.unwrap();
@@ -447,7 +517,9 @@ mod tests {
     /// and that malloc's entry has the CFA at rsp + 8.
     #[test]
     fn libc_rows() {
-        let rows = rows_of("/lib/x86_64-linux-gnu/libc.so.6");
+        let table = table_of("/lib/x86_64-linux-gnu/libc.so.6");
+        assert!(!table.frame_pointers, "Debian's libc has no frame pointers");
+        let rows = table.rows;
         assert!(rows.len() > 10_000, "{} rows", rows.len());
         assert!(rows.windows(2).all(|pair| pair[0].pc < pair[1].pc));
         assert_eq!(rows.last().unwrap().cfa_rule, CfaRule::NoInfo as u8);
@@ -516,8 +588,9 @@ mod dump {
         let to = u32::from_str_radix(&std::env::var("UNWIND_TO").unwrap(), 16).unwrap();
         let file = std::fs::File::open(path).unwrap();
         let data = unsafe { memmap2::Mmap::map(&file) }.unwrap();
-        let rows = super::object_rows(&data).unwrap();
-        println!("{} rows", rows.len());
+        let table = super::object_rows(&data).unwrap();
+        println!("{} rows, frame pointers: {}", table.rows.len(), table.frame_pointers);
+        let rows = table.rows;
         for row in rows.iter().filter(|row| row.pc >= from && row.pc <= to) {
             println!("{row:x?}");
         }
