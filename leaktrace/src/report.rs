@@ -267,16 +267,35 @@ pub use crate::memory::human_bytes;
 const RUNTIME_PREFIXES: [&str; 8] =
     ["alloc::", "core::", "std::", "<alloc::", "<core::", "<std::", "__rust", "operator new"];
 
+/// Libraries whose frames sit between the allocator and the code that asked
+/// (strdup and asprintf in libc, operator new in libstdc++), by file name.
+const RUNTIME_LIBRARIES: [&str; 8] = [
+    "libc.so",
+    "libstdc++.so",
+    "libgcc_s.so",
+    "ld-linux",
+    "libc.musl",
+    "libjemalloc.so",
+    "libtcmalloc",
+    "libmimalloc.so",
+];
+
 /// Whether a frame belongs to the language runtime's allocation path.
 pub fn is_runtime_frame(frame: &Frame) -> bool {
-    frame
+    let runtime_symbol = frame
         .symbol
         .as_deref()
-        .is_some_and(|symbol| RUNTIME_PREFIXES.iter().any(|prefix| symbol.starts_with(prefix)))
+        .is_some_and(|symbol| RUNTIME_PREFIXES.iter().any(|prefix| symbol.starts_with(prefix)));
+    let runtime_library = frame.module.as_deref().is_some_and(|module| {
+        let name = short_module(module);
+        RUNTIME_LIBRARIES.iter().any(|library| name.starts_with(library))
+    });
+    runtime_symbol || runtime_library
 }
 
 /// "function (file:line)" for a stack's first frame outside the language
-/// runtime (its first frame if all are), for one-line statements.
+/// runtime and the C library (its first frame if all are), for one-line
+/// statements.
 pub fn frame_label(frames: &[Frame]) -> String {
     let Some(frame) = frames.iter().find(|f| !is_runtime_frame(f)).or(frames.first()) else {
         return "an unknown stack".to_string();
@@ -325,6 +344,13 @@ mod tests {
             ..frame(None, false)
         };
         assert_eq!(frame_label(&[runtime, frame(Some("leak"), false)]), "leak (app.c:12)");
+        let libc = Frame {
+            symbol: Some("__strdup".into()),
+            module: Some("/usr/lib/x86_64-linux-gnu/libc.so.6".into()),
+            ..frame(None, false)
+        };
+        assert_eq!(frame_label(&[libc.clone(), frame(Some("dup_name"), false)]), "dup_name (app.c:12)");
+        assert_eq!(frame_label(&[libc]), "__strdup (app.c:12)");
     }
 
     /// Check that the JSON contract's field names are there.
