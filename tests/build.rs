@@ -108,7 +108,9 @@ fn main() {
 
 /// Optimized programs without frame pointers, for the tracer's DWARF
 /// unwinder; unwind_nocfi links in nocfi_caller, a function with no unwind
-/// information, from an object built with NO_CFI_FLAGS.
+/// information, from an object built with NO_CFI_FLAGS; unwind_dlopen loads
+/// libdlopen_plugin.so (not linked in: the test passes its path) with
+/// dlopen; unwind_nopie is a non-PIE executable.
 fn build_unwind_fixtures(src: &Path, out: &Path) {
     for (source, name) in UNWIND_PROGRAMS {
         compile_with(UNWIND_FLAGS, &[&src.join(source)], &out.join(name), &[])
@@ -126,6 +128,28 @@ fn build_unwind_fixtures(src: &Path, out: &Path) {
         UNWIND_FLAGS,
         &[&src.join("unwind_nocfi.c"), &object],
         &out.join("unwind_nocfi"),
+        &[],
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    compile_with(
+        UNWIND_FLAGS,
+        &[&src.join("unwind_dlopen_plugin.c")],
+        &out.join("libdlopen_plugin.so"),
+        &["-shared", "-fPIC"],
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    compile_with(
+        UNWIND_FLAGS,
+        &[&src.join("unwind_dlopen.c")],
+        &out.join("unwind_dlopen"),
+        &["-ldl"],
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    // Compiled -fno-pie and linked -no-pie: an ET_EXEC at fixed addresses.
+    compile_with(
+        &[UNWIND_FLAGS, &["-fno-pie", "-no-pie"]].concat(),
+        &[&src.join("unwind_nopie.c")],
+        &out.join("unwind_nopie"),
         &[],
     )
     .unwrap_or_else(|err| panic!("{err}"));

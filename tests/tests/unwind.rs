@@ -2,8 +2,9 @@
 //! -fomit-frame-pointer, Rust at opt-level 2), walked from their DWARF
 //! call-frame information: every frame from the allocator's caller up to
 //! main is reported, in order, also through code in libc, libstdc++ and
-//! Rust's standard library; a frame with no call-frame information ends the
-//! stack cleanly and is counted as lost.
+//! Rust's standard library, through a library dlopen()ed after the tracer
+//! attached and in a non-PIE executable; a frame with no call-frame
+//! information ends the stack cleanly and is counted as lost.
 
 use leaktrace_tests::*;
 use serde_json::Value;
@@ -299,4 +300,88 @@ fn frame_without_unwind_info_ends_stack_cleanly() {
         "lost.unwind_no_info is {no_info:?}, expected a count above 0 for the stacks cut at \
          nocfi_caller: {report}"
     );
+}
+
+/// Check that a library dlopen()ed only after the tracer attached, built -O2
+/// without frame pointers, is unwound from its own .eh_frame: its leak, in a
+/// first round right after the load (once the tracer has polled the new
+/// mapping) and a second round later, is reported as plugin_leaf ->
+/// plugin_middle -> plugin_leak -> load_plugin -> main, with the library's
+/// frames in its module, and with its exact bytes.
+#[test]
+fn dlopen_library_loaded_after_attach_unwound() {
+    let plugin = fixture_path("libdlopen_plugin.so");
+    let mut fixture = Fixture::start("unwind_dlopen", &[plugin.to_str().unwrap()]);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", fixture.pid()))
+        .expect("failed to read the fixture's /proc/PID/maps");
+    assert!(
+        !maps.contains("libdlopen_plugin.so"),
+        "fixture unwind_dlopen is wrong: libdlopen_plugin.so is mapped before the go line:\n{maps}"
+    );
+
+    let report = trace_started(&mut fixture, &[]);
+    let chain = [
+        Name::Is("plugin_leaf"),
+        Name::Is("plugin_middle"),
+        Name::Is("plugin_leak"),
+        Name::Is("load_plugin"),
+        Name::Is("main"),
+    ];
+    let (found, total) = chain_stacks(&report, &chain);
+    for (stack, start) in found {
+        assert_eq!(
+            start,
+            0,
+            "plugin_leaf is not the first frame (malloc's caller); calls {:?}: {report}",
+            call_names(stack)
+        );
+        for frame in &calls(stack)[..3] {
+            assert!(
+                frame["module"]
+                    .as_str()
+                    .is_some_and(|module| module.ends_with("libdlopen_plugin.so")),
+                "frame {frame} does not name libdlopen_plugin.so as its module: {report}"
+            );
+        }
+    }
+    assert_eq!(total, (64200, 20), "plugin_leaf should hold 2 rounds of 10 x 3210 bytes: {report}");
+}
+
+/// The ELF file type of `binary` ("EXEC", "DYN", ...), from `readelf -h`.
+fn elf_type(binary: &Path) -> String {
+    let output =
+        Command::new("readelf").arg("-h").arg(binary).output().expect("failed to run readelf");
+    assert!(output.status.success(), "readelf failed on {}", binary.display());
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Type:"))
+        .and_then(|kind| kind.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no ELF type in readelf -h of {}", binary.display()))
+        .to_owned()
+}
+
+/// Check that a leak in a non-PIE executable (an ET_EXEC at its link-time
+/// addresses) built -O2 without frame pointers is reported as np_leaf ->
+/// np_middle -> main, with its exact bytes.
+#[test]
+fn non_pie_executable_unwound() {
+    let binary = fixture_path("unwind_nopie");
+    let kind = elf_type(&binary);
+    assert_eq!(
+        kind, "EXEC",
+        "fixture unwind_nopie is wrong: it is an ELF {kind}, not a non-PIE EXEC"
+    );
+
+    let report = trace_fixture("unwind_nopie", &[], &[]);
+    let chain = [Name::Is("np_leaf"), Name::Is("np_middle"), Name::Is("main")];
+    let (found, total) = chain_stacks(&report, &chain);
+    for (stack, start) in found {
+        assert_eq!(
+            start,
+            0,
+            "np_leaf is not the first frame (malloc's caller); calls {:?}: {report}",
+            call_names(stack)
+        );
+    }
+    assert_eq!(total, (54320, 10), "np_leaf should hold 10 x 5432 bytes: {report}");
 }
