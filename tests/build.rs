@@ -14,8 +14,9 @@ use std::{
     process::Command,
 };
 
-/// Flags every fixture shares: -O0 keeps each named function a real frame, and
-/// frame pointers let the tracer's stack walk reach the leaking call site.
+/// Flags most fixtures share: -O0 keeps each named function a real frame, and
+/// frame pointers put them on the tracer's fast path (objects built with frame
+/// pointers skip the unwind-table search); the unwind fixtures are -O2 without.
 const COMMON_FLAGS: &[&str] = &["-g", "-O0", "-fno-omit-frame-pointer", "-pthread", "-Wall", "-Wextra"];
 
 /// Standalone programs: (source file, output name).
