@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     CfaRule, Lost, MAPPING_FRAME_POINTERS, MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, RbpRule,
-    UNWIND_CHUNK_ROWS, UnwindMapping, UnwindRow,
+    UNWIND_CHUNK_ROWS, UnwindMapping, UnwindRow, UserStack,
 };
 
 use crate::maps::{STACK_SCRATCH, STACKS, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE, count_lost};
@@ -121,6 +121,14 @@ pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
             return id;
         }
         count_lost(Lost::StackCollision);
+        return NO_STACK;
+    }
+    // The scratch is per CPU, and a fully preemptible kernel can run this
+    // program for another thread on this CPU in the middle of our walk: the
+    // addresses must still hash to what this walk computed before they are
+    // kept. Only new stacks pay for the check.
+    if hash_of(stack) != walk.hash {
+        count_lost(Lost::StackUnavailable);
         return NO_STACK;
     }
     match STACKS.insert(id, &*stack, BPF_NOEXIST.into()) {
@@ -223,6 +231,19 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     walk.sp = cfa;
     walk.ip = return_address;
     CONTINUE
+}
+
+/// The hash `step` computes, over a stored stack.
+#[inline(always)]
+fn hash_of(stack: &UserStack) -> u64 {
+    let mut hash = FNV_OFFSET;
+    for index in 0..MAX_FRAMES {
+        if index as u64 >= stack.len {
+            break;
+        }
+        hash = (hash ^ stack.ips[index]).wrapping_mul(FNV_PRIME);
+    }
+    hash
 }
 
 /// The live mapping containing `addr`.
