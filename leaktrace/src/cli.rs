@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use leaktrace_common::{DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_STACKS};
+use leaktrace_common::{
+    DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, UNWIND_CHUNK_ROWS,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -90,6 +92,11 @@ pub struct Args {
     /// Distinct call stacks that can be told apart.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STACKS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_stacks: u32,
+
+    /// Rows of call-frame information the kernel unwinder can hold, for all
+    /// the target's objects together (12 bytes each; libc has ~28,000).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_UNWIND_CHUNKS as u64 * UNWIND_CHUNK_ROWS as u64, value_parser = clap::value_parser!(u64).range(UNWIND_CHUNK_ROWS as u64..=1 << 28))]
+    pub unwind_rows: u64,
 
     /// Benchmark aid: attach every probe but let the programs return at
     /// once, to measure what the probes alone cost.

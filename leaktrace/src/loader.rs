@@ -19,6 +19,7 @@ use aya::{
 };
 use leaktrace_common::{
     Config, GLOBAL_CONFIG, Lost, MAP_ALLOCS, MAP_LOST, MAP_STACK_STATS, MAP_STACKS,
+    MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
 };
 use serde::Serialize;
 
@@ -161,6 +162,8 @@ pub struct LoadOptions {
     pub max_allocations: u32,
     pub max_stacks: u32,
     pub sample_rate: u64,
+    /// Capacity of the unwind tables, in rows.
+    pub unwind_rows: u64,
 }
 
 /// Load every program, configured for one target.
@@ -180,6 +183,10 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         .map_max_entries(MAP_ALLOCS, options.max_allocations)
         .map_max_entries(MAP_STACKS, options.max_stacks)
         .map_max_entries(MAP_STACK_STATS, options.max_stacks)
+        .map_max_entries(
+            MAP_UNWIND_ROWS,
+            options.unwind_rows.div_ceil(UNWIND_CHUNK_ROWS as u64) as u32,
+        )
         .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace")))
         .context("failed to load the eBPF programs")?;
     let mut names: Vec<&str> = ALL_SETS

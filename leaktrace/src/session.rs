@@ -64,6 +64,7 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         max_allocations: args.max_allocations,
         max_stacks: args.max_stacks,
         sample_rate: args.sample_rate,
+        unwind_rows: args.unwind_rows,
     })?;
     // The unwind tables go in before the probes, so that the first events
     // already get whole stacks. A `-c` child has not run its program yet:

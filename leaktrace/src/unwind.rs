@@ -431,7 +431,7 @@ impl Unwinder {
         if self.next_chunk + chunks > capacity {
             if !self.full_warned {
                 eprintln!(
-                    "leaktrace: warning: unwind tables full ({} rows); stacks through {} and later libraries end there",
+                    "leaktrace: warning: unwind tables full ({} rows, see --unwind-rows); stacks through {} and later libraries end there",
                     capacity as usize * UNWIND_CHUNK_ROWS,
                     mapping.path.display()
                 );
