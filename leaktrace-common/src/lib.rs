@@ -17,6 +17,9 @@ pub const MAP_UNWIND_ROWS: &str = "UNWIND_ROWS";
 /// The target's executable mappings, two sets of [`MAX_UNWIND_MAPPINGS`]
 /// sorted by address: index -> [`UnwindMapping`].
 pub const MAP_UNWIND_MAPPINGS: &str = "UNWIND_MAPPINGS";
+/// Wake-ups for the loader: one record each time the dynamic linker changes
+/// the target's list of loaded objects (a ring buffer).
+pub const MAP_LINK_MAP_CHANGES: &str = "LINK_MAP_CHANGES";
 /// Which mapping set is live and how many mappings it has: one
 /// [`UnwindState`] at index 0, written whole so that a probe never sees a
 /// half-written set.

@@ -6,7 +6,7 @@ use aya_ebpf::{
     Global,
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use leaktrace_common::{
     AllocInfo, Config, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_STACKS,
@@ -60,6 +60,10 @@ pub static UNWIND_MAPPINGS: Array<UnwindMapping> =
 
 #[map]
 pub static UNWIND_STATE: Array<UnwindState> = Array::with_max_entries(1, 0);
+
+/// One page: the loader only needs to wake, not to count.
+#[map]
+pub static LINK_MAP_CHANGES: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 #[map]
 pub static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(MAX_PENDING, 0);

@@ -18,13 +18,21 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_NOEXIST, pt_regs},
     helpers::{bpf_probe_read_user, generated::bpf_loop},
+    macros::uprobe,
+    programs::ProbeContext,
 };
 use leaktrace_common::{
     CfaRule, Lost, MAPPING_FRAME_POINTERS, MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, RbpRule,
     UNWIND_CHUNK_ROWS, UnwindMapping, UnwindRow, UserStack,
 };
 
-use crate::maps::{STACK_SCRATCH, STACKS, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE, count_lost};
+use crate::{
+    maps::{
+        LINK_MAP_CHANGES, STACK_SCRATCH, STACKS, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
+        count_lost,
+    },
+    record::target_tid,
+};
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -63,6 +71,19 @@ struct Walk {
     bp_known: u32,
     /// Frames recorded so far.
     len: u32,
+}
+
+/// The dynamic linker calls `_dl_debug_state` (r_brk, the debuggers' hook)
+/// after each change to the target's loaded objects (dlopen, dlclose, and
+/// start-up): wake the loader so that it publishes the new mappings' tables
+/// now rather than at its next poll.
+#[uprobe]
+pub fn linker_map_change(_ctx: ProbeContext) -> u32 {
+    if target_tid().is_some() {
+        // A full buffer already holds a wake-up.
+        let _ = LINK_MAP_CHANGES.output::<u32>(&1, 0);
+    }
+    0
 }
 
 /// The id of the current user stack in `STACKS`, or `NO_STACK` (counted).

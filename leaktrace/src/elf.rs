@@ -3,7 +3,12 @@
 //! dynamic. Files are mapped, not read: a process can map libraries of
 //! hundreds of megabytes.
 
-use std::{collections::HashMap, fs::File, path::Path};
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, anyhow};
 use memmap2::Mmap;
@@ -93,6 +98,13 @@ impl ElfFile {
         self.parse().section_by_name(".interp").is_some()
     }
 
+    /// The program interpreter (the dynamic linker) a dynamic executable names.
+    pub fn interpreter(&self) -> Option<PathBuf> {
+        let data = self.parse().section_by_name(".interp")?.data().ok()?;
+        let path = data.split(|&byte| byte == 0).next().filter(|path| !path.is_empty())?;
+        Some(PathBuf::from(std::ffi::OsStr::from_bytes(path)))
+    }
+
     /// The sonames in DT_NEEDED.
     pub fn needed(&self) -> anyhow::Result<Vec<String>> {
         let data = &*self.data;
@@ -140,6 +152,11 @@ mod tests {
         assert!(ElfFile::open(Path::new("/bin/sh")).unwrap().is_dynamic());
         let linker = ElfFile::open(Path::new("/lib64/ld-linux-x86-64.so.2")).unwrap();
         assert!(!linker.is_dynamic());
+        assert_eq!(
+            ElfFile::open(Path::new("/bin/sh")).unwrap().interpreter(),
+            Some(PathBuf::from("/lib64/ld-linux-x86-64.so.2"))
+        );
+        assert_eq!(linker.interpreter(), None);
     }
 
     /// Check that DT_NEEDED names are read.

@@ -132,13 +132,19 @@ const THREAD_PROBES: &[ProbeSpec] = &[
     probe("pthread_detach", "thread_enter_pthread_detach", Some("thread_exit_pthread_detach")),
 ];
 
-const ALL_SETS: [&[ProbeSpec]; 6] = [
+/// The dynamic linker's hook for debuggers, called after every change to
+/// the loaded objects: the unwind tables of a dlopen()ed library are loaded
+/// at once instead of at the next poll of /proc/PID/maps.
+const LINKER_PROBES: &[ProbeSpec] = &[probe("_dl_debug_state", "linker_map_change", None)];
+
+const ALL_SETS: [&[ProbeSpec]; 7] = [
     ALLOCATOR_PROBES,
     MIMALLOC_PROBES,
     CXX_NEW_PROBES,
     CXX_DELETE_PROBES,
     RUST_PROBES,
     THREAD_PROBES,
+    LINKER_PROBES,
 ];
 
 /// Prefixes allocators are built with: jemalloc's `je_`, and `_rjem_` of
@@ -323,6 +329,7 @@ pub fn attach_all(
 ) -> anyhow::Result<Vec<Probed>> {
     let mut probed = Vec::new();
     let mut threads_done = false;
+    let mut linker_done = false;
     let mut allocators = 0;
     for object in objects {
         let elf = match ElfFile::open(&object.open) {
@@ -368,6 +375,10 @@ pub fn attach_all(
         if !threads_done && defines("pthread_create") && !name.starts_with("ld-") {
             threads_done = true;
             sets.push((THREAD_PROBES, ""));
+        }
+        if !linker_done && defines("_dl_debug_state") {
+            linker_done = true;
+            sets.push((LINKER_PROBES, ""));
         }
         let mut probes = Vec::new();
         for (set, prefix) in sets {

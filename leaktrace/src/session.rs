@@ -183,6 +183,9 @@ fn objects_to_probe(args: &Args, target: &Target) -> anyhow::Result<Vec<Object>>
                         objects.push(local(path));
                     }
                 }
+                // The dynamic linker, whose debugger hook says when a
+                // library is loaded.
+                objects.extend(elf.interpreter().map(local));
                 // The C library and libstdc++ ours would load, whatever
                 // the program names directly.
                 let ours = target::mapped_objects(std::process::id())?;

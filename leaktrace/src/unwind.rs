@@ -10,6 +10,7 @@
 use std::{
     collections::HashMap,
     fs::File,
+    os::fd::AsRawFd as _,
     path::PathBuf,
     sync::{
         Arc,
@@ -19,13 +20,13 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use aya::maps::{Array, Map, MapData};
+use aya::maps::{Array, Map, MapData, RingBuf};
 use gimli::{
     BaseAddresses, CfaRule as GimliCfa, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian,
     RegisterRule, UnwindContext, UnwindSection, X86_64,
 };
 use leaktrace_common::{
-    CfaRule, MAPPING_FRAME_POINTERS, MAP_UNWIND_MAPPINGS, MAP_UNWIND_ROWS, MAP_UNWIND_STATE, MAX_UNWIND_MAPPINGS, RbpRule,
+    CfaRule, MAPPING_FRAME_POINTERS, MAP_LINK_MAP_CHANGES, MAP_UNWIND_MAPPINGS, MAP_UNWIND_ROWS, MAP_UNWIND_STATE, MAX_UNWIND_MAPPINGS, RbpRule,
     UNWIND_CHUNK_ROWS, UnwindChunk, UnwindMapping, UnwindRow,
 };
 use memmap2::Mmap;
@@ -311,6 +312,8 @@ pub struct Unwinder {
     rows: Array<MapData, UnwindChunk>,
     mappings: Array<MapData, UnwindMapping>,
     state: Array<MapData, u64>,
+    /// Wake-ups from the dynamic linker's hook.
+    changes: RingBuf<MapData>,
     objects: HashMap<(u64, u64), LoadedObject>,
     next_chunk: u32,
     set: u32,
@@ -330,6 +333,7 @@ impl Unwinder {
             rows: Array::try_from(take(MAP_UNWIND_ROWS)?)?,
             mappings: Array::try_from(take(MAP_UNWIND_MAPPINGS)?)?,
             state: Array::try_from(take(MAP_UNWIND_STATE)?)?,
+            changes: RingBuf::try_from(take(MAP_LINK_MAP_CHANGES)?)?,
             objects: HashMap::new(),
             next_chunk: 0,
             set: 0,
@@ -345,6 +349,8 @@ impl Unwinder {
         if current == self.seen {
             return Ok(false);
         }
+        let started = Instant::now();
+        let chunks_before = self.next_chunk;
         let mut published = Vec::with_capacity(current.len());
         for mapping in &current {
             let Some(object) = self.object(mapping) else {
@@ -373,7 +379,12 @@ impl Unwinder {
         let state = (published.len() as u64) << 32 | u64::from(set);
         self.state.set(0, state, 0).context("failed to publish the unwind mappings")?;
         self.set = set;
-        log::debug!("unwind: {} executable mappings published", published.len());
+        log::info!(
+            "unwind: {} executable mappings published, {} new rows loaded, in {:.1} ms",
+            published.len(),
+            (self.next_chunk - chunks_before) as usize * UNWIND_CHUNK_ROWS,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
         self.seen = current;
         Ok(true)
     }
@@ -464,20 +475,36 @@ impl Unwinder {
         })
     }
 
-    /// Keep the tables current from a thread of its own until `stop`.
+    /// Keep the tables current from a thread of its own until `stop`:
+    /// at once when the dynamic linker says its objects changed, and by
+    /// polling for anything mapped otherwise.
     pub fn spawn(mut self, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             let started = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 if let Err(err) = self.refresh() {
-                    // The target is gone; the session notices and reports.
-                    log::debug!("unwind: {err:#}");
+                    if Process::new(self.pid as i32).is_ok() {
+                        eprintln!("leaktrace: warning: unwind tables no longer kept current: {err:#}");
+                    }
+                    // Otherwise the target is gone; the session reports it.
                     return;
                 }
                 let fast = started.elapsed() < FAST_PERIOD;
-                std::thread::sleep(if fast { FAST_POLL } else { POLL });
+                self.wait_for_change(if fast { FAST_POLL } else { POLL });
             }
         })
+    }
+
+    /// Sleep until the linker's hook fires or `timeout` passes.
+    fn wait_for_change(&mut self, timeout: Duration) {
+        let mut poll = libc::pollfd {
+            fd: self.changes.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as libc::c_int) };
+        while self.changes.next().is_some() {}
     }
 }
 
