@@ -77,8 +77,36 @@ pub struct UserStack {
     /// The 64-bit hash of `ips[..len]`; the map key is its folded 32 bits,
     /// so a key collision between two different stacks is detected.
     pub hash: u64,
-    pub len: u64,
+    pub len: u32,
+    /// Why the walk ended: a [`StackEnd`].
+    pub end: u32,
     pub ips: [u64; MAX_FRAMES],
+}
+
+/// Why a stack ends where it does.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackEnd {
+    /// At the outermost frame: the whole chain is there.
+    Complete = 0,
+    /// The next frame had no call-frame information, or lay outside every
+    /// known executable mapping.
+    NoInfo = 1,
+    /// A rule the walk does not follow, or unreadable stack memory.
+    Failed = 2,
+    /// [`MAX_FRAMES`] reached.
+    Depth = 3,
+}
+
+impl StackEnd {
+    pub const fn from_u32(value: u32) -> Self {
+        match value {
+            1 => StackEnd::NoInfo,
+            2 => StackEnd::Failed,
+            3 => StackEnd::Depth,
+            _ => StackEnd::Complete,
+        }
+    }
 }
 
 /// How to find the canonical frame address (CFA, the caller's stack pointer)

@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     CfaRule, Lost, MAPPING_FRAME_POINTERS, MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, RbpRule,
-    UNWIND_CHUNK_ROWS, UnwindMapping, UnwindRow, UserStack,
+    StackEnd, UNWIND_CHUNK_ROWS, UnwindMapping, UnwindRow, UserStack,
 };
 
 use crate::{
@@ -71,6 +71,21 @@ struct Walk {
     bp_known: u32,
     /// Frames recorded so far.
     len: u32,
+    /// A [`StackEnd`], once the walk stops.
+    end: u32,
+    _pad: u32,
+}
+
+/// End the walk short of the outermost frame, counted.
+#[inline(always)]
+fn cut(walk: &mut Walk, end: StackEnd) -> i64 {
+    walk.end = end as u32;
+    count_lost(match end {
+        StackEnd::NoInfo => Lost::UnwindNoInfo,
+        StackEnd::Depth => Lost::UnwindDepth,
+        _ => Lost::UnwindFailed,
+    });
+    STOP
 }
 
 /// The dynamic linker calls `_dl_debug_state` (r_brk, the debuggers' hook)
@@ -106,6 +121,8 @@ pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
         count: if count > MAX_UNWIND_MAPPINGS { MAX_UNWIND_MAPPINGS } else { count },
         bp_known: 1,
         len: 0,
+        end: StackEnd::Complete as u32,
+        _pad: 0,
     };
     // SAFETY: `step` has the callback signature bpf_loop expects, and
     // `walk` outlives the call.
@@ -129,7 +146,8 @@ pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
     // for this program run and used by this CPU only.
     let stack = unsafe { &mut *stack };
     stack.hash = walk.hash;
-    stack.len = walk.len as u64;
+    stack.len = walk.len;
+    stack.end = walk.end;
     let mut id = (walk.hash ^ (walk.hash >> 32)) as u32;
     if id == NO_STACK {
         id = 0;
@@ -178,8 +196,7 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     // A return address outside every executable mapping is not code we
     // know: it is left out rather than shown as a frame.
     if index > 0 && mapping.is_none() {
-        count_lost(Lost::UnwindNoInfo);
-        return STOP;
+        return cut(walk, StackEnd::NoInfo);
     }
     let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
         return STOP;
@@ -190,12 +207,10 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     walk.len = index + 1;
     walk.hash = (walk.hash ^ walk.ip).wrapping_mul(FNV_PRIME);
     if index as usize + 1 >= MAX_FRAMES {
-        count_lost(Lost::UnwindDepth);
-        return STOP;
+        return cut(walk, StackEnd::Depth);
     }
     let Some(mapping) = mapping else {
-        count_lost(Lost::UnwindNoInfo);
-        return STOP;
+        return cut(walk, StackEnd::NoInfo);
     };
     let row = if mapping.flags & MAPPING_FRAME_POINTERS != 0 && walk.bp_known != 0 {
         // The fast path: code built with frame pointers. rbp 0 marks the
@@ -206,8 +221,7 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
         FRAME_POINTER_ROW
     } else {
         let Some(row) = find_row(&mapping, lookup) else {
-            count_lost(Lost::UnwindNoInfo);
-            return STOP;
+            return cut(walk, StackEnd::NoInfo);
         };
         row
     };
@@ -219,22 +233,18 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     } else if row.cfa_rule == CfaRule::End as u8 {
         return STOP;
     } else if row.cfa_rule == CfaRule::NoInfo as u8 {
-        count_lost(Lost::UnwindNoInfo);
-        return STOP;
+        return cut(walk, StackEnd::NoInfo);
     } else {
-        count_lost(Lost::UnwindFailed);
-        return STOP;
+        return cut(walk, StackEnd::Failed);
     };
     // The caller's frame is above ours: anything else is a corrupt stack or
     // a wrong rule, and could loop.
     if cfa <= walk.sp {
-        count_lost(Lost::UnwindFailed);
-        return STOP;
+        return cut(walk, StackEnd::Failed);
     }
     // SAFETY: bpf_probe_read_user checks the address.
     let Ok(return_address) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
-        count_lost(Lost::UnwindFailed);
-        return STOP;
+        return cut(walk, StackEnd::Failed);
     };
     if row.rbp_rule == RbpRule::AtCfa as u8 {
         let saved = cfa.wrapping_add(row.rbp_offset as i64 as u64);
@@ -259,7 +269,7 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
 fn hash_of(stack: &UserStack) -> u64 {
     let mut hash = FNV_OFFSET;
     for index in 0..MAX_FRAMES {
-        if index as u64 >= stack.len {
+        if index as u32 >= stack.len {
             break;
         }
         hash = (hash ^ stack.ips[index]).wrapping_mul(FNV_PRIME);

@@ -11,7 +11,7 @@ use aya::{
 use leaktrace_common::{
     AllocInfo, Lost, MAP_LOST, MAP_MMAPS, MAP_STACK_STATS, MAP_STACKS, MAP_THREAD_SITES,
     MAP_THREADS, StackStats, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, ThreadInfo,
-    ThreadSiteStats, UserStack, YOUNG_EPOCHS,
+    StackEnd, ThreadSiteStats, UserStack, YOUNG_EPOCHS,
 };
 
 /// Outstanding memory of one stack.
@@ -198,14 +198,14 @@ pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<Th
     Ok(sites)
 }
 
-/// The instruction pointers of a stack, innermost first.
-pub fn stack_ips(ebpf: &Ebpf, stack_id: u32) -> anyhow::Result<Vec<u64>> {
+/// The instruction pointers of a stack, innermost first, and why it ends.
+pub fn user_stack(ebpf: &Ebpf, stack_id: u32) -> anyhow::Result<(Vec<u64>, StackEnd)> {
     let stacks: BpfHashMap<&MapData, u32, UserStack> = BpfHashMap::try_from(map(ebpf, MAP_STACKS)?)?;
     let stack = stacks
         .get(&stack_id, 0)
         .with_context(|| format!("failed to read stack {stack_id}"))?;
     let len = (stack.len as usize).min(stack.ips.len());
-    Ok(stack.ips[..len].to_vec())
+    Ok((stack.ips[..len].to_vec(), StackEnd::from_u32(stack.end)))
 }
 
 fn map<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a Map> {

@@ -7,6 +7,7 @@ use std::{
     time::SystemTime,
 };
 
+use leaktrace_common::StackEnd;
 use serde::Serialize;
 
 use crate::{
@@ -61,6 +62,7 @@ pub struct ThreadsReport {
 #[derive(Debug, Serialize)]
 pub struct ThreadSiteReport {
     pub frames: Vec<Frame>,
+    pub stack_end: StackCut,
     #[serde(flatten)]
     pub counts: ThreadSite,
     /// Trend of the threads alive or unjoined.
@@ -85,7 +87,49 @@ pub struct StackReport {
     pub bytes: u64,
     pub allocations: u64,
     pub frames: Vec<Frame>,
+    pub stack_end: StackCut,
     pub growth: Option<Growth>,
+}
+
+/// Why a reported stack ends where it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StackCut {
+    /// At the outermost frame (_start, a thread's start).
+    Complete,
+    /// The next frame has no call-frame information, or is in no known
+    /// executable mapping.
+    NoUnwindInfo,
+    /// The next frame's rule could not be followed.
+    UnwindFailed,
+    /// Deeper than the walk goes.
+    DepthLimit,
+    /// No stack could be collected at all.
+    Unavailable,
+}
+
+impl From<StackEnd> for StackCut {
+    fn from(end: StackEnd) -> Self {
+        match end {
+            StackEnd::Complete => StackCut::Complete,
+            StackEnd::NoInfo => StackCut::NoUnwindInfo,
+            StackEnd::Failed => StackCut::UnwindFailed,
+            StackEnd::Depth => StackCut::DepthLimit,
+        }
+    }
+}
+
+impl StackCut {
+    /// The line the text report adds under a stack that ends early.
+    fn note(self) -> Option<&'static str> {
+        match self {
+            StackCut::Complete => None,
+            StackCut::NoUnwindInfo => Some("(stack cut here: no unwind information past this frame)"),
+            StackCut::UnwindFailed => Some("(stack cut here: this frame could not be unwound)"),
+            StackCut::DepthLimit => Some("(stack cut here: deeper than 128 frames)"),
+            StackCut::Unavailable => Some("(no stack)"),
+        }
+    }
 }
 
 impl Report {
@@ -166,6 +210,9 @@ impl Report {
             for frame in &stack.frames {
                 writeln!(out, "\t\t{}", frame_line(frame))?;
             }
+            if let Some(note) = stack.stack_end.note() {
+                writeln!(out, "\t\t{note}")?;
+            }
         }
         if let Some(threads) = &self.threads {
             self.write_threads(threads, out)?;
@@ -173,20 +220,29 @@ impl Report {
         if let Some(memory) = &self.memory {
             memory.picture.write_text(&memory.since_attach, out)?;
         }
-        let lost: u64 = self.lost.values().sum();
+        // Stacks cut short lose frames, not bytes: said apart.
+        let is_cut = |name: &str| name.starts_with("unwind_");
+        let counts = |cut: bool| -> (u64, String) {
+            let counted: Vec<(&&str, &u64)> =
+                self.lost.iter().filter(|(name, n)| is_cut(name) == cut && **n > 0).collect();
+            let total = counted.iter().map(|(_, n)| **n).sum();
+            let reasons: Vec<String> = counted.iter().map(|(name, n)| format!("{name}: {n}")).collect();
+            (total, reasons.join(", "))
+        };
+        let (lost, reasons) = counts(false);
         if lost == 0 {
             writeln!(out, "\tNo events lost.")?;
         } else {
-            let reasons: Vec<String> = self
-                .lost
-                .iter()
-                .filter(|(_, &n)| n > 0)
-                .map(|(name, n)| format!("{name}: {n}"))
-                .collect();
             writeln!(
                 out,
-                "\tWARNING: {lost} events lost ({}); the figures above may be off (see --max-allocations, --max-stacks).",
-                reasons.join(", ")
+                "\tWARNING: {lost} events lost ({reasons}); the figures above may be off (see --max-allocations, --max-stacks)."
+            )?;
+        }
+        let (cut, reasons) = counts(true);
+        if cut > 0 {
+            writeln!(
+                out,
+                "\t{cut} stack walks were cut short ({reasons}): their bytes are counted, the frames past the cut are missing."
             )?;
         }
         if self.exited {
@@ -223,6 +279,9 @@ impl Report {
             )?;
             for frame in &site.frames {
                 writeln!(out, "\t\t{}", frame_line(frame))?;
+            }
+            if let Some(note) = site.stack_end.note() {
+                writeln!(out, "\t\t{note}")?;
             }
         }
         Ok(())

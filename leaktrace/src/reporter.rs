@@ -11,12 +11,12 @@ use aya::Ebpf;
 use leaktrace_common::NO_STACK;
 
 use crate::{
-    collector::{Collector, StackUsage, ThreadSite, collect_threads, stack_ips},
+    collector::{Collector, StackUsage, ThreadSite, collect_threads, user_stack},
     growth::{History, Trend},
     memory::{self, MemoryPicture},
     report::{
-        MemoryReport, ProbedObject, Report, StackReport, ThreadSiteReport, ThreadsReport,
-        frame_label,
+        MemoryReport, ProbedObject, Report, StackCut, StackReport, ThreadSiteReport,
+        ThreadsReport, frame_label,
     },
     symbolizer::{Frame, Symbolizer},
     verdict::{self, GrowingSite, RetentionEvidence, ThreadSiteEvidence},
@@ -126,6 +126,7 @@ impl Reporter {
                 bytes: usage.bytes,
                 allocations: usage.allocations,
                 frames: self.frames(usage.stack_id, alive),
+                stack_end: self.stack_end(usage.stack_id),
                 growth: self.stacks.growth(usage.stack_id),
             })
             .collect();
@@ -216,6 +217,7 @@ impl Reporter {
                 let trend = self.thread_sites.growth(site.site).map_or(Trend::Flat, |g| g.trend);
                 ThreadSiteReport {
                     frames: self.frames(site.site, alive),
+                    stack_end: self.stack_end(site.site),
                     counts: *site,
                     trend,
                 }
@@ -228,8 +230,15 @@ impl Reporter {
         if stack_id == NO_STACK {
             return Vec::new();
         }
-        let ips = stack_ips(&self.ebpf, stack_id).unwrap_or_default();
+        let ips = user_stack(&self.ebpf, stack_id).map(|(ips, _)| ips).unwrap_or_default();
         self.symbolizer.frames(stack_id, &ips, alive)
+    }
+
+    fn stack_end(&self, stack_id: u32) -> StackCut {
+        match user_stack(&self.ebpf, stack_id) {
+            Ok((_, end)) => end.into(),
+            Err(_) => StackCut::Unavailable,
+        }
     }
 }
 

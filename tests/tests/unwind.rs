@@ -121,6 +121,10 @@ fn c_leak_without_frame_pointers_unwound_to_main() {
             "leak_leaf is not the first frame (malloc's caller); calls {:?}: {report}",
             call_names(stack)
         );
+        assert_eq!(
+            stack["stack_end"], "complete",
+            "a stack walked up to _start should say it is complete: {report}"
+        );
     }
     assert_eq!(total, (43210, 10), "leak_leaf should hold 10 x 4321 bytes: {report}");
 }
@@ -289,6 +293,10 @@ fn frame_without_unwind_info_ends_stack_cleanly() {
             [Some("leak_leaf"), Some("nocfi_caller")],
             "the stack through leak_leaf should be exactly leak_leaf, nocfi_caller \
              (nocfi_caller has no call-frame information): {report}"
+        );
+        assert_eq!(
+            stack["stack_end"], "no_unwind_info",
+            "the stack cut at nocfi_caller should say why: {report}"
         );
     }
     let total =
