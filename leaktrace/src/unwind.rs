@@ -577,6 +577,39 @@ mod tests {
         assert_eq!(mapping_bias(&segments, &mapping), Some(0x5555_5556_a000 - 0x16000));
     }
 
+    /// Check the frame-pointer discipline on hand-made functions: a frame
+    /// pointer body and a frameless leaf pass; rbp pushed as a plain
+    /// register, or a frame kept on rsp, rules the object out.
+    #[test]
+    fn frame_pointer_discipline() {
+        let row = |cfa_rule: CfaRule, cfa_offset, rbp_saved: bool| UnwindRow {
+            cfa_rule: cfa_rule as u8,
+            cfa_offset,
+            rbp_rule: if rbp_saved { RbpRule::AtCfa as u8 } else { RbpRule::Same as u8 },
+            rbp_offset: if rbp_saved { -16 } else { 0 },
+            ..UnwindRow::EMPTY
+        };
+        let check = |functions: &[&[UnwindRow]]| {
+            let mut check = FramePointerCheck {
+                plt: Vec::new(),
+                every_function: true,
+                any_function: false,
+            };
+            for rows in functions {
+                check.function(0x1000, rows);
+            }
+            check.every_function && check.any_function
+        };
+        let body = [row(CfaRule::Rsp, 8, false), row(CfaRule::Rsp, 16, true), row(CfaRule::Rbp, 16, true)];
+        let leaf = [row(CfaRule::Rsp, 8, false)];
+        let rbp_as_register = [row(CfaRule::Rsp, 8, false), row(CfaRule::Rsp, 16, true)];
+        let rsp_frame = [row(CfaRule::Rsp, 8, false), row(CfaRule::Rsp, 32, false)];
+        assert!(check(&[&body, &leaf]));
+        assert!(!check(&[&body, &rbp_as_register]));
+        assert!(!check(&[&body, &rsp_frame]));
+        assert!(!check(&[&leaf]), "no function keeps a frame pointer");
+    }
+
     /// Check the gap and merge rules on hand-made spans.
     #[test]
     fn compaction() {
