@@ -85,9 +85,9 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub sysroot: Option<PathBuf>,
 
-    /// Live allocations that can be tracked at once.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ALLOCATIONS, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_allocations: u32,
+    /// Live allocations that can be tracked at once [default: 1000000, divided by N with -s N]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_allocations: Option<u32>,
 
     /// Distinct call stacks that can be told apart.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STACKS, value_parser = clap::value_parser!(u32).range(1..))]
@@ -117,7 +117,20 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// The fewest allocation slots `-s` scales the default down to.
+const MIN_SAMPLED_ALLOCATIONS: u64 = 4096;
+
 impl Args {
+    /// Capacity of the live-allocation map: as given, or the default for
+    /// the allocations sampling keeps (one in `sample_rate`), so that
+    /// sampling saves kernel memory as well as time.
+    pub fn allocation_slots(&self) -> u32 {
+        self.max_allocations.unwrap_or_else(|| {
+            let sampled = u64::from(DEFAULT_MAX_ALLOCATIONS) / self.sample_rate.max(1);
+            sampled.max(MIN_SAMPLED_ALLOCATIONS).min(u64::from(DEFAULT_MAX_ALLOCATIONS)) as u32
+        })
+    }
+
     /// Checks clap cannot express.
     pub fn validate(&self) -> anyhow::Result<()> {
         if let (Some(min), Some(max)) = (self.min_size, self.max_size) {
@@ -155,6 +168,21 @@ mod tests {
         assert!(Args::try_parse_from(["leaktrace", "-p", "1", "--top", "banana"]).is_err());
         assert!(Args::try_parse_from(["leaktrace", "-p", "1", "0"]).is_err());
         assert!(Args::try_parse_from(["leaktrace", "-p", "1", "-c", "ls"]).is_err());
+    }
+
+    /// Check that sampling shrinks the default allocation map, and that a
+    /// size given outright wins.
+    #[test]
+    fn sampling_shrinks_allocation_map() {
+        let slots = |extra: &[&str]| {
+            let mut argv = vec!["leaktrace", "-p", "1"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).unwrap().allocation_slots()
+        };
+        assert_eq!(slots(&[]), 1_000_000);
+        assert_eq!(slots(&["-s", "10"]), 100_000);
+        assert_eq!(slots(&["-s", "1000000"]), 4096);
+        assert_eq!(slots(&["-s", "10", "--max-allocations", "500000"]), 500_000);
     }
 
     /// Check that an inverted size range is refused.

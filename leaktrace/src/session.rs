@@ -61,7 +61,7 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         epoch_ns,
         min_size: args.min_size.unwrap_or(0),
         max_size: args.max_size.unwrap_or(u64::MAX),
-        max_allocations: args.max_allocations,
+        max_allocations: args.allocation_slots(),
         max_stacks: args.max_stacks,
         sample_rate: args.sample_rate,
         unwind_rows: args.unwind_rows,
