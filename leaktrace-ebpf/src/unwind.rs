@@ -88,12 +88,12 @@ fn cut(walk: &mut Walk, end: StackEnd) -> i64 {
     STOP
 }
 
-/// The dynamic linker calls `_dl_debug_state` (r_brk, the debuggers' hook)
-/// after each change to the target's loaded objects (dlopen, dlclose, and
-/// start-up): wake the loader so that it publishes the new mappings' tables
-/// now rather than at its next poll.
+/// `void _dl_debug_state(void)`: the dynamic linker calls it (r_brk, the
+/// debuggers' hook) after each change to the target's loaded objects
+/// (dlopen, dlclose, start-up). Wake the loader so that it publishes the new
+/// mappings' tables now rather than at its next poll.
 #[uprobe]
-pub fn linker_map_change(_ctx: ProbeContext) -> u32 {
+pub fn linker_enter_dl_debug_state(_ctx: ProbeContext) -> u32 {
     if target_tid().is_some() {
         // A full buffer already holds a wake-up.
         let _ = LINK_MAP_CHANGES.output::<u32>(&1, 0);

@@ -135,7 +135,7 @@ const THREAD_PROBES: &[ProbeSpec] = &[
 /// The dynamic linker's hook for debuggers, called after every change to
 /// the loaded objects: the unwind tables of a dlopen()ed library are loaded
 /// at once instead of at the next poll of /proc/PID/maps.
-const LINKER_PROBES: &[ProbeSpec] = &[probe("_dl_debug_state", "linker_map_change", None)];
+const LINKER_PROBES: &[ProbeSpec] = &[probe("_dl_debug_state", "linker_enter_dl_debug_state", None)];
 
 const ALL_SETS: [&[ProbeSpec]; 7] = [
     ALLOCATOR_PROBES,

@@ -636,23 +636,3 @@ mod tests {
         assert_eq!(pcs, [(0x100, 1), (0x110, 0), (0x200, 1), (0x210, 0)]);
     }
 }
-
-#[cfg(test)]
-mod dump {
-    /// Print the rows of $UNWIND_DUMP between $UNWIND_FROM and $UNWIND_TO (hex).
-    #[test]
-    #[ignore]
-    fn dump_rows() {
-        let path = std::env::var("UNWIND_DUMP").unwrap();
-        let from = u32::from_str_radix(&std::env::var("UNWIND_FROM").unwrap(), 16).unwrap();
-        let to = u32::from_str_radix(&std::env::var("UNWIND_TO").unwrap(), 16).unwrap();
-        let file = std::fs::File::open(path).unwrap();
-        let data = unsafe { memmap2::Mmap::map(&file) }.unwrap();
-        let table = super::object_rows(&data).unwrap();
-        println!("{} rows, frame pointers: {}", table.rows.len(), table.frame_pointers);
-        let rows = table.rows;
-        for row in rows.iter().filter(|row| row.pc >= from && row.pc <= to) {
-            println!("{row:x?}");
-        }
-    }
-}
