@@ -18,7 +18,7 @@ use crate::{
         MemoryReport, ProbedObject, Report, StackCut, StackReport, ThreadSiteReport,
         ThreadsReport, frame_label,
     },
-    symbolizer::{Frame, Symbolizer},
+    symbolizer::{Frame, SharedModules, Symbolizer},
     verdict::{self, GrowingSite, RetentionEvidence, ThreadSiteEvidence},
 };
 
@@ -46,6 +46,8 @@ pub struct ReportOptions {
     /// Whether the target runs its own program yet (a `-c` child may still
     /// be exec'ing): the memory baseline is read now, or at the first report.
     pub baseline_now: bool,
+    /// The target's executable mappings, kept current by the unwinder.
+    pub followed: SharedModules,
 }
 
 pub struct Reporter {
@@ -69,7 +71,12 @@ impl Reporter {
         Self {
             ebpf,
             collector,
-            symbolizer: Symbolizer::new(pid, &options.debug_dirs, options.sysroot.clone()),
+            symbolizer: Symbolizer::new(
+                pid,
+                &options.debug_dirs,
+                options.sysroot.clone(),
+                options.followed.clone(),
+            ),
             // The picture at attach, for "since attach".
             baseline: if options.baseline_now { memory::read(pid).ok() } else { None },
             default_stack: default_thread_stack(pid),
@@ -87,12 +94,9 @@ impl Reporter {
         let alive = !exited;
         let t = self.started.elapsed().as_secs_f64();
         self.reports += 1;
-        let mapped = if alive {
-            self.symbolizer.refresh_modules();
-            mapped_ranges(self.options.pid)
-        } else {
-            None
-        };
+        // Gone, the target's modules are the unwinder's last view of them.
+        self.symbolizer.refresh_modules();
+        let mapped = if alive { mapped_ranges(self.options.pid) } else { None };
         let snapshot = self.collector.collect(&self.ebpf, mapped.as_deref())?;
         self.stacks
             .record(t, snapshot.stacks.iter().map(|s| (s.stack_id, s.bytes as f64)));

@@ -70,8 +70,14 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     // already get whole stacks. A `-c` child has not run its program yet:
     // its tables are loaded as it maps it.
     let mut unwinder = Unwinder::new(&mut ebpf, pid)?;
-    if target.program().is_none() {
-        unwinder.refresh().map_err(|err| attach_error(err, target))?;
+    match target.program() {
+        Some(program) => {
+            let paths: Vec<PathBuf> = objects.iter().map(|object| object.open.clone()).collect();
+            unwinder.preload(program, &paths);
+        }
+        None => {
+            unwinder.refresh().map_err(|err| attach_error(err, target))?;
+        }
     }
     let allocator = args.obj.as_deref();
     let probed = loader::attach_all(
@@ -113,6 +119,7 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             .context("failed to install a signal handler")?;
     }
     target.release()?;
+    let followed = unwinder.followed();
     let _unwinding = unwinder.spawn(Arc::clone(&stop));
 
     let mut reporter = Reporter::new(
@@ -136,6 +143,7 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             debug_dirs: args.debug_dirs.clone(),
             sysroot: args.sysroot.clone(),
             baseline_now: target.program().is_none(),
+            followed: followed.clone(),
         },
     );
     let started = Instant::now();

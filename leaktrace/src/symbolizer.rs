@@ -3,7 +3,11 @@
 //! and cached: a stack id always names the same stack. A target that has
 //! exited is symbolized from its last known mappings and the files on disk.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use blazesym::{
     Pid,
@@ -35,12 +39,17 @@ pub struct Frame {
 /// An executable mapping of the target, for frames blazesym cannot resolve
 /// and for symbolizing after the target exited.
 #[derive(Clone, Debug)]
-struct Module {
-    start: u64,
-    end: u64,
-    offset: u64,
-    path: PathBuf,
+pub struct Module {
+    pub start: u64,
+    pub end: u64,
+    pub offset: u64,
+    pub path: PathBuf,
 }
+
+/// The target's executable mappings as the unwinder last published them: it
+/// follows every change, so the libraries of a target that exits before the
+/// first report are known too.
+pub type SharedModules = Arc<Mutex<Vec<Module>>>;
 
 pub struct Symbolizer {
     blazesym: Blazesym,
@@ -53,6 +62,7 @@ pub struct Symbolizer {
     modules: Vec<Module>,
     /// Copies of the target's files, for when its own are out of reach.
     sysroot: Option<PathBuf>,
+    followed: SharedModules,
 }
 
 /// Where blazesym looks for separate debug info by default; `--debug-dir`
@@ -60,7 +70,12 @@ pub struct Symbolizer {
 const DEFAULT_DEBUG_DIRS: [&str; 2] = ["/usr/lib/debug", "/lib/debug"];
 
 impl Symbolizer {
-    pub fn new(pid: u32, debug_dirs: &[PathBuf], sysroot: Option<PathBuf>) -> Self {
+    pub fn new(
+        pid: u32,
+        debug_dirs: &[PathBuf],
+        sysroot: Option<PathBuf>,
+        followed: SharedModules,
+    ) -> Self {
         let dirs: Vec<PathBuf> = debug_dirs
             .iter()
             .cloned()
@@ -74,29 +89,40 @@ impl Symbolizer {
             cache: HashMap::new(),
             modules: Vec::new(),
             sysroot,
+            followed,
         };
         symbolizer.refresh_modules();
         symbolizer
     }
 
-    /// Re-read the target's mappings (libraries loaded since). Keeps the last
-    /// good reading once the target is gone.
+    /// Re-read the target's mappings (libraries loaded since). Once the
+    /// target is gone, its last executable mappings are the unwinder's.
     pub fn refresh_modules(&mut self) {
-        let Ok(maps) = procfs::process::Process::new(self.pid as i32).and_then(|p| p.maps()) else {
-            return;
-        };
-        self.modules = maps
-            .into_iter()
-            .filter_map(|map| match map.pathname {
-                MMapPath::Path(path) => Some(Module {
-                    start: map.address.0,
-                    end: map.address.1,
-                    offset: map.offset,
-                    path,
-                }),
-                _ => None,
+        let read: Vec<Module> = procfs::process::Process::new(self.pid as i32)
+            .and_then(|process| process.maps())
+            .map(|maps| {
+                maps.into_iter()
+                    .filter_map(|map| match map.pathname {
+                        MMapPath::Path(path) => Some(Module {
+                            start: map.address.0,
+                            end: map.address.1,
+                            offset: map.offset,
+                            path,
+                        }),
+                        _ => None,
+                    })
+                    .collect()
             })
-            .collect();
+            .unwrap_or_default();
+        if !read.is_empty() {
+            self.modules = read;
+            return;
+        }
+        // Gone (or a zombie, which maps nothing).
+        let followed = self.followed.lock().map(|modules| modules.clone()).unwrap_or_default();
+        if !followed.is_empty() {
+            self.modules = followed;
+        }
     }
 
     /// The frames of a stack, innermost first. A live target is symbolized

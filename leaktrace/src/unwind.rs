@@ -10,8 +10,8 @@
 use std::{
     collections::HashMap,
     fs::File,
-    os::fd::AsRawFd as _,
-    path::PathBuf,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -30,6 +30,8 @@ use leaktrace_common::{
     UNWIND_CHUNK_ROWS, UnwindChunk, UnwindMapping, UnwindRow,
 };
 use memmap2::Mmap;
+
+use crate::symbolizer::{Module, SharedModules};
 use object::{
     Object as _, ObjectSection as _, ObjectSegment as _, SegmentFlags, elf::PF_X,
 };
@@ -319,6 +321,11 @@ pub struct Unwinder {
     set: u32,
     seen: Vec<ExecMapping>,
     full_warned: bool,
+    /// For `-c`: the program's (device, inode), which the target runs once
+    /// it has exec'd.
+    program: Option<(u64, u64)>,
+    /// The mappings last published, for the symbolizer.
+    followed: SharedModules,
 }
 
 impl Unwinder {
@@ -339,12 +346,22 @@ impl Unwinder {
             set: 0,
             seen: Vec::new(),
             full_warned: false,
+            program: None,
+            followed: SharedModules::default(),
         })
     }
 
     /// Publish the target's executable mappings if they changed, loading
     /// the tables of objects not seen before. Returns whether they changed.
     pub fn refresh(&mut self) -> anyhow::Result<bool> {
+        if let Some(program) = self.program {
+            // A `-c` child still held before exec maps leaktrace itself.
+            let exe = file_key(Path::new(&format!("/proc/{}/exe", self.pid)))
+                .map_err(|_| anyhow!("process {} has exited", self.pid))?;
+            if exe != program {
+                return Ok(false);
+            }
+        }
         let current = exec_mappings(self.pid)?;
         if current == self.seen {
             return Ok(false);
@@ -379,6 +396,17 @@ impl Unwinder {
         let state = (published.len() as u64) << 32 | u64::from(set);
         self.state.set(0, state, 0).context("failed to publish the unwind mappings")?;
         self.set = set;
+        if let Ok(mut followed) = self.followed.lock() {
+            *followed = current
+                .iter()
+                .map(|mapping| Module {
+                    start: mapping.start,
+                    end: mapping.end,
+                    offset: mapping.offset,
+                    path: mapping.path.clone(),
+                })
+                .collect();
+        }
         log::info!(
             "unwind: {} executable mappings published, {} new rows loaded, in {:.1} ms",
             published.len(),
@@ -416,9 +444,39 @@ impl Unwinder {
         // namespace, even if it was deleted or replaced since.
         let path = format!("/proc/{}/map_files/{:x}-{:x}", self.pid, mapping.start, mapping.end);
         let file = File::open(&path).with_context(|| format!("failed to open {path}"))?;
+        self.load_file(&file, &mapping.path)
+    }
+
+    /// Load the tables of objects a `-c` program will map, before it runs:
+    /// its mappings then only need publishing, which the dynamic linker's
+    /// hook triggers before the program's first line. `program` is the file
+    /// it will execute; until the target runs it, its mappings are ignored.
+    pub fn preload(&mut self, program: &Path, objects: &[PathBuf]) {
+        self.program = file_key(program).ok();
+        for path in objects {
+            let Ok(key) = file_key(path) else {
+                continue;
+            };
+            if self.objects.contains_key(&key) {
+                continue;
+            }
+            let loaded = File::open(path)
+                .map_err(anyhow::Error::from)
+                .and_then(|file| self.load_file(&file, path));
+            match loaded {
+                Ok(object) => {
+                    self.objects.insert(key, object);
+                }
+                Err(err) => log::info!("unwind: no table for {}: {err:#}", path.display()),
+            }
+        }
+    }
+
+    fn load_file(&mut self, file: &File, shown: &Path) -> anyhow::Result<LoadedObject> {
         // SAFETY: read-only; the object crate and gimli validate what they
         // parse, so a file changed underneath gives wrong rows, not UB.
-        let data = unsafe { Mmap::map(&file) }.with_context(|| format!("failed to map {path}"))?;
+        let data = unsafe { Mmap::map(file) }
+            .with_context(|| format!("failed to map {}", shown.display()))?;
         let segments = object::File::parse(&*data)?
             .segments()
             .filter(|segment| {
@@ -444,7 +502,7 @@ impl Unwinder {
                 eprintln!(
                     "leaktrace: warning: unwind tables full ({} rows, see --unwind-rows); stacks through {} and later libraries end there",
                     capacity as usize * UNWIND_CHUNK_ROWS,
-                    mapping.path.display()
+                    shown.display()
                 );
                 self.full_warned = true;
             }
@@ -464,7 +522,7 @@ impl Unwinder {
         log::info!(
             "unwind: {} rows for {}{}",
             rows.len(),
-            mapping.path.display(),
+            shown.display(),
             if frame_pointers { ", built with frame pointers" } else { "" }
         );
         Ok(LoadedObject {
@@ -473,6 +531,11 @@ impl Unwinder {
             frame_pointers,
             segments,
         })
+    }
+
+    /// The mappings last published, kept current from now on.
+    pub fn followed(&self) -> SharedModules {
+        Arc::clone(&self.followed)
     }
 
     /// Keep the tables current from a thread of its own until `stop`:
@@ -506,6 +569,13 @@ impl Unwinder {
         unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as libc::c_int) };
         while self.changes.next().is_some() {}
     }
+}
+
+/// A file's (device, inode), as /proc/PID/maps gives them.
+fn file_key(path: &Path) -> std::io::Result<(u64, u64)> {
+    let metadata = std::fs::metadata(path)?;
+    let device = metadata.dev();
+    Ok((u64::from(libc::major(device)) << 32 | u64::from(libc::minor(device)), metadata.ino()))
 }
 
 /// The target's file-backed executable mappings.
