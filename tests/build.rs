@@ -111,7 +111,7 @@ fn main() {
 /// unwinder; unwind_nocfi links in nocfi_caller, a function with no unwind
 /// information, from an object built with NO_CFI_FLAGS; unwind_dlopen loads
 /// libdlopen_plugin.so (not linked in: the test passes its path) with
-/// dlopen; unwind_nopie is a non-PIE executable.
+/// dlopen; unwind_nopie is unwind_chain as a non-PIE executable.
 fn build_unwind_fixtures(src: &Path, out: &Path) {
     for (source, name) in UNWIND_PROGRAMS {
         compile_with(UNWIND_FLAGS, &[&src.join(source)], &out.join(name), &[])
@@ -146,10 +146,11 @@ fn build_unwind_fixtures(src: &Path, out: &Path) {
         &["-ldl"],
     )
     .unwrap_or_else(|err| panic!("{err}"));
-    // Compiled -fno-pie and linked -no-pie: an ET_EXEC at fixed addresses.
+    // unwind_chain again, compiled -fno-pie and linked -no-pie: an ET_EXEC
+    // at fixed addresses.
     compile_with(
         &[UNWIND_FLAGS, &["-fno-pie", "-no-pie"]].concat(),
-        &[&src.join("unwind_nopie.c")],
+        &[&src.join("unwind_chain.c")],
         &out.join("unwind_nopie"),
         &[],
     )

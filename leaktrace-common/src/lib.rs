@@ -96,6 +96,9 @@ pub enum StackEnd {
     Failed = 2,
     /// [`MAX_FRAMES`] reached.
     Depth = 3,
+    /// No stack was collected at all (a report's word for [`NO_STACK`];
+    /// the programs never store it).
+    Unavailable = 4,
 }
 
 impl StackEnd {
@@ -104,7 +107,19 @@ impl StackEnd {
             1 => StackEnd::NoInfo,
             2 => StackEnd::Failed,
             3 => StackEnd::Depth,
+            4 => StackEnd::Unavailable,
             _ => StackEnd::Complete,
+        }
+    }
+
+    /// The name used in reports and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            StackEnd::Complete => "complete",
+            StackEnd::NoInfo => "no_unwind_info",
+            StackEnd::Failed => "unwind_failed",
+            StackEnd::Depth => "depth_limit",
+            StackEnd::Unavailable => "unavailable",
         }
     }
 }

@@ -134,20 +134,10 @@ pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
             0,
         )
     };
-    let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
-        count_lost(Lost::StackUnavailable);
-        return NO_STACK;
-    };
     if walk.len == 0 {
         count_lost(Lost::StackUnavailable);
         return NO_STACK;
     }
-    // SAFETY: a pointer from a successful lookup in a per-CPU array, valid
-    // for this program run and used by this CPU only.
-    let stack = unsafe { &mut *stack };
-    stack.hash = walk.hash;
-    stack.len = walk.len;
-    stack.end = walk.end;
     let mut id = (walk.hash ^ (walk.hash >> 32)) as u32;
     if id == NO_STACK {
         id = 0;
@@ -156,16 +146,27 @@ pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
         // SAFETY: a pointer from a successful lookup, valid for this run;
         // stacks are never changed once inserted.
         let known = unsafe { &*known };
-        if known.hash == stack.hash && known.len == stack.len {
+        if known.hash == walk.hash && known.len == walk.len {
             return id;
         }
         count_lost(Lost::StackCollision);
         return NO_STACK;
     }
+    // A stack not seen before: only now is the scratch completed and kept.
+    let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
+        count_lost(Lost::StackUnavailable);
+        return NO_STACK;
+    };
+    // SAFETY: a pointer from a successful lookup in a per-CPU array, valid
+    // for this program run and used by this CPU only.
+    let stack = unsafe { &mut *stack };
+    stack.hash = walk.hash;
+    stack.len = walk.len;
+    stack.end = walk.end;
     // The scratch is per CPU, and a fully preemptible kernel can run this
     // program for another thread on this CPU in the middle of our walk: the
     // addresses must still hash to what this walk computed before they are
-    // kept. Only new stacks pay for the check.
+    // kept.
     if hash_of(stack) != walk.hash {
         count_lost(Lost::StackUnavailable);
         return NO_STACK;

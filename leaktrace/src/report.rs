@@ -62,7 +62,8 @@ pub struct ThreadsReport {
 #[derive(Debug, Serialize)]
 pub struct ThreadSiteReport {
     pub frames: Vec<Frame>,
-    pub stack_end: StackCut,
+    #[serde(serialize_with = "stack_end_name")]
+    pub stack_end: StackEnd,
     #[serde(flatten)]
     pub counts: ThreadSite,
     /// Trend of the threads alive or unjoined.
@@ -87,49 +88,24 @@ pub struct StackReport {
     pub bytes: u64,
     pub allocations: u64,
     pub frames: Vec<Frame>,
-    pub stack_end: StackCut,
+    #[serde(serialize_with = "stack_end_name")]
+    pub stack_end: StackEnd,
     pub growth: Option<Growth>,
 }
 
-/// Why a reported stack ends where it does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StackCut {
-    /// At the outermost frame (_start, a thread's start).
-    Complete,
-    /// The next frame has no call-frame information, or is in no known
-    /// executable mapping.
-    NoUnwindInfo,
-    /// The next frame's rule could not be followed.
-    UnwindFailed,
-    /// Deeper than the walk goes.
-    DepthLimit,
-    /// No stack could be collected at all.
-    Unavailable,
-}
-
-impl From<StackEnd> for StackCut {
-    fn from(end: StackEnd) -> Self {
-        match end {
-            StackEnd::Complete => StackCut::Complete,
-            StackEnd::NoInfo => StackCut::NoUnwindInfo,
-            StackEnd::Failed => StackCut::UnwindFailed,
-            StackEnd::Depth => StackCut::DepthLimit,
-        }
+/// The line the text report adds under a stack that ends early.
+fn stack_end_note(end: StackEnd) -> Option<&'static str> {
+    match end {
+        StackEnd::Complete => None,
+        StackEnd::NoInfo => Some("(stack cut here: no unwind information past this frame)"),
+        StackEnd::Failed => Some("(stack cut here: this frame could not be unwound)"),
+        StackEnd::Depth => Some("(stack cut here: deeper than 128 frames)"),
+        StackEnd::Unavailable => Some("(no stack)"),
     }
 }
 
-impl StackCut {
-    /// The line the text report adds under a stack that ends early.
-    fn note(self) -> Option<&'static str> {
-        match self {
-            StackCut::Complete => None,
-            StackCut::NoUnwindInfo => Some("(stack cut here: no unwind information past this frame)"),
-            StackCut::UnwindFailed => Some("(stack cut here: this frame could not be unwound)"),
-            StackCut::DepthLimit => Some("(stack cut here: deeper than 128 frames)"),
-            StackCut::Unavailable => Some("(no stack)"),
-        }
-    }
+fn stack_end_name<S: serde::Serializer>(end: &StackEnd, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(end.name())
 }
 
 impl Report {
@@ -210,7 +186,7 @@ impl Report {
             for frame in &stack.frames {
                 writeln!(out, "\t\t{}", frame_line(frame))?;
             }
-            if let Some(note) = stack.stack_end.note() {
+            if let Some(note) = stack_end_note(stack.stack_end) {
                 writeln!(out, "\t\t{note}")?;
             }
         }
@@ -280,7 +256,7 @@ impl Report {
             for frame in &site.frames {
                 writeln!(out, "\t\t{}", frame_line(frame))?;
             }
-            if let Some(note) = site.stack_end.note() {
+            if let Some(note) = stack_end_note(site.stack_end) {
                 writeln!(out, "\t\t{note}")?;
             }
         }

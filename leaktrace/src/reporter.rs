@@ -8,15 +8,15 @@ use std::{
 };
 
 use aya::Ebpf;
-use leaktrace_common::NO_STACK;
+use leaktrace_common::{NO_STACK, StackEnd};
 
 use crate::{
     collector::{Collector, StackUsage, ThreadSite, collect_threads, user_stack},
     growth::{History, Trend},
     memory::{self, MemoryPicture},
     report::{
-        MemoryReport, ProbedObject, Report, StackCut, StackReport, ThreadSiteReport,
-        ThreadsReport, frame_label,
+        MemoryReport, ProbedObject, Report, StackReport, ThreadSiteReport, ThreadsReport,
+        frame_label,
     },
     symbolizer::{Frame, SharedModules, Symbolizer},
     verdict::{self, GrowingSite, RetentionEvidence, ThreadSiteEvidence},
@@ -94,7 +94,6 @@ impl Reporter {
         let alive = !exited;
         let t = self.started.elapsed().as_secs_f64();
         self.reports += 1;
-        // Gone, the target's modules are the unwinder's last view of them.
         self.symbolizer.refresh_modules();
         let mapped = if alive { mapped_ranges(self.options.pid) } else { None };
         let snapshot = self.collector.collect(&self.ebpf, mapped.as_deref())?;
@@ -238,10 +237,10 @@ impl Reporter {
         self.symbolizer.frames(stack_id, &ips, alive)
     }
 
-    fn stack_end(&self, stack_id: u32) -> StackCut {
+    fn stack_end(&self, stack_id: u32) -> StackEnd {
         match user_stack(&self.ebpf, stack_id) {
-            Ok((_, end)) => end.into(),
-            Err(_) => StackCut::Unavailable,
+            Ok((_, end)) => end,
+            Err(_) => StackEnd::Unavailable,
         }
     }
 }

@@ -16,7 +16,6 @@ use blazesym::{
         source::{Elf, Process, Source},
     },
 };
-use procfs::process::MMapPath;
 use serde::{Serialize, Serializer};
 
 use crate::elf::ElfFile;
@@ -37,7 +36,8 @@ pub struct Frame {
 }
 
 /// An executable mapping of the target, for frames blazesym cannot resolve
-/// and for symbolizing after the target exited.
+/// and for symbolizing after the target exited. The unwinder keeps the list
+/// (it reads /proc/PID/maps on every change); the symbolizer reads it.
 #[derive(Clone, Debug)]
 pub struct Module {
     pub start: u64,
@@ -95,33 +95,13 @@ impl Symbolizer {
         symbolizer
     }
 
-    /// Re-read the target's mappings (libraries loaded since). Once the
-    /// target is gone, its last executable mappings are the unwinder's.
+    /// Take the unwinder's current view of the target's executable mappings
+    /// (libraries loaded since); once the target is gone, its last one.
     pub fn refresh_modules(&mut self) {
-        let read: Vec<Module> = procfs::process::Process::new(self.pid as i32)
-            .and_then(|process| process.maps())
-            .map(|maps| {
-                maps.into_iter()
-                    .filter_map(|map| match map.pathname {
-                        MMapPath::Path(path) => Some(Module {
-                            start: map.address.0,
-                            end: map.address.1,
-                            offset: map.offset,
-                            path,
-                        }),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !read.is_empty() {
-            self.modules = read;
-            return;
-        }
-        // Gone (or a zombie, which maps nothing).
-        let followed = self.followed.lock().map(|modules| modules.clone()).unwrap_or_default();
-        if !followed.is_empty() {
-            self.modules = followed;
+        if let Ok(followed) = self.followed.lock() {
+            if !followed.is_empty() {
+                self.modules.clone_from(&followed);
+            }
         }
     }
 
