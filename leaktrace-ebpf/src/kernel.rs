@@ -12,8 +12,8 @@ use leaktrace_common::{
 };
 
 use crate::{
-    maps::{PENDING, THREADS, config},
-    record::target_tid,
+    maps::{THREADS, config},
+    record::{forget_pending, in_flight, target_tid},
     thread::{SiteEvent, forget_thread},
 };
 
@@ -29,10 +29,7 @@ pub fn kernel_sched_process_fork(ctx: TracePointContext) -> u32 {
 
 fn try_kernel_sched_process_fork(ctx: &TracePointContext) -> Result {
     let tid = target_tid().ok_or(())?;
-    let pending = PENDING.get_ptr_mut(tid).ok_or(())?;
-    // SAFETY: a pointer from a successful lookup, valid for this run; only
-    // this thread (the one in pthread_create) writes its entry.
-    let pending = unsafe { &mut *pending };
+    let pending = in_flight(tid).ok_or(())?;
     if pending.kind != CallKind::ThreadCreate as u32 {
         return Ok(());
     }
@@ -57,6 +54,7 @@ pub fn kernel_sched_process_exit(ctx: TracePointContext) -> u32 {
 
 fn try_kernel_sched_process_exit(_ctx: &TracePointContext) -> Result {
     let tid = target_tid().ok_or(())?;
+    forget_pending(tid);
     let info = THREADS.get_ptr_mut(tid).ok_or(())?;
     // SAFETY: a pointer from a successful lookup, valid for this run.
     let info = unsafe { &mut *info };

@@ -17,8 +17,8 @@ use aya_ebpf::{
 use leaktrace_common::{AllocInfo, CallKind, Lost};
 
 use crate::{
-    maps::{MMAPS, PENDING, config, count_lost},
-    record::{current_epoch, enter, exit, size_wanted, stack_pointer, target_tid},
+    maps::{MMAPS, config, count_lost},
+    record::{current_epoch, enter, exit, in_flight, size_wanted, stack_pointer, target_tid},
     unwind::stack_id,
 };
 
@@ -81,10 +81,7 @@ fn try_mmap_enter_mmap(ctx: &ProbeContext) -> Result {
 /// thread about to be created.
 #[inline(always)]
 fn note_thread_stack(ctx: &ProbeContext, tid: u32, len: u64) {
-    if let Some(outer) = PENDING.get_ptr_mut(tid) {
-        // SAFETY: a pointer from a successful lookup, valid for this run;
-        // only this thread writes its own entry.
-        let outer = unsafe { &mut *outer };
+    if let Some(outer) = in_flight(tid) {
         if outer.kind == CallKind::ThreadCreate as u32 && outer.sp > stack_pointer(ctx) {
             outer.size = len;
         }

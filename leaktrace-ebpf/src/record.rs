@@ -20,6 +20,9 @@ use crate::{
 
 const EEXIST: i64 = 17;
 
+/// `Pending::sp` of a thread with no call in flight.
+const IDLE: u64 = 0;
+
 /// The thread id when the event comes from the target, `None` otherwise.
 /// Probes are attached for the target only; this is the second fence.
 #[inline(always)]
@@ -45,26 +48,14 @@ pub fn stack_pointer<C: EbpfContext>(ctx: &C) -> u64 {
 /// calling realloc) is nested: the outer record stays, so the allocation is
 /// charged to the caller of the outer function with its real size.
 /// Returns whether a new record was made (not a nested call).
+///
+/// A thread's entry stays in `PENDING` between calls, marked idle (sp 0),
+/// and is rewritten in place: an update or delete of a hash map element
+/// takes its bucket lock and recycles the element, which cost more than the
+/// rest of the entry probe. The thread's exit removes the entry.
 #[inline(always)]
 pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) -> bool {
     let sp = stack_pointer(ctx);
-    // SAFETY: the value is copied out at once; a concurrent update can only
-    // come from this same thread, which is here.
-    if let Some(outer) = PENDING.get_ptr_mut(tid) {
-        // SAFETY: a pointer from a successful lookup, valid for this run;
-        // only this thread writes its own entry.
-        let outer = unsafe { &mut *outer };
-        if outer.sp > sp {
-            return false;
-        }
-        if outer.sp == sp {
-            outer.tail_calls += 1;
-            return false;
-        }
-        // An entry above the recorded frame: that call's return probe never
-        // fired (longjmp, or the kernel dropped it).
-        count_lost(Lost::MissedReturn);
-    }
     let pending = Pending {
         sp,
         size,
@@ -74,6 +65,25 @@ pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) 
         flags: 0,
         tail_calls: 0,
     };
+    if let Some(outer) = PENDING.get_ptr_mut(tid) {
+        // SAFETY: a pointer from a successful lookup, valid for this run;
+        // only this thread reads or writes its own entry.
+        let outer = unsafe { &mut *outer };
+        if outer.sp != IDLE {
+            if outer.sp > sp {
+                return false;
+            }
+            if outer.sp == sp {
+                outer.tail_calls += 1;
+                return false;
+            }
+            // An entry above the recorded frame: that call's return probe
+            // never fired (longjmp, or the kernel dropped it).
+            count_lost(Lost::MissedReturn);
+        }
+        *outer = pending;
+        return true;
+    }
     if PENDING.insert(tid, pending, BPF_ANY.into()).is_err() {
         count_lost(Lost::PendingMapFull);
         return false;
@@ -81,16 +91,24 @@ pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) 
     true
 }
 
+/// The call in flight on this thread, if any: its record, to update.
+#[inline(always)]
+pub fn in_flight(tid: u32) -> Option<&'static mut Pending> {
+    let pending = PENDING.get_ptr_mut(tid)?;
+    // SAFETY: a pointer from a successful lookup, valid for this run; only
+    // this thread reads or writes its own entry.
+    let pending = unsafe { &mut *pending };
+    (pending.sp != IDLE).then_some(pending)
+}
+
 /// Take the record of the call whose return probe this is. `None` for the
 /// return of a nested call (its sp is not above the outer entry's sp).
 #[inline(always)]
 pub fn exit(ctx: &RetProbeContext, tid: u32) -> Option<Pending> {
-    let Some(pending) = PENDING.get_ptr_mut(tid) else {
+    let Some(pending) = in_flight(tid) else {
         count_lost(Lost::ReturnWithoutEntry);
         return None;
     };
-    // SAFETY: as in `enter`.
-    let pending = unsafe { &mut *pending };
     if stack_pointer(ctx) <= pending.sp {
         return None;
     }
@@ -99,8 +117,14 @@ pub fn exit(ctx: &RetProbeContext, tid: u32) -> Option<Pending> {
         return None;
     }
     let taken = *pending;
-    let _ = PENDING.remove(tid);
+    pending.sp = IDLE;
     Some(taken)
+}
+
+/// Forget a thread's `PENDING` entry when it exits.
+#[inline(always)]
+pub fn forget_pending(tid: u32) {
+    let _ = PENDING.remove(tid);
 }
 
 /// The age epoch of an allocation made now.

@@ -15,8 +15,8 @@ use leaktrace_common::{
 };
 
 use crate::{
-    maps::{DETACH_ATTRS, PENDING, PTHREADS, THREAD_SITES, THREADS, count_lost},
-    record::{enter, exit, target_tid},
+    maps::{DETACH_ATTRS, PTHREADS, THREAD_SITES, THREADS, count_lost},
+    record::{enter, exit, in_flight, target_tid},
     unwind::stack_id,
 };
 
@@ -98,9 +98,8 @@ fn try_thread_enter_pthread_create(ctx: &ProbeContext) -> Result {
     let detached = attr != 0
         && unsafe { DETACH_ATTRS.get(attr) }.is_some_and(|&state| state == PTHREAD_CREATE_DETACHED);
     if detached {
-        if let Some(pending) = PENDING.get_ptr_mut(tid) {
-            // SAFETY: this thread's own entry, just made.
-            unsafe { (*pending).flags = THREAD_DETACHED };
+        if let Some(pending) = in_flight(tid) {
+            pending.flags = THREAD_DETACHED;
         }
     }
     Ok(())
