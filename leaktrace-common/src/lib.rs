@@ -208,8 +208,10 @@ pub struct UnwindMapping {
 /// by the frame-pointer rule without a row search.
 pub const MAPPING_FRAME_POINTERS: u64 = 1;
 
-/// The live mapping set: `set` (0 or 1) and its `count` of mappings, packed
-/// in one u64 (`count << 32 | set`) so that it is written atomically.
+/// The live mapping set: its `count` of mappings and the publication's
+/// `generation`, packed in one u64 (`count << 32 | generation`) so that it
+/// is written atomically. The set is `generation & 1`; a probe's cache of
+/// resolved addresses is only trusted for the generation it was filled in.
 pub type UnwindState = u64;
 
 /// Young-allocation buckets kept per stack (see [`StackStats`]).

@@ -14,6 +14,8 @@ use leaktrace_common::{
     StackStats, ThreadInfo, ThreadSiteStats, UnwindChunk, UnwindMapping, UnwindState, UserStack,
 };
 
+use crate::unwind::CachedAddress;
+
 #[unsafe(no_mangle)]
 pub static CONFIG: Global<Config> = Global::new(Config {
     tgid: 0,
@@ -60,6 +62,14 @@ pub static UNWIND_MAPPINGS: Array<UnwindMapping> =
 
 #[map]
 pub static UNWIND_STATE: Array<UnwindState> = Array::with_max_entries(1, 0);
+
+/// log2 of the slots in [`UNWIND_CACHE`].
+pub const UNWIND_CACHE_BITS: u32 = 12;
+
+/// What recently walked addresses resolved to, per CPU (160 KiB each).
+#[map]
+pub static UNWIND_CACHE: PerCpuArray<CachedAddress> =
+    PerCpuArray::with_max_entries(1 << UNWIND_CACHE_BITS, 0);
 
 /// One page: the loader only needs to wake, not to count.
 #[map]

@@ -11,6 +11,11 @@
 //! frame ever enters a report. Frames in an object whose every function
 //! keeps a frame pointer (the loader checks all of its call-frame
 //! information) skip the row search: CFA = rbp + 16.
+//!
+//! The two searches are paid once per address: each CPU keeps what an
+//! address resolved to, for as long as the same mapping set is live. A
+//! program allocating in a loop walks the same return addresses again and
+//! again.
 
 use core::ffi::c_void;
 
@@ -28,8 +33,8 @@ use leaktrace_common::{
 
 use crate::{
     maps::{
-        LINK_MAP_CHANGES, STACK_SCRATCH, STACKS, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
-        count_lost,
+        LINK_MAP_CHANGES, STACK_SCRATCH, STACKS, UNWIND_CACHE, UNWIND_CACHE_BITS,
+        UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE, count_lost,
     },
     record::target_tid,
 };
@@ -52,6 +57,55 @@ const FRAME_POINTER_ROW: UnwindRow = UnwindRow {
     rbp_rule: RbpRule::AtCfa as u8,
 };
 
+/// Fibonacci hashing of an address to its cache slot.
+const CACHE_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// What an address resolved to, as [`Resolved::kind`].
+const OUTSIDE: u32 = 0;
+/// In a mapping whose object has no row for it.
+const NO_ROWS: u32 = 1;
+/// In a mapping, with [`Resolved::row`] in force there.
+const ROW: u32 = 2;
+/// In a mapping flagged [`MAPPING_FRAME_POINTERS`]; the row is not searched.
+const FRAME_POINTERS: u32 = 3;
+
+/// A frame's address, resolved against the live mapping set.
+#[derive(Clone, Copy)]
+struct Resolved {
+    row: UnwindRow,
+    kind: u32,
+}
+
+/// One slot of a CPU's [`UNWIND_CACHE`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedAddress {
+    addr: u64,
+    /// The [`leaktrace_common::UnwindState`] it was resolved under.
+    state: u64,
+    row: UnwindRow,
+    kind: u32,
+    /// Over all of the above: a slot half written when this program was
+    /// preempted by another on the same CPU does not match.
+    check: u64,
+}
+
+impl CachedAddress {
+    #[inline(always)]
+    fn checksum(&self) -> u64 {
+        let row = u64::from(self.row.pc) | u64::from(self.row.cfa_offset as u32) << 32;
+        let rules = u64::from(self.row.rbp_offset as u16)
+            | u64::from(self.row.cfa_rule) << 16
+            | u64::from(self.row.rbp_rule) << 24
+            | u64::from(self.kind) << 32;
+        let mut hash = FNV_OFFSET;
+        for word in [self.addr, self.state, row, rules] {
+            hash = (hash ^ word).wrapping_mul(FNV_PRIME);
+        }
+        hash
+    }
+}
+
 /// `bpf_loop` callback results.
 const CONTINUE: i64 = 0;
 const STOP: i64 = 1;
@@ -64,6 +118,8 @@ struct Walk {
     sp: u64,
     bp: u64,
     hash: u64,
+    /// The [`leaktrace_common::UnwindState`] the walk started under.
+    state: u64,
     /// First index of the live mapping set.
     set_base: u32,
     count: u32,
@@ -117,6 +173,7 @@ pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
         sp,
         bp,
         hash: FNV_OFFSET,
+        state,
         set_base: (state as u32 & 1) * MAX_UNWIND_MAPPINGS,
         count: if count > MAX_UNWIND_MAPPINGS { MAX_UNWIND_MAPPINGS } else { count },
         bp_known: 1,
@@ -193,10 +250,10 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     // belongs to the frame's function (a call to a noreturn function can be
     // its last instruction). The first frame's ip is where it resumes.
     let lookup = if index == 0 { walk.ip } else { walk.ip.wrapping_sub(1) };
-    let mapping = find_mapping(walk, lookup);
+    let resolved = resolve(walk, lookup);
     // A return address outside every executable mapping is not code we
     // know: it is left out rather than shown as a frame.
-    if index > 0 && mapping.is_none() {
+    if index > 0 && resolved.kind == OUTSIDE {
         return cut(walk, StackEnd::NoInfo);
     }
     let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
@@ -210,21 +267,24 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     if index as usize + 1 >= MAX_FRAMES {
         return cut(walk, StackEnd::Depth);
     }
-    let Some(mapping) = mapping else {
-        return cut(walk, StackEnd::NoInfo);
-    };
-    let row = if mapping.flags & MAPPING_FRAME_POINTERS != 0 && walk.bp_known != 0 {
+    let row = if resolved.kind == ROW {
+        resolved.row
+    } else if resolved.kind == FRAME_POINTERS && walk.bp_known != 0 {
         // The fast path: code built with frame pointers. rbp 0 marks the
         // outermost frame (_start and clone clear it).
         if walk.bp == 0 {
             return STOP;
         }
         FRAME_POINTER_ROW
-    } else {
-        let Some(row) = find_row(&mapping, lookup) else {
+    } else if resolved.kind == FRAME_POINTERS {
+        // rbp was lost in a frame below: this frame needs its real row.
+        let Some(row) = find_mapping(walk, lookup).and_then(|mapping| find_row(&mapping, lookup))
+        else {
             return cut(walk, StackEnd::NoInfo);
         };
         row
+    } else {
+        return cut(walk, StackEnd::NoInfo);
     };
     let offset = row.cfa_offset as i64 as u64;
     let cfa = if row.cfa_rule == CfaRule::Rsp as u8 {
@@ -243,26 +303,96 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     if cfa <= walk.sp {
         return cut(walk, StackEnd::Failed);
     }
-    // SAFETY: bpf_probe_read_user checks the address.
-    let Ok(return_address) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
-        return cut(walk, StackEnd::Failed);
-    };
-    if row.rbp_rule == RbpRule::AtCfa as u8 {
-        let saved = cfa.wrapping_add(row.rbp_offset as i64 as u64);
+    let return_address = if row.rbp_rule == RbpRule::AtCfa as u8 && row.rbp_offset == -16 {
+        // rbp pushed right after the call (every frame-pointer prologue):
+        // one read takes the saved rbp and the return address above it.
+        // SAFETY: bpf_probe_read_user checks the address.
+        let Ok([bp, return_address]) =
+            (unsafe { bpf_probe_read_user((cfa - 16) as *const [u64; 2]) })
+        else {
+            return cut(walk, StackEnd::Failed);
+        };
+        walk.bp = bp;
+        return_address
+    } else {
         // SAFETY: as above.
-        match unsafe { bpf_probe_read_user(saved as *const u64) } {
-            Ok(bp) => walk.bp = bp,
-            Err(_) => walk.bp_known = 0,
+        let Ok(return_address) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) })
+        else {
+            return cut(walk, StackEnd::Failed);
+        };
+        if row.rbp_rule == RbpRule::AtCfa as u8 {
+            let saved = cfa.wrapping_add(row.rbp_offset as i64 as u64);
+            // SAFETY: as above.
+            match unsafe { bpf_probe_read_user(saved as *const u64) } {
+                Ok(bp) => walk.bp = bp,
+                Err(_) => walk.bp_known = 0,
+            }
+        } else if row.rbp_rule == RbpRule::Lost as u8 {
+            walk.bp_known = 0;
         }
-    } else if row.rbp_rule == RbpRule::Lost as u8 {
-        walk.bp_known = 0;
-    }
+        return_address
+    };
     if return_address == 0 {
         return STOP;
     }
     walk.sp = cfa;
     walk.ip = return_address;
     CONTINUE
+}
+
+/// What `addr` resolves to under the walk's mapping set: from this CPU's
+/// cache when it holds the address for that set, else by the two searches
+/// (and then cached).
+#[inline(always)]
+fn resolve(walk: &Walk, addr: u64) -> Resolved {
+    let slot = (addr.wrapping_mul(CACHE_MULTIPLIER) >> (64 - UNWIND_CACHE_BITS)) as u32;
+    let cached = UNWIND_CACHE.get_ptr_mut(slot);
+    if let Some(cached) = cached {
+        // SAFETY: a pointer from a successful lookup in a per-CPU array,
+        // valid for this program run; the checksum rejects a torn slot.
+        let cached = unsafe { &*cached };
+        if cached.addr == addr && cached.state == walk.state && cached.check == cached.checksum()
+        {
+            return Resolved {
+                row: cached.row,
+                kind: cached.kind,
+            };
+        }
+    }
+    let resolved = match find_mapping(walk, addr) {
+        None => Resolved {
+            row: UnwindRow::EMPTY,
+            kind: OUTSIDE,
+        },
+        Some(mapping) if mapping.flags & MAPPING_FRAME_POINTERS != 0 => Resolved {
+            row: FRAME_POINTER_ROW,
+            kind: FRAME_POINTERS,
+        },
+        Some(mapping) => match find_row(&mapping, addr) {
+            Some(row) => Resolved { row, kind: ROW },
+            None => Resolved {
+                row: UnwindRow::EMPTY,
+                kind: NO_ROWS,
+            },
+        },
+    };
+    // Only addresses in code are worth a slot: the others end the walk.
+    let Some(cached) = cached else {
+        return resolved;
+    };
+    if resolved.kind >= ROW {
+        let mut fresh = CachedAddress {
+            addr,
+            state: walk.state,
+            row: resolved.row,
+            kind: resolved.kind,
+            check: 0,
+        };
+        fresh.check = fresh.checksum();
+        // SAFETY: as above; this CPU's slot.
+        unsafe { *cached = fresh };
+    }
+    resolved
 }
 
 /// The hash `step` computes, over a stored stack.

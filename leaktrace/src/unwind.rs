@@ -318,7 +318,8 @@ pub struct Unwinder {
     changes: RingBuf<MapData>,
     objects: HashMap<(u64, u64), LoadedObject>,
     next_chunk: u32,
-    set: u32,
+    /// Publications so far; the live set is `generation & 1`.
+    generation: u32,
     seen: Vec<ExecMapping>,
     full_warned: bool,
     /// For `-c`: the program's (device, inode), which the target runs once
@@ -343,7 +344,7 @@ impl Unwinder {
             changes: RingBuf::try_from(take(MAP_LINK_MAP_CHANGES)?)?,
             objects: HashMap::new(),
             next_chunk: 0,
-            set: 0,
+            generation: 0,
             seen: Vec::new(),
             full_warned: false,
             program: None,
@@ -387,15 +388,16 @@ impl Unwinder {
         }
         published.sort_by_key(|mapping| mapping.start);
         published.truncate(MAX_UNWIND_MAPPINGS as usize);
-        let set = self.set ^ 1;
+        let generation = self.generation.wrapping_add(1);
+        let set = generation & 1;
         for (index, mapping) in published.iter().enumerate() {
             self.mappings
                 .set(set * MAX_UNWIND_MAPPINGS + index as u32, mapping, 0)
                 .context("failed to publish an unwind mapping")?;
         }
-        let state = (published.len() as u64) << 32 | u64::from(set);
+        let state = (published.len() as u64) << 32 | u64::from(generation);
         self.state.set(0, state, 0).context("failed to publish the unwind mappings")?;
-        self.set = set;
+        self.generation = generation;
         if let Ok(mut followed) = self.followed.lock() {
             *followed = current
                 .iter()
