@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// Leave the bpftrace baseline out of the rounds.
     #[arg(long)]
     no_bpftrace: bool,
+    /// Leave out the trap floor by link kind (uprobe_multi needs kernel 6.6,
+    /// uprobe sessions 6.13).
+    #[arg(long)]
+    no_link_kinds: bool,
 }
 
 /// Run both parts of the benchmark and print their results on stdout.
@@ -126,6 +130,17 @@ fn time_pairs(
     if bpftrace.is_some() {
         modes.push(Mode::Bpftrace);
     }
+    let link_floor = if args.no_link_kinds {
+        None
+    } else {
+        modes.extend([Mode::LinkPerf, Mode::LinkMulti, Mode::LinkSession]);
+        Some(LinkFloor::prepare(leaktrace, &workloads.frame_pointers)?)
+    };
+    let tools = Tools {
+        leaktrace,
+        bpftrace,
+        link_floor: link_floor.as_ref(),
+    };
 
     // Alternate the modes so drift (CPU frequency, other load) hits all alike.
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
@@ -134,8 +149,7 @@ fn time_pairs(
         for (&mode, samples) in modes.iter().zip(&mut samples) {
             let ns = timed_run(
                 mode,
-                leaktrace,
-                bpftrace,
+                &tools,
                 args.threads,
                 workloads.for_mode(mode),
                 &workload_args,
@@ -203,7 +217,13 @@ fn time_pairs(
         added / 1000.0,
         (added_nofp - added) / 1000.0
     );
-    if let Some(bpftrace) = summaries.get(6) {
+    let summary_of = |wanted: Mode| {
+        modes
+            .iter()
+            .position(|&mode| mode == wanted)
+            .map(|index| &summaries[index])
+    };
+    if let Some(bpftrace) = summary_of(Mode::Bpftrace) {
         let bpftrace_added = bpftrace.median - untraced.median;
         let ratio = if added > 0.0 {
             format!("{:.1}x less", bpftrace_added / added)
@@ -216,7 +236,90 @@ fn time_pairs(
             bpftrace_added / 1000.0
         );
     }
+    if let (Some(perf), Some(multi), Some(session)) = (
+        summary_of(Mode::LinkPerf),
+        summary_of(Mode::LinkMulti),
+        summary_of(Mode::LinkSession),
+    ) {
+        let added = |summary: &Summary| (summary.median - untraced.median) / 1000.0;
+        println!(
+            "trap floor by link kind (empty programs at leaktrace's malloc and free attach points): perf-event links {:.2} µs, uprobe_multi {:.2} µs, uprobe session {:.2} µs added per pair",
+            added(perf),
+            added(multi),
+            added(session)
+        );
+    }
     Ok(())
+}
+
+/// What a timed run may start.
+struct Tools<'a> {
+    leaktrace: &'a Path,
+    bpftrace: Option<&'a Bpftrace>,
+    link_floor: Option<&'a LinkFloor>,
+}
+
+/// xtask/bench/link_floor.c and where it attaches: the library and file
+/// offsets leaktrace probes malloc and free at.
+pub(super) struct LinkFloor {
+    pub(super) bin: PathBuf,
+    pub(super) library: String,
+    pub(super) malloc: u64,
+    pub(super) free: u64,
+}
+
+impl LinkFloor {
+    /// Builds link_floor and reads leaktrace's attach points from
+    /// `leaktrace --floor -v` on one run of `workload`.
+    fn prepare(leaktrace: &Path, workload: &Path) -> anyhow::Result<Self> {
+        let source = workspace_root().join("xtask/bench/link_floor.c");
+        let bin = compile_c(&source, "link_floor", &C_FLAGS)?;
+        let mut run = Workload::start(workload, &["1".to_owned(), "1".to_owned()])?;
+        let (mut library, mut malloc, mut free) = (None, None, None);
+        let mut cmd = Command::new(leaktrace);
+        cmd.args(["-p", &run.pid.to_string(), TRACE_INTERVAL, "--floor", "-v"]);
+        let mut tracer = Tracer::spawn("leaktrace", &mut cmd)?;
+        // -v names each probe's offset before the `attached` line.
+        tracer.wait_for("`attached to pid`", ATTACH_TIMEOUT, |line| {
+            malloc = malloc.or_else(|| probe_offset(&line.text, "malloc"));
+            free = free.or_else(|| probe_offset(&line.text, "free"));
+            if library.is_none() {
+                library = first_probed_object(&line.text);
+            }
+            !line.from_stdout && line.text.contains("attached to pid")
+        })?;
+        tracer.stop()?;
+        run.go()?;
+        run.read_value("ns_per_pair")?;
+        run.wait()?;
+        let missing = || {
+            anyhow::anyhow!(
+                "`leaktrace --floor -v` did not name the library and the malloc and free probe offsets"
+            )
+        };
+        Ok(Self {
+            bin,
+            library: library.ok_or_else(missing)?,
+            malloc: malloc.ok_or_else(missing)?,
+            free: free.ok_or_else(missing)?,
+        })
+    }
+}
+
+/// The file offset in a `-v` line such as
+/// `[INFO  leaktrace::session] free: probe 3 bytes past entry (file offset 0x98ef3), ...`.
+fn probe_offset(line: &str, symbol: &str) -> Option<u64> {
+    let rest = line.split_once(&format!("] {symbol}: probe "))?.1;
+    let hex = rest.split_once("(file offset 0x")?.1.split_once(')')?.0;
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// The first object of `leaktrace: attached to pid N: functions probed: 20 in PATH, ...`.
+fn first_probed_object(line: &str) -> Option<String> {
+    let rest = line.split_once("functions probed: ")?.1;
+    let path = rest.split_once(" in ")?.1;
+    let end = path.find([',', ';']).unwrap_or(path.len());
+    Some(path[..end].to_owned())
 }
 
 /// The C flags of both workloads.
@@ -240,7 +343,7 @@ impl Workloads {
 }
 
 /// One way of running alloc_loop.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Untraced,
     /// leaktrace --floor: every probe attached, every program returns at once.
@@ -254,6 +357,12 @@ enum Mode {
     LeaktraceNoFp,
     /// xtask/bench/memleak.bt under bpftrace.
     Bpftrace,
+    /// link_floor perf: empty programs through perf-event links (as aya's).
+    LinkPerf,
+    /// link_floor multi: empty programs through uprobe_multi links.
+    LinkMulti,
+    /// link_floor session: an empty uprobe session program on malloc.
+    LinkSession,
 }
 
 impl Mode {
@@ -266,6 +375,9 @@ impl Mode {
             Self::UntracedNoFp => "untraced nofp",
             Self::LeaktraceNoFp => "leaktrace nofp",
             Self::Bpftrace => "bpftrace",
+            Self::LinkPerf => "links: perf",
+            Self::LinkMulti => "links: multi",
+            Self::LinkSession => "links: session",
         }
     }
 }
@@ -273,13 +385,18 @@ impl Mode {
 /// One run of alloc_loop in `mode`, the tracer attached before the loop starts.
 fn timed_run(
     mode: Mode,
-    leaktrace: &Path,
-    bpftrace: Option<&Bpftrace>,
+    tools: &Tools,
     threads: u32,
     workload: &Path,
     args: &[String],
 ) -> anyhow::Result<f64> {
+    let leaktrace = tools.leaktrace;
     let mut run = Workload::start(workload, args)?;
+    let pid = run.pid;
+    let link_floor = |kind: &str| -> anyhow::Result<Option<Tracer>> {
+        let floor = tools.link_floor.expect("link kinds run only when link_floor was built");
+        Ok(Some(Tracer::link_floor(floor, kind, pid)?))
+    };
     let tracer = match mode {
         Mode::Untraced | Mode::UntracedNoFp => None,
         Mode::Floor => Some(Tracer::leaktrace(
@@ -293,9 +410,13 @@ fn timed_run(
         }
         Mode::Sampled => Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &["-s", "10"])?),
         Mode::Bpftrace => {
-            let bpftrace = bpftrace.expect("the bpftrace mode runs only when bpftrace was found");
+            let bpftrace =
+                tools.bpftrace.expect("the bpftrace mode runs only when bpftrace was found");
             Some(Tracer::bpftrace(bpftrace, run.pid, threads)?)
         }
+        Mode::LinkPerf => link_floor("perf")?,
+        Mode::LinkMulti => link_floor("multi")?,
+        Mode::LinkSession => link_floor("session")?,
     };
     run.go()?;
     let ns = run.read_value("ns_per_pair")?;

@@ -152,6 +152,22 @@ impl Tracer {
         Ok(tracer)
     }
 
+    /// Starts xtask/bench/link_floor.c with links of `kind` on `pid` and
+    /// waits until it has attached.
+    pub(super) fn link_floor(floor: &LinkFloor, kind: &str, pid: u32) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(&floor.bin);
+        cmd.arg(kind)
+            .arg(&floor.library)
+            .arg(format!("{:#x}", floor.malloc))
+            .arg(format!("{:#x}", floor.free))
+            .arg(pid.to_string());
+        let mut tracer = Self::spawn("link_floor", &mut cmd)?;
+        tracer.wait_for("`attached`", ATTACH_TIMEOUT, |line| {
+            line.from_stdout && line.text == "attached"
+        })?;
+        Ok(tracer)
+    }
+
     pub(super) fn spawn(name: &'static str, cmd: &mut Command) -> anyhow::Result<Self> {
         let mut child = cmd
             .stdin(Stdio::null())
