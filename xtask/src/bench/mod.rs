@@ -187,6 +187,21 @@ fn time_pairs(
         "{:<16} {:>15} {:>10} {:>10}",
         "mode", "median ns/pair", "min", "max"
     );
+    // Ratios within each round, before the samples are sorted: the modes of
+    // one round ran within seconds of each other, so host drift between
+    // rounds (seen here: the floor moving 1.6-2.3 µs) cancels out.
+    let index_of = |wanted: Mode| modes.iter().position(|&mode| mode == wanted);
+    let per_round = |ratio: &dyn Fn(usize) -> f64| {
+        let mut ratios: Vec<f64> = (0..samples[0].len()).map(ratio).collect();
+        Summary::of(&mut ratios)
+    };
+    let traced_over_floor = per_round(&|round| samples[2][round] / samples[1][round]);
+    let bpftrace_over_traced = index_of(Mode::Bpftrace).map(|bpftrace| {
+        per_round(&|round| {
+            (samples[bpftrace][round] - samples[0][round])
+                / (samples[2][round] - samples[0][round])
+        })
+    });
     let summaries: Vec<Summary> = samples.iter_mut().map(|s| Summary::of(s)).collect();
     for (mode, summary) in modes.iter().zip(&summaries) {
         summary.print_row(mode.name());
@@ -217,12 +232,7 @@ fn time_pairs(
         added / 1000.0,
         (added_nofp - added) / 1000.0
     );
-    let summary_of = |wanted: Mode| {
-        modes
-            .iter()
-            .position(|&mode| mode == wanted)
-            .map(|index| &summaries[index])
-    };
+    let summary_of = |wanted: Mode| index_of(wanted).map(|index| &summaries[index]);
     if let Some(bpftrace) = summary_of(Mode::Bpftrace) {
         let bpftrace_added = bpftrace.median - untraced.median;
         let ratio = if added > 0.0 {
@@ -235,6 +245,17 @@ fn time_pairs(
             added / 1000.0,
             bpftrace_added / 1000.0
         );
+    }
+    print!(
+        "paired within each round: traced/floor median {:.2}x ({:.2}-{:.2})",
+        traced_over_floor.median, traced_over_floor.min, traced_over_floor.max
+    );
+    match bpftrace_over_traced {
+        Some(ratio) => println!(
+            "; bpftrace's added cost / leaktrace's median {:.1}x ({:.1}-{:.1})",
+            ratio.median, ratio.min, ratio.max
+        ),
+        None => println!(),
     }
     if let (Some(perf), Some(multi), Some(session)) = (
         summary_of(Mode::LinkPerf),
