@@ -32,6 +32,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("preattach_free.c", "preattach_free"),
     ("threads_unjoined.c", "threads_unjoined"),
     ("threads_blocked.c", "threads_blocked"),
+    ("thread_churn.c", "thread_churn"),
     ("cache_plateau.c", "cache_plateau"),
     ("arena_retention.c", "arena_retention"),
     ("steady_leak.c", "steady_leak"),

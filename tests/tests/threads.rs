@@ -68,3 +68,20 @@ fn blocked_threads_counted_alive_and_growing() {
     let kinds = verdict_kinds(report);
     assert!(kinds.contains(&"thread_leak"), "verdict kinds {kinds:?} lack thread_leak: {report}");
 }
+
+/// Check that a thread's record of calls in flight goes when the thread
+/// exits: more short-lived threads than that map holds, one after another,
+/// each leaking one block, and every block is counted.
+#[test]
+fn short_lived_threads_do_not_exhaust_call_records() {
+    let threads = u64::from(leaktrace_common::MAX_PENDING) + 4_096;
+    let report = trace_fixture("thread_churn", &[&threads.to_string()], &[]);
+    let (bytes, allocations) = totals_by_first_frame(&report, "leak_in_thread");
+    assert_eq!(
+        allocations, threads,
+        "{threads} threads leaked one block each from leak_in_thread: {report}"
+    );
+    assert_eq!(bytes, threads * 24, "each block is 24 bytes: {report}");
+    let lost = report["lost"]["pending_map_full"].as_u64().unwrap_or(0);
+    assert_eq!(lost, 0, "no call record may be lost: {report}");
+}
