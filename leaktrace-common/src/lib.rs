@@ -33,7 +33,7 @@ pub const MAP_LOST: &str = "LOST";
 /// mixed (Fibonacci hashing) before taking the bucket.
 #[inline(always)]
 pub fn is_sampled(addr: u64, rate: u64) -> bool {
-    rate <= 1 || ((addr >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % rate == 0
+    rate <= 1 || ((addr >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32).is_multiple_of(rate)
 }
 
 /// Threads of the target created since attach: kernel tid -> [`ThreadInfo`].

@@ -103,6 +103,12 @@ pub struct Args {
     #[arg(long, hide = true)]
     pub floor: bool,
 
+    /// Benchmark aid: have the kernel time every program run
+    /// (BPF_ENABLE_STATS) and print each program's runs and mean time on
+    /// stderr at exit.
+    #[arg(long, hide = true)]
+    pub program_stats: bool,
+
     /// More logging on stderr (-v: info, -vv: debug).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,

@@ -90,6 +90,25 @@ impl Reporter {
         }
     }
 
+    /// `--program-stats`: each program that ran, with its runs and mean
+    /// time, on stderr; the last line says how many.
+    pub fn print_program_stats(&self) {
+        let mut ran = 0;
+        for (name, program) in self.ebpf.programs() {
+            let Ok(info) = program.info() else {
+                continue;
+            };
+            let runs = info.run_count();
+            if runs == 0 {
+                continue;
+            }
+            ran += 1;
+            let mean = info.run_time().as_nanos() / u128::from(runs);
+            eprintln!("leaktrace: program {name}: {runs} runs, {mean} ns mean");
+        }
+        eprintln!("leaktrace: program stats: {ran} programs ran");
+    }
+
     pub fn report(&mut self, is_final: bool, exited: bool) -> anyhow::Result<()> {
         let alive = !exited;
         let t = self.started.elapsed().as_secs_f64();
@@ -122,7 +141,7 @@ impl Reporter {
                 .map(|(usage, _)| *usage)
                 .filter(|usage| !shown_ids.contains(&usage.stack_id)),
         );
-        shown.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        shown.sort_by_key(|stack| std::cmp::Reverse(stack.bytes));
         let stacks: Vec<StackReport> = shown
             .iter()
             .map(|usage| StackReport {

@@ -69,6 +69,12 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     // The unwind tables go in before the probes, so that the first events
     // already get whole stacks. A `-c` child has not run its program yet:
     // its tables are loaded as it maps it.
+    // Held open for the session: the kernel times program runs while it is.
+    let program_stats = args
+        .program_stats
+        .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
+        .transpose()
+        .context("failed to enable BPF run-time statistics")?;
     let mut unwinder = Unwinder::new(&mut ebpf, pid)?;
     match target.program() {
         Some(program) => {
@@ -151,26 +157,32 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     let deadline = args.duration.map(|secs| started + Duration::from_secs_f64(secs));
     let mut next_report = started + interval;
     let mut reports = 0u64;
-    loop {
+    let result = loop {
         std::thread::sleep(TICK);
         let now = Instant::now();
         if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| now >= d) {
-            return reporter.report(true, false);
+            break reporter.report(true, false);
         }
         if target.has_exited() {
             log::info!("pid {pid} {}", target.exit_status().unwrap_or("exited"));
-            return reporter.report(true, true);
+            break reporter.report(true, true);
         }
         if now >= next_report {
             reports += 1;
             let last = args.count == Some(reports);
-            reporter.report(last, false)?;
+            if let Err(err) = reporter.report(last, false) {
+                break Err(err);
+            }
             if last {
-                return Ok(());
+                break Ok(());
             }
             next_report += interval;
         }
+    };
+    if program_stats.is_some() {
+        reporter.print_program_stats();
     }
+    result
 }
 
 /// The objects whose functions may be probed, executable first: what the

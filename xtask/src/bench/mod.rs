@@ -257,6 +257,24 @@ fn time_pairs(
         ),
         None => println!(),
     }
+    for (label, workload) in [
+        ("alloc_loop", &workloads.frame_pointers),
+        ("alloc_loop nofp", &workloads.no_frame_pointers),
+    ] {
+        let programs = program_times(leaktrace, workload, &workload_args)
+            .with_context(|| format!("the program-time run of {label} failed"))?;
+        // The programs every pair runs; the others (thread, mmap) ran a few
+        // times at start-up.
+        let pairs = args.pairs * u64::from(args.threads);
+        let hot: Vec<&ProgramTime> = programs.iter().filter(|p| p.runs >= pairs / 2).collect();
+        let per_pair: f64 = hot.iter().map(|p| p.mean_ns * p.runs as f64 / pairs as f64).sum();
+        let each: Vec<String> =
+            hot.iter().map(|p| format!("{} {:.0} ns", p.name, p.mean_ns)).collect();
+        println!(
+            "program time, {label} (leaktrace --program-stats, one run): {} = {per_pair:.0} ns per pair",
+            each.join(", ")
+        );
+    }
     if let (Some(perf), Some(multi), Some(session)) = (
         summary_of(Mode::LinkPerf),
         summary_of(Mode::LinkMulti),
@@ -271,6 +289,48 @@ fn time_pairs(
         );
     }
     Ok(())
+}
+
+/// One program's runs and mean run time, as the kernel timed them.
+struct ProgramTime {
+    name: String,
+    runs: u64,
+    mean_ns: f64,
+}
+
+/// Every program that ran in one run of `workload` under
+/// `leaktrace --program-stats`.
+fn program_times(
+    leaktrace: &Path,
+    workload: &Path,
+    args: &[String],
+) -> anyhow::Result<Vec<ProgramTime>> {
+    let mut run = Workload::start(workload, args)?;
+    let mut tracer = Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &["--program-stats"])?;
+    run.go()?;
+    run.read_value("ns_per_pair")?;
+    tracer.interrupt()?;
+    let mut programs = Vec::new();
+    tracer.wait_for("`program stats`", STOP_TIMEOUT, |line| {
+        programs.extend(program_time(&line.text));
+        line.text.starts_with("leaktrace: program stats:")
+    })?;
+    tracer.finish()?;
+    run.wait()?;
+    Ok(programs)
+}
+
+/// `leaktrace: program NAME: RUNS runs, MEAN ns mean`.
+fn program_time(line: &str) -> Option<ProgramTime> {
+    let rest = line.strip_prefix("leaktrace: program ")?;
+    let (name, rest) = rest.split_once(": ")?;
+    let (runs, rest) = rest.split_once(" runs, ")?;
+    let mean = rest.strip_suffix(" ns mean")?;
+    Some(ProgramTime {
+        name: name.to_owned(),
+        runs: runs.parse().ok()?,
+        mean_ns: mean.parse().ok()?,
+    })
 }
 
 /// What a timed run may start.
@@ -481,5 +541,30 @@ impl Summary {
             "{mode:<16} {:>15.1} {:>10.1} {:>10.1}",
             self.median, self.min, self.max
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Check that leaktrace's -v and --program-stats lines are read back.
+    #[test]
+    fn leaktrace_lines() {
+        let free = "[INFO  leaktrace::session] free: probe 3 bytes past entry (file offset 0x98ef3), past an instruction the kernel would single-step";
+        assert_eq!(probe_offset(free, "free"), Some(0x98ef3));
+        assert_eq!(probe_offset(free, "malloc"), None);
+        let malloc = "[INFO  leaktrace::session] malloc: probe at entry (file offset 0x98930)";
+        assert_eq!(probe_offset(malloc, "malloc"), Some(0x98930));
+        let attached = "leaktrace: attached to pid 7: functions probed: 20 in /usr/lib/x86_64-linux-gnu/libc.so.6, 1 in /usr/lib/ld.so; Ctrl-C to stop";
+        assert_eq!(
+            first_probed_object(attached).as_deref(),
+            Some("/usr/lib/x86_64-linux-gnu/libc.so.6")
+        );
+        let program = program_time("leaktrace: program alloc_exit_malloc: 200000 runs, 452 ns mean")
+            .expect("a program line");
+        assert_eq!((program.name.as_str(), program.runs), ("alloc_exit_malloc", 200_000));
+        assert_eq!(program.mean_ns, 452.0);
+        assert!(program_time("leaktrace: program stats: 3 programs ran").is_none());
     }
 }
