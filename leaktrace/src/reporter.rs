@@ -13,7 +13,7 @@ use leaktrace_common::{NO_STACK, StackEnd};
 use crate::{
     collector::{Collector, StackUsage, ThreadSite, collect_threads, user_stack},
     growth::{History, Trend},
-    memory::{self, MemoryPicture},
+    memory::{self, MemoryPicture, MemoryReader},
     report::{
         MemoryReport, ProbedObject, Report, StackReport, ThreadSiteReport, ThreadsReport,
         frame_label,
@@ -61,6 +61,8 @@ pub struct Reporter {
     heap_rss: History<()>,
     live_bytes: History<()>,
     baseline: Option<MemoryPicture>,
+    /// Reads the target's memory picture at each report.
+    memory: MemoryReader,
     default_stack: u64,
     reports: usize,
 }
@@ -79,6 +81,7 @@ impl Reporter {
             ),
             // The picture at attach, for "since attach".
             baseline: if options.baseline_now { memory::read(pid).ok() } else { None },
+            memory: MemoryReader::new(pid),
             default_stack: default_thread_stack(pid),
             options,
             started: Instant::now(),
@@ -173,7 +176,7 @@ impl Reporter {
             })
             .collect();
 
-        let memory = if alive { memory::read(self.options.pid).ok() } else { None };
+        let memory = if alive { self.memory.read().ok() } else { None };
         let retention = memory.as_ref().map(|picture| {
             self.heap_rss.record(t, [((), picture.heap.rss as f64)]);
             RetentionEvidence {
