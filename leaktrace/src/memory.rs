@@ -1014,14 +1014,14 @@ mod tests {
         );
     }
 
-    /// Check that a missing process fails with the smaps path in the message.
+    /// Check that a missing process fails with its /proc path in the
+    /// message, read once or report after report.
     #[test]
     fn read_missing_process() {
         // Above the kernel's PID_MAX_LIMIT (4 Mi), so never a live process.
         let err = read(0x7fff_fff0).expect_err("no such process");
-        assert!(
-            format!("{err:#}").contains("failed to read /proc/2147483632/smaps"),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").contains("failed to read /proc/2147483632"), "{err:#}");
+        let err = MemoryReader::new(0x7fff_fff0).read().expect_err("no such process");
+        assert!(format!("{err:#}").contains("failed to read /proc/2147483632"), "{err:#}");
     }
 }
