@@ -114,20 +114,13 @@ pub struct MemoryDelta {
     pub shared_rss: i64,
 }
 
-/// Read the memory picture of process `pid` from /proc/PID/smaps and /proc/PID/task.
-pub fn read(pid: u32) -> Result<MemoryPicture> {
-    let process = process(pid)?;
-    let mut picture = read_smaps(&process, pid)?;
-    picture.threads = count_threads(&process, pid)?;
-    Ok(picture)
-}
-
 /// Readings a [`MemoryReader`] may take from its last walk of smaps before
 /// it walks again anyway (PSS moves when other processes map or drop shared
 /// pages, which the target's own counters do not show).
 const MAX_REUSES: u32 = 9;
 
-/// Reads a process's memory picture report after report. Reading
+/// Reads a process's memory picture (/proc/PID/smaps and /proc/PID/task)
+/// report after report. Reading
 /// /proc/PID/smaps walks the target's page tables: with 1,000,000 small
 /// blocks live (a ~100 MB heap) that walk was about half of leaktrace's CPU
 /// while the target idled. So the walk is redone only when the process's
@@ -1003,7 +996,9 @@ mod tests {
     /// Check that the test process reads itself: resident memory, a thread, a main stack.
     #[test]
     fn read_self() {
-        let picture = read(std::process::id()).expect("read own memory picture");
+        let picture = MemoryReader::new(std::process::id())
+            .read()
+            .expect("read own memory picture");
         assert!(picture.rss > 0, "no RSS: {picture:?}");
         assert!(picture.threads >= 1, "no threads: {picture:?}");
         assert_eq!(picture.main_stack.count, 1, "no [stack]: {picture:?}");
@@ -1014,13 +1009,10 @@ mod tests {
         );
     }
 
-    /// Check that a missing process fails with its /proc path in the
-    /// message, read once or report after report.
+    /// Check that a missing process fails with its /proc path in the message.
     #[test]
     fn read_missing_process() {
         // Above the kernel's PID_MAX_LIMIT (4 Mi), so never a live process.
-        let err = read(0x7fff_fff0).expect_err("no such process");
-        assert!(format!("{err:#}").contains("failed to read /proc/2147483632"), "{err:#}");
         let err = MemoryReader::new(0x7fff_fff0).read().expect_err("no such process");
         assert!(format!("{err:#}").contains("failed to read /proc/2147483632"), "{err:#}");
     }

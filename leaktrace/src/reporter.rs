@@ -13,7 +13,7 @@ use leaktrace_common::{NO_STACK, StackEnd};
 use crate::{
     collector::{Collector, StackUsage, ThreadSite, collect_threads, user_stack},
     growth::{History, Trend},
-    memory::{self, MemoryPicture, MemoryReader},
+    memory::{MemoryPicture, MemoryReader},
     report::{
         MemoryReport, ProbedObject, Report, StackReport, ThreadSiteReport, ThreadsReport,
         frame_label,
@@ -70,6 +70,10 @@ pub struct Reporter {
 impl Reporter {
     pub fn new(ebpf: Ebpf, collector: Collector, options: ReportOptions) -> Self {
         let pid = options.pid;
+        let mut memory = MemoryReader::new(pid);
+        // The picture at attach, for "since attach"; also the reader's first
+        // walk of smaps.
+        let baseline = if options.baseline_now { memory.read().ok() } else { None };
         Self {
             ebpf,
             collector,
@@ -79,9 +83,8 @@ impl Reporter {
                 options.sysroot.clone(),
                 options.followed.clone(),
             ),
-            // The picture at attach, for "since attach".
-            baseline: if options.baseline_now { memory::read(pid).ok() } else { None },
-            memory: MemoryReader::new(pid),
+            baseline,
+            memory,
             default_stack: default_thread_stack(pid),
             options,
             started: Instant::now(),
