@@ -1,6 +1,6 @@
 //! Builds the kernel programs (leaktrace-ebpf) for the BPF target with the
 //! nightly toolchain, so that `cargo build` of the CLI is all it takes.
-use anyhow::{Context as _, anyhow};
+use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
@@ -11,11 +11,7 @@ fn main() -> anyhow::Result<()> {
         .join("leaktrace-ebpf");
     let root_dir = root_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {root_dir:?}"))?;
     aya_build::build_ebpf(
-        [Package {
-            name: "leaktrace-ebpf",
-            root_dir,
-            ..Default::default()
-        }],
+        [Package { name: "leaktrace-ebpf", root_dir, ..Default::default() }],
         Toolchain::default(),
     )
 }

@@ -17,7 +17,8 @@ use std::{
 /// Flags most fixtures share: -O0 keeps each named function a real frame, and
 /// frame pointers put them on the tracer's fast path (objects built with frame
 /// pointers skip the unwind-table search); the unwind fixtures are -O2 without.
-const COMMON_FLAGS: &[&str] = &["-g", "-O0", "-fno-omit-frame-pointer", "-pthread", "-Wall", "-Wextra"];
+const COMMON_FLAGS: &[&str] =
+    &["-g", "-O0", "-fno-omit-frame-pointer", "-pthread", "-Wall", "-Wextra"];
 
 /// Standalone programs: (source file, output name).
 const PROGRAMS: &[(&str, &str)] = &[
@@ -45,7 +46,8 @@ const PROGRAMS: &[(&str, &str)] = &[
 /// whose stacks only DWARF call-frame information (.eh_frame) can walk. The
 /// sources keep each function a real frame themselves (noinline, noclone, and
 /// no call in tail position, so no call becomes a jmp).
-const UNWIND_FLAGS: &[&str] = &["-g", "-O2", "-fomit-frame-pointer", "-pthread", "-Wall", "-Wextra"];
+const UNWIND_FLAGS: &[&str] =
+    &["-g", "-O2", "-fomit-frame-pointer", "-pthread", "-Wall", "-Wextra"];
 
 /// Flags of the one unwinding fixture file with no unwind information at all:
 /// no .eh_frame, and no -g, with which GCC would write the CFI to .debug_frame.
@@ -81,20 +83,11 @@ fn main() {
 
     // A leak inside a shared library, called from a program that finds the
     // library next to itself through its rpath.
-    compile(
-        &src.join("leaky_lib.c"),
-        &out.join("libleaky.so"),
-        &["-shared", "-fPIC"],
-    );
+    compile(&src.join("leaky_lib.c"), &out.join("libleaky.so"), &["-shared", "-fPIC"]);
     compile(
         &src.join("uses_lib.c"),
         &out.join("uses_lib"),
-        &[
-            "-L",
-            out.to_str().unwrap(),
-            "-lleaky",
-            "-Wl,-rpath,$ORIGIN",
-        ],
+        &["-L", out.to_str().unwrap(), "-lleaky", "-Wl,-rpath,$ORIGIN"],
     );
 
     build_unwind_fixtures(&src, &out);
@@ -119,13 +112,8 @@ fn build_unwind_fixtures(src: &Path, out: &Path) {
             .unwrap_or_else(|err| panic!("{err}"));
     }
     let object = out.join("unwind_nocfi_caller.o");
-    compile_with(
-        NO_CFI_FLAGS,
-        &[&src.join("unwind_nocfi_caller.c")],
-        &object,
-        &["-c"],
-    )
-    .unwrap_or_else(|err| panic!("{err}"));
+    compile_with(NO_CFI_FLAGS, &[&src.join("unwind_nocfi_caller.c")], &object, &["-c"])
+        .unwrap_or_else(|err| panic!("{err}"));
     compile_with(
         UNWIND_FLAGS,
         &[&src.join("unwind_nocfi.c"), &object],
@@ -163,41 +151,11 @@ fn build_unwind_fixtures(src: &Path, out: &Path) {
 fn build_allocator_fixtures(src: &Path, out: &Path) {
     let fixtures: &[(&str, &str, Option<&str>, &[&str], &str)] = &[
         // (source, output, compiler (None: gcc/g++), extra flags, package)
-        (
-            "static_glibc.c",
-            "static_glibc",
-            None,
-            &["-static"],
-            "libc6-dev (static libc.a)",
-        ),
-        (
-            "static_musl.c",
-            "static_musl",
-            Some("musl-gcc"),
-            &["-static"],
-            "musl-tools",
-        ),
-        (
-            "jemalloc_new.cpp",
-            "jemalloc_new",
-            None,
-            &["-ljemalloc"],
-            "libjemalloc-dev",
-        ),
-        (
-            "tcmalloc_leak.c",
-            "tcmalloc_leak",
-            None,
-            &["-ltcmalloc"],
-            "libgoogle-perftools-dev",
-        ),
-        (
-            "mimalloc_leak.c",
-            "mimalloc_leak",
-            None,
-            &["-lmimalloc"],
-            "libmimalloc-dev",
-        ),
+        ("static_glibc.c", "static_glibc", None, &["-static"], "libc6-dev (static libc.a)"),
+        ("static_musl.c", "static_musl", Some("musl-gcc"), &["-static"], "musl-tools"),
+        ("jemalloc_new.cpp", "jemalloc_new", None, &["-ljemalloc"], "libjemalloc-dev"),
+        ("tcmalloc_leak.c", "tcmalloc_leak", None, &["-ltcmalloc"], "libgoogle-perftools-dev"),
+        ("mimalloc_leak.c", "mimalloc_leak", None, &["-lmimalloc"], "libmimalloc-dev"),
     ];
     for &(source, name, compiler, extra, package) in fixtures {
         let output = out.join(name);
@@ -216,10 +174,7 @@ fn build_debug_info_fixtures(src: &Path, out: &Path, debug_dir: &Path) {
     let binary = out.join("debuglink_leak");
     compile(&src.join("debuglink_leak.c"), &binary, pie);
     let debug = out.join("debuglink_leak.debug");
-    run(Command::new("objcopy")
-        .arg("--only-keep-debug")
-        .arg(&binary)
-        .arg(&debug));
+    run(Command::new("objcopy").arg("--only-keep-debug").arg(&binary).arg(&debug));
     run(Command::new("strip").arg("--strip-all").arg(&binary));
     // objcopy resolves the debuglink name relative to its working directory
     // and stores only the file name (plus the file's CRC).
@@ -235,15 +190,10 @@ fn build_debug_info_fixtures(src: &Path, out: &Path, debug_dir: &Path) {
     flags.push("-Wl,--build-id=sha1");
     compile(&src.join("buildid_leak.c"), &binary, &flags);
     let build_id = build_id(&binary);
-    let debug = debug_dir
-        .join(".build-id")
-        .join(&build_id[..2])
-        .join(format!("{}.debug", &build_id[2..]));
+    let debug =
+        debug_dir.join(".build-id").join(&build_id[..2]).join(format!("{}.debug", &build_id[2..]));
     fs::create_dir_all(debug.parent().unwrap()).unwrap();
-    run(Command::new("objcopy")
-        .arg("--only-keep-debug")
-        .arg(&binary)
-        .arg(&debug));
+    run(Command::new("objcopy").arg("--only-keep-debug").arg(&binary).arg(&debug));
     run(Command::new("strip").arg("--strip-all").arg(&binary));
 
     // No symbols at all: frames can only be given as module + offset.
@@ -278,10 +228,9 @@ fn build_rust_fixtures(src: &Path, out: &Path) {
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     // Legacy mangling (_ZN...17h<hash>E) is the default, and stable rustc
     // only accepts -C symbol-mangling-version=v0 (legacy needs -Z).
-    for (name, mangling) in [
-        ("rust_system", &[][..]),
-        ("rust_system_v0", &["-C", "symbol-mangling-version=v0"][..]),
-    ] {
+    for (name, mangling) in
+        [("rust_system", &[][..]), ("rust_system_v0", &["-C", "symbol-mangling-version=v0"][..])]
+    {
         let mut command = Command::new(&rustc);
         command
             .args(["-g", "-C", "opt-level=0", "-C", "force-frame-pointers=yes"])
@@ -322,11 +271,7 @@ fn build_rust_fixtures(src: &Path, out: &Path) {
             .map(drop)
             .map_err(|err| format!("failed to copy rust_global: {err}"))
     });
-    optional(
-        &output,
-        "the mimalloc crate from crates.io (network access for cargo)",
-        result,
-    );
+    optional(&output, "the mimalloc crate from crates.io (network access for cargo)", result);
 }
 
 /// Records the outcome of building an optional fixture: on failure, writes
@@ -341,11 +286,7 @@ fn optional(output: &Path, package: &str, result: Result<(), String>) {
             output.display(),
             err.lines().next().unwrap_or("")
         );
-        fs::write(
-            &marker,
-            format!("install {package} (`cargo xtask setup`):\n{err}"),
-        )
-        .unwrap();
+        fs::write(&marker, format!("install {package} (`cargo xtask setup`):\n{err}")).unwrap();
     }
 }
 
@@ -358,9 +299,7 @@ fn run(command: &mut Command) -> String {
 /// Like [`run`], returning what went wrong instead of panicking.
 fn try_run(command: &mut Command) -> Result<String, String> {
     let program = command.get_program().to_string_lossy().into_owned();
-    let result = command
-        .output()
-        .map_err(|err| format!("failed to run {program}: {err}"))?;
+    let result = command.output().map_err(|err| format!("failed to run {program}: {err}"))?;
     if !result.status.success() {
         return Err(format!(
             "{program} failed ({}): {command:?}\n{}",

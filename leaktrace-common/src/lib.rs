@@ -86,15 +86,20 @@ pub struct UserStack {
 /// Why a stack ends where it does.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum StackEnd {
     /// At the outermost frame: the whole chain is there.
     Complete = 0,
     /// The next frame had no call-frame information, or lay outside every
     /// known executable mapping.
+    #[cfg_attr(feature = "serde", serde(rename = "no_unwind_info"))]
     NoInfo = 1,
     /// A rule the walk does not follow, or unreadable stack memory.
+    #[cfg_attr(feature = "serde", serde(rename = "unwind_failed"))]
     Failed = 2,
     /// [`MAX_FRAMES`] reached.
+    #[cfg_attr(feature = "serde", serde(rename = "depth_limit"))]
     Depth = 3,
     /// No stack was collected at all (a report's word for [`NO_STACK`];
     /// the programs never store it).
@@ -349,7 +354,9 @@ pub struct ThreadSiteStats {
 
 /// Ways an event can be lost; the index into [`MAP_LOST`].
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Lost {
     /// The live-allocation map was full.
     AllocMapFull = 0,
@@ -358,6 +365,7 @@ pub enum Lost {
     /// The per-stack totals map was full.
     StatsMapFull = 2,
     /// Two different stacks hashed to one slot of the stack map (it is full).
+    #[cfg_attr(feature = "serde", serde(rename = "stack_map_full_or_collision"))]
     StackCollision = 3,
     /// The user stack could not be read at all.
     StackUnavailable = 4,

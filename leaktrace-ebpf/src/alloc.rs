@@ -39,7 +39,11 @@ fn mul(a: u64, b: u64) -> u64 {
     }
     let low = (big & 0xffff_ffff) * small;
     let product = (high << 32).wrapping_add(low);
-    if product < low { u64::MAX } else { product }
+    if product < low {
+        u64::MAX
+    } else {
+        product
+    }
 }
 
 /// void *malloc(size_t size); also valloc and pvalloc.

@@ -2,19 +2,15 @@
 //! here): sched_process_fork names the new thread's kernel tid to the
 //! pthread_create in flight, sched_process_exit marks it exited.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    macros::tracepoint,
-    programs::TracePointContext,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, macros::tracepoint, programs::TracePointContext};
 use leaktrace_common::{
-    CallKind, NO_STACK, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, ThreadInfo,
+    CallKind, ThreadInfo, NO_STACK, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
 };
 
 use crate::{
-    maps::{THREADS, config},
+    maps::{config, THREADS},
     record::{forget_pending, in_flight, target_tid},
-    thread::{SiteEvent, forget_thread},
+    thread::{forget_thread, SiteEvent},
 };
 
 type Result = core::result::Result<(), ()>;
@@ -37,10 +33,7 @@ fn try_kernel_sched_process_fork(ctx: &TracePointContext) -> Result {
     // SAFETY: reads the tracepoint record with bpf_probe_read_kernel.
     let child: i32 = unsafe { ctx.read_at(offset) }.map_err(|_| ())?;
     pending.child = child as u32;
-    let info = ThreadInfo {
-        site: NO_STACK,
-        ..ThreadInfo::default()
-    };
+    let info = ThreadInfo { site: NO_STACK, ..ThreadInfo::default() };
     let _ = THREADS.insert(child as u32, info, BPF_NOEXIST.into());
     Ok(())
 }

@@ -3,15 +3,15 @@
 //! `override_global`; the names it looks up are constants in leaktrace-common.
 
 use aya_ebpf::{
-    Global,
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    Global,
 };
 use leaktrace_common::{
-    AllocInfo, Config, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_STACKS,
-    DEFAULT_UNWIND_CHUNKS, Lost, MAX_PENDING, MAX_THREADS, MAX_UNWIND_MAPPINGS, Pending,
-    StackStats, ThreadInfo, ThreadSiteStats, UnwindChunk, UnwindMapping, UnwindState, UserStack,
+    AllocInfo, Config, Lost, Pending, StackStats, ThreadInfo, ThreadSiteStats, UnwindChunk,
+    UnwindMapping, UnwindState, UserStack, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_MAPPINGS,
+    DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, MAX_PENDING, MAX_THREADS, MAX_UNWIND_MAPPINGS,
 };
 
 use crate::unwind::CachedAddress;
@@ -31,8 +31,7 @@ pub static CONFIG: Global<Config> = Global::new(Config {
 /// Live heap allocations. Preallocated: inserts on the hot path must not
 /// allocate, and a full map must fail fast (counted as `AllocMapFull`).
 #[map]
-pub static ALLOCS: HashMap<u64, AllocInfo> =
-    HashMap::with_max_entries(DEFAULT_MAX_ALLOCATIONS, 0);
+pub static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_ALLOCATIONS, 0);
 
 /// Live anonymous mappings; few, so allocated on demand.
 #[map]

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use leaktrace_common::{AllocInfo, CallKind, Lost};
 
 use crate::{
-    maps::{MMAPS, config, count_lost},
+    maps::{config, count_lost, MMAPS},
     record::{current_epoch, enter, exit, in_flight, size_wanted, stack_pointer, target_tid},
     unwind::stack_id,
 };
@@ -61,14 +61,9 @@ fn try_mmap_enter_mmap(ctx: &ProbeContext) -> Result {
     let flags = arg(ctx, 3)?;
     // Untracked mappings still get a record, so the return is matched and
     // a nested call inside them is seen as nested.
-    let tracked = flags & MAP_ANONYMOUS != 0
-        && flags & (MAP_STACK | MAP_NORESERVE) == 0
-        && prot != PROT_NONE;
-    let kind = if tracked {
-        CallKind::Mmap
-    } else {
-        CallKind::MmapIgnored
-    };
+    let tracked =
+        flags & MAP_ANONYMOUS != 0 && flags & (MAP_STACK | MAP_NORESERVE) == 0 && prot != PROT_NONE;
+    let kind = if tracked { CallKind::Mmap } else { CallKind::MmapIgnored };
     let len = page_align(arg(ctx, 1)?);
     if flags & MAP_STACK != 0 {
         note_thread_stack(ctx, tid, len);
@@ -105,11 +100,8 @@ fn try_mmap_exit_mmap(ctx: &RetProbeContext) -> Result {
     {
         return Ok(());
     }
-    let info = AllocInfo {
-        size: pending.size,
-        stack_id: stack_id(ctx),
-        epoch: current_epoch(&config),
-    };
+    let info =
+        AllocInfo { size: pending.size, stack_id: stack_id(ctx), epoch: current_epoch(&config) };
     insert(addr, info);
     Ok(())
 }
@@ -132,13 +124,7 @@ fn try_mmap_enter_munmap(ctx: &ProbeContext) -> Result {
     let _ = MMAPS.remove(addr);
     if len < info.size {
         // The head is unmapped: the rest stays live.
-        insert(
-            addr + len,
-            AllocInfo {
-                size: info.size - len,
-                ..info
-            },
-        );
+        insert(addr + len, AllocInfo { size: info.size - len, ..info });
     }
     Ok(())
 }
@@ -175,12 +161,6 @@ fn try_mmap_exit_mremap(ctx: &RetProbeContext) -> Result {
         return Ok(());
     };
     let _ = MMAPS.remove(pending.arg);
-    insert(
-        new,
-        AllocInfo {
-            size: pending.size,
-            ..info
-        },
-    );
+    insert(new, AllocInfo { size: pending.size, ..info });
     Ok(())
 }

@@ -3,18 +3,17 @@
 //! their per-stack totals.
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
+    bindings::{pt_regs, BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     programs::{ProbeContext, RetProbeContext},
+    EbpfContext,
 };
 use leaktrace_common::{
-    AllocInfo, CallKind, Config, Lost, Pending, StackStats, YOUNG_SLOTS, YoungSlot,
-    is_sampled,
+    is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, YoungSlot, YOUNG_SLOTS,
 };
 
 use crate::{
-    maps::{ALLOCS, PENDING, STACK_STATS, config, count_lost},
+    maps::{config, count_lost, ALLOCS, PENDING, STACK_STATS},
     unwind::stack_id,
 };
 
@@ -56,15 +55,7 @@ pub fn stack_pointer<C: EbpfContext>(ctx: &C) -> u64 {
 #[inline(always)]
 pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) -> bool {
     let sp = stack_pointer(ctx);
-    let pending = Pending {
-        sp,
-        size,
-        arg,
-        kind: kind as u32,
-        child: 0,
-        flags: 0,
-        tail_calls: 0,
-    };
+    let pending = Pending { sp, size, arg, kind: kind as u32, child: 0, flags: 0, tail_calls: 0 };
     if let Some(outer) = PENDING.get_ptr_mut(tid) {
         // SAFETY: a pointer from a successful lookup, valid for this run;
         // only this thread reads or writes its own entry.
@@ -152,11 +143,7 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
     if addr == 0 || !size_wanted(size, &config) || !is_sampled(addr, config.sample_rate) {
         return;
     }
-    let info = AllocInfo {
-        size,
-        stack_id: stack_id(ctx),
-        epoch: current_epoch(&config),
-    };
+    let info = AllocInfo { size, stack_id: stack_id(ctx), epoch: current_epoch(&config) };
     if let Err(err) = ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
         if i64::from(err) != -EEXIST {
             count_lost(Lost::AllocMapFull);
@@ -229,10 +216,7 @@ fn account(info: AllocInfo, sign: i64, config: &Config) {
         if slot.epoch != info.epoch {
             // The slot's previous epoch is old now: its allocations are in
             // the totals already and simply stop being young.
-            *slot = YoungSlot {
-                epoch: info.epoch,
-                ..YoungSlot::default()
-            };
+            *slot = YoungSlot { epoch: info.epoch, ..YoungSlot::default() };
         }
     } else if slot.epoch != info.epoch {
         // Allocated in an epoch this slot no longer holds: not young.

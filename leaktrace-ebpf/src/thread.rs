@@ -10,12 +10,11 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    CallKind, Lost, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, ThreadInfo,
-    ThreadSiteStats,
+    CallKind, Lost, ThreadInfo, ThreadSiteStats, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
 };
 
 use crate::{
-    maps::{DETACH_ATTRS, PTHREADS, THREAD_SITES, THREADS, count_lost},
+    maps::{count_lost, DETACH_ATTRS, PTHREADS, THREADS, THREAD_SITES},
     record::{enter, exit, in_flight, target_tid},
     unwind::stack_id,
 };

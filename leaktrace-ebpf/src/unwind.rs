@@ -20,21 +20,21 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::{BPF_NOEXIST, pt_regs},
+    bindings::{pt_regs, BPF_NOEXIST},
     helpers::{bpf_probe_read_user, generated::bpf_loop},
     macros::uprobe,
     programs::ProbeContext,
+    EbpfContext,
 };
 use leaktrace_common::{
-    CfaRule, Lost, MAPPING_FRAME_POINTERS, MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, RbpRule,
-    StackEnd, UNWIND_CHUNK_ROWS, UnwindMapping, UnwindRow, UserStack,
+    CfaRule, Lost, RbpRule, StackEnd, UnwindMapping, UnwindRow, UserStack, MAPPING_FRAME_POINTERS,
+    MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, UNWIND_CHUNK_ROWS,
 };
 
 use crate::{
     maps::{
-        LINK_MAP_CHANGES, STACK_SCRATCH, STACKS, UNWIND_CACHE, UNWIND_CACHE_BITS,
-        UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE, count_lost,
+        count_lost, LINK_MAP_CHANGES, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS,
+        UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
     },
     record::target_tid,
 };
@@ -184,12 +184,7 @@ pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
     // SAFETY: `step` has the callback signature bpf_loop expects, and
     // `walk` outlives the call.
     unsafe {
-        bpf_loop(
-            MAX_FRAMES as u32,
-            step as *const () as *mut c_void,
-            (&raw mut walk).cast(),
-            0,
-        )
+        bpf_loop(MAX_FRAMES as u32, step as *const () as *mut c_void, (&raw mut walk).cast(), 0)
     };
     if walk.len == 0 {
         count_lost(Lost::StackUnavailable);
@@ -316,8 +311,7 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
         return_address
     } else {
         // SAFETY: as above.
-        let Ok(return_address) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) })
-        else {
+        let Ok(return_address) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
             return cut(walk, StackEnd::Failed);
         };
         if row.rbp_rule == RbpRule::AtCfa as u8 {
@@ -351,29 +345,18 @@ fn resolve(walk: &Walk, addr: u64) -> Resolved {
         // SAFETY: a pointer from a successful lookup in a per-CPU array,
         // valid for this program run; the checksum rejects a torn slot.
         let cached = unsafe { &*cached };
-        if cached.addr == addr && cached.state == walk.state && cached.check == cached.checksum()
-        {
-            return Resolved {
-                row: cached.row,
-                kind: cached.kind,
-            };
+        if cached.addr == addr && cached.state == walk.state && cached.check == cached.checksum() {
+            return Resolved { row: cached.row, kind: cached.kind };
         }
     }
     let resolved = match find_mapping(walk, addr) {
-        None => Resolved {
-            row: UnwindRow::EMPTY,
-            kind: OUTSIDE,
-        },
-        Some(mapping) if mapping.flags & MAPPING_FRAME_POINTERS != 0 => Resolved {
-            row: FRAME_POINTER_ROW,
-            kind: FRAME_POINTERS,
-        },
+        None => Resolved { row: UnwindRow::EMPTY, kind: OUTSIDE },
+        Some(mapping) if mapping.flags & MAPPING_FRAME_POINTERS != 0 => {
+            Resolved { row: FRAME_POINTER_ROW, kind: FRAME_POINTERS }
+        }
         Some(mapping) => match find_row(&mapping, addr) {
             Some(row) => Resolved { row, kind: ROW },
-            None => Resolved {
-                row: UnwindRow::EMPTY,
-                kind: NO_ROWS,
-            },
+            None => Resolved { row: UnwindRow::EMPTY, kind: NO_ROWS },
         },
     };
     // Only addresses in code are worth a slot: the others end the walk.

@@ -21,7 +21,13 @@ use leaktrace_common::{
 )]
 pub struct Args {
     /// Trace the process with this PID.
-    #[arg(short, long, value_name = "PID", conflicts_with = "command", required_unless_present = "command")]
+    #[arg(
+        short,
+        long,
+        value_name = "PID",
+        conflicts_with = "command",
+        required_unless_present = "command"
+    )]
     pub pid: Option<u32>,
 
     /// Start this command (with its arguments, found on PATH) and trace it

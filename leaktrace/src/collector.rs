@@ -3,15 +3,15 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{anyhow, Context as _};
 use aya::{
-    Ebpf,
     maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    Ebpf,
 };
 use leaktrace_common::{
-    AllocInfo, Lost, MAP_LOST, MAP_MMAPS, MAP_STACK_STATS, MAP_STACKS, MAP_THREAD_SITES,
-    MAP_THREADS, StackStats, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, ThreadInfo,
-    StackEnd, ThreadSiteStats, UserStack, YOUNG_EPOCHS,
+    AllocInfo, Lost, StackEnd, StackStats, ThreadInfo, ThreadSiteStats, UserStack, MAP_LOST,
+    MAP_MMAPS, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, THREAD_DETACHED,
+    THREAD_EXITED, THREAD_REGISTERED, YOUNG_EPOCHS,
 };
 
 /// Outstanding memory of one stack.
@@ -72,10 +72,9 @@ impl Collector {
                 }
             }
             if bytes > 0 && allocations > 0 {
-                let usage = per_stack.entry(stack_id).or_insert(StackUsage {
-                    stack_id,
-                    ..StackUsage::default()
-                });
+                let usage = per_stack
+                    .entry(stack_id)
+                    .or_insert(StackUsage { stack_id, ..StackUsage::default() });
                 usage.bytes += bytes as u64 * self.sample_rate;
                 usage.allocations += allocations as u64 * self.sample_rate;
             }
@@ -95,10 +94,9 @@ impl Collector {
             if bytes == 0 {
                 continue;
             }
-            let usage = per_stack.entry(info.stack_id).or_insert(StackUsage {
-                stack_id: info.stack_id,
-                ..StackUsage::default()
-            });
+            let usage = per_stack
+                .entry(info.stack_id)
+                .or_insert(StackUsage { stack_id: info.stack_id, ..StackUsage::default() });
             usage.bytes += bytes;
             usage.allocations += 1;
         }
@@ -153,10 +151,7 @@ pub struct ThreadSite {
 pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<ThreadSite>> {
     let mut sites: HashMap<u32, ThreadSite> = HashMap::new();
     let site_entry = |sites: &mut HashMap<u32, ThreadSite>, site: u32| {
-        *sites.entry(site).or_insert(ThreadSite {
-            site,
-            ..ThreadSite::default()
-        })
+        *sites.entry(site).or_insert(ThreadSite { site, ..ThreadSite::default() })
     };
     let counters: PerCpuHashMap<&MapData, u32, ThreadSiteStats> =
         PerCpuHashMap::try_from(map(ebpf, MAP_THREAD_SITES)?)?;
@@ -189,7 +184,8 @@ pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<Th
             totals.exited_unjoined += 1;
         }
         if !exited || !detached {
-            totals.stack_bytes += if info.stack_size == 0 { default_stack } else { info.stack_size };
+            totals.stack_bytes +=
+                if info.stack_size == 0 { default_stack } else { info.stack_size };
         }
         sites.insert(info.site, totals);
     }
@@ -200,25 +196,21 @@ pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<Th
 
 /// The instruction pointers of a stack, innermost first, and why it ends.
 pub fn user_stack(ebpf: &Ebpf, stack_id: u32) -> anyhow::Result<(Vec<u64>, StackEnd)> {
-    let stacks: BpfHashMap<&MapData, u32, UserStack> = BpfHashMap::try_from(map(ebpf, MAP_STACKS)?)?;
-    let stack = stacks
-        .get(&stack_id, 0)
-        .with_context(|| format!("failed to read stack {stack_id}"))?;
+    let stacks: BpfHashMap<&MapData, u32, UserStack> =
+        BpfHashMap::try_from(map(ebpf, MAP_STACKS)?)?;
+    let stack =
+        stacks.get(&stack_id, 0).with_context(|| format!("failed to read stack {stack_id}"))?;
     let len = (stack.len as usize).min(stack.ips.len());
     Ok((stack.ips[..len].to_vec(), StackEnd::from_u32(stack.end)))
 }
 
 fn map<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a Map> {
-    ebpf.map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -226,10 +218,7 @@ fn monotonic_ns() -> u64 {
 
 /// Bytes of `[start, end)` still covered by the sorted `ranges`.
 fn mapped_bytes(start: u64, end: u64, ranges: &[(u64, u64)]) -> u64 {
-    ranges
-        .iter()
-        .map(|&(lo, hi)| hi.min(end).saturating_sub(lo.max(start)))
-        .sum()
+    ranges.iter().map(|&(lo, hi)| hi.min(end).saturating_sub(lo.max(start))).sum()
 }
 
 #[cfg(test)]
@@ -248,17 +237,11 @@ mod tests {
     /// Check the age rule: the last YOUNG_EPOCHS epochs are young.
     #[test]
     fn young_epochs() {
-        let collector = Collector {
-            epoch_ns: 1,
-            sample_rate: 1,
-        };
+        let collector = Collector { epoch_ns: 1, sample_rate: 1 };
         assert!(collector.is_young(100, 100));
         assert!(collector.is_young(96, 100));
         assert!(!collector.is_young(95, 100));
-        let everything = Collector {
-            epoch_ns: 0,
-            sample_rate: 1,
-        };
+        let everything = Collector { epoch_ns: 0, sample_rate: 1 };
         assert!(!everything.is_young(100, 100));
     }
 }

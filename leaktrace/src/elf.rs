@@ -10,14 +10,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{anyhow, Context as _};
 use memmap2::Mmap;
 
 use crate::placement::CODE_BYTES;
 use object::{
-    Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind,
-    elf::{DT_NEEDED, FileHeader64},
+    elf::{FileHeader64, DT_NEEDED},
     read::elf::{Dyn as _, FileHeader as _},
+    Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind,
 };
 
 /// A function's file offset and first bytes.
@@ -34,13 +34,15 @@ pub struct ElfFile {
 
 impl ElfFile {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let file = File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
+        let file =
+            File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
         // SAFETY: the mapping is read-only; a file changed under it (a
         // library upgraded in place) could give wrong bytes, never UB in
         // safe code here, as object validates what it parses.
         let data = unsafe { Mmap::map(&file) }
             .with_context(|| format!("failed to map {}", path.display()))?;
-        object::File::parse(&*data).with_context(|| format!("{} is not an ELF file", path.display()))?;
+        object::File::parse(&*data)
+            .with_context(|| format!("{} is not an ELF file", path.display()))?;
         Ok(Self { data })
     }
 
@@ -162,7 +164,8 @@ mod tests {
     /// Check that DT_NEEDED names are read.
     #[test]
     fn needed_libraries() {
-        let libstdcxx = ElfFile::open(Path::new("/usr/lib/x86_64-linux-gnu/libstdc++.so.6")).unwrap();
+        let libstdcxx =
+            ElfFile::open(Path::new("/usr/lib/x86_64-linux-gnu/libstdc++.so.6")).unwrap();
         let needed = libstdcxx.needed().unwrap();
         assert!(needed.iter().any(|name| name == "libc.so.6"), "{needed:?}");
     }

@@ -58,10 +58,7 @@ pub struct History<K> {
 
 impl<K: Hash + Eq + Copy> History<K> {
     pub fn new(min_tolerance: f64) -> Self {
-        Self {
-            samples: HashMap::new(),
-            min_tolerance,
-        }
+        Self { samples: HashMap::new(), min_tolerance }
     }
 
     /// Add the values seen at time `t` (seconds).
@@ -95,10 +92,7 @@ fn classify(samples: &[(f64, f64)], min_tolerance: f64) -> Growth {
     let recent = &samples[samples.len().saturating_sub(WINDOW)..];
     let bytes_per_second = slope(recent);
     if samples.len() < 3 {
-        return Growth {
-            bytes_per_second,
-            trend: Trend::New,
-        };
+        return Growth { bytes_per_second, trend: Trend::New };
     }
     let peak = recent.iter().map(|&(_, v)| v).fold(f64::MIN, f64::max);
     let low = recent.iter().map(|&(_, v)| v).fold(f64::MAX, f64::min);
@@ -122,10 +116,7 @@ fn classify(samples: &[(f64, f64)], min_tolerance: f64) -> Growth {
     } else {
         Trend::Flat
     };
-    Growth {
-        bytes_per_second,
-        trend,
-    }
+    Growth { bytes_per_second, trend }
 }
 
 /// Whether the window moves one way (`direction` 1 up, -1 down): no step
@@ -157,7 +148,11 @@ fn slope(samples: &[(f64, f64)]) -> f64 {
         num += (t - mean_t) * (v - mean_v);
         den += (t - mean_t) * (t - mean_t);
     }
-    if den == 0.0 { 0.0 } else { num / den }
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
 }
 
 #[cfg(test)]

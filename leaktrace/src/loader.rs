@@ -8,17 +8,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{anyhow, bail, Context as _};
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, PerCpuValues},
     programs::{
-        TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeScope},
+        TracePoint, UProbe,
     },
+    Ebpf, EbpfLoader,
 };
 use leaktrace_common::{
-    Config, GLOBAL_CONFIG, Lost, MAP_ALLOCS, MAP_LOST, MAP_STACK_STATS, MAP_STACKS,
+    Config, Lost, GLOBAL_CONFIG, MAP_ALLOCS, MAP_LOST, MAP_STACKS, MAP_STACK_STATS,
     MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
 };
 use serde::Serialize;
@@ -37,11 +37,7 @@ struct ProbeSpec {
 }
 
 const fn probe(symbol: &'static str, enter: &'static str, exit: Option<&'static str>) -> ProbeSpec {
-    ProbeSpec {
-        symbol,
-        enter,
-        exit,
-    }
+    ProbeSpec { symbol, enter, exit }
 }
 
 /// The C allocator API. Programs are shared by functions of one prototype.
@@ -135,7 +131,8 @@ const THREAD_PROBES: &[ProbeSpec] = &[
 /// The dynamic linker's hook for debuggers, called after every change to
 /// the loaded objects: the unwind tables of a dlopen()ed library are loaded
 /// at once instead of at the next poll of /proc/PID/maps.
-const LINKER_PROBES: &[ProbeSpec] = &[probe("_dl_debug_state", "linker_enter_dl_debug_state", None)];
+const LINKER_PROBES: &[ProbeSpec] =
+    &[probe("_dl_debug_state", "linker_enter_dl_debug_state", None)];
 
 const ALL_SETS: [&[ProbeSpec]; 7] = [
     ALLOCATOR_PROBES,
@@ -197,7 +194,10 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         .context("failed to load the eBPF programs")?;
     let mut names: Vec<&str> = ALL_SETS
         .iter()
-        .flat_map(|set| set.iter()).flat_map(|p| [Some(p.enter), p.exit]).flatten().collect();
+        .flat_map(|set| set.iter())
+        .flat_map(|p| [Some(p.enter), p.exit])
+        .flatten()
+        .collect();
     names.sort_unstable();
     names.dedup();
     for name in names {
@@ -217,9 +217,7 @@ fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Trac
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
-    program
-        .try_into()
-        .with_context(|| format!("program {name} is not a tracepoint"))
+    program.try_into().with_context(|| format!("program {name} is not a tracepoint"))
 }
 
 /// Attach the thread tracepoints. They fire for every process; the
@@ -238,9 +236,9 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 fn fork_child_pid_offset() -> anyhow::Result<u32> {
     mount_tracefs()?;
     let path = format!("{TRACEFS}/events/sched/sched_process_fork/format");
-    let format = std::fs::read_to_string(&path).with_context(|| format!("failed to read {path}"))?;
-    parse_field_offset(&format, "child_pid")
-        .ok_or_else(|| anyhow!("no child_pid field in {path}"))
+    let format =
+        std::fs::read_to_string(&path).with_context(|| format!("failed to read {path}"))?;
+    parse_field_offset(&format, "child_pid").ok_or_else(|| anyhow!("no child_pid field in {path}"))
 }
 
 /// The offset of `field` in a tracepoint format file.
@@ -275,9 +273,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe>
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
-    program
-        .try_into()
-        .with_context(|| format!("program {name} is not a uprobe"))
+    program.try_into().with_context(|| format!("program {name} is not a uprobe"))
 }
 
 /// One function probed in the allocator object.
@@ -351,7 +347,8 @@ pub fn attach_all(
             Some(path) => path == object.shown,
             None => allocator_prefix.is_some(),
         };
-        let name = object.shown.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name =
+            object.shown.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut sets: Vec<(&[ProbeSpec], &str)> = Vec::new();
         if is_allocator {
             let prefix = allocator_prefix.unwrap_or(user_prefix);
@@ -403,7 +400,8 @@ pub fn attach_all(
 
 /// The key under which a symbol is kept, if leaktrace may probe it.
 fn wanted(name: &str, user_prefix: &str) -> Option<String> {
-    let known = |name: &str| ALL_SETS.iter().flat_map(|set| set.iter()).any(|spec| spec.symbol == name);
+    let known =
+        |name: &str| ALL_SETS.iter().flat_map(|set| set.iter()).any(|spec| spec.symbol == name);
     if known(name) {
         return Some(name.to_string());
     }
@@ -477,12 +475,7 @@ fn attach_set(
             attach_one(exit, function.offset)?;
         }
         attach_one(spec.enter, offset)?;
-        probes.push(Probe {
-            symbol: spec.symbol,
-            offset,
-            skipped,
-            alias_of: None,
-        });
+        probes.push(Probe { symbol: spec.symbol, offset, skipped, alias_of: None });
     }
     Ok(())
 }
@@ -535,5 +528,4 @@ mod tests {
         assert_eq!(parse_field_offset(format, "parent_pid"), Some(12));
         assert_eq!(parse_field_offset(format, "pid"), None);
     }
-
 }

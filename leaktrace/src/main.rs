@@ -26,10 +26,7 @@ fn main() -> ExitCode {
         1 => log::LevelFilter::Info,
         _ => log::LevelFilter::Debug,
     };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_timestamp(None)
-        .init();
+    env_logger::Builder::new().filter_level(level).format_timestamp(None).init();
     match session::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         // The report was piped to a reader that has gone (`| head`).

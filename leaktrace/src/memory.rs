@@ -155,20 +155,12 @@ impl MemoryReader {
         if let Some(last) = &mut self.last {
             if last.counters == counters && last.maps == maps && last.reuses < MAX_REUSES {
                 last.reuses += 1;
-                return Ok(MemoryPicture {
-                    threads,
-                    ..last.picture.clone()
-                });
+                return Ok(MemoryPicture { threads, ..last.picture.clone() });
             }
         }
         let mut picture = read_smaps(&process, pid)?;
         picture.threads = threads;
-        self.last = Some(Walked {
-            counters,
-            maps,
-            picture: picture.clone(),
-            reuses: 0,
-        });
+        self.last = Some(Walked { counters, maps, picture: picture.clone(), reuses: 0 });
         Ok(picture)
     }
 }
@@ -180,16 +172,12 @@ fn process(pid: u32) -> Result<Process> {
 
 /// The picture from /proc/PID/smaps, `threads` left at zero.
 fn read_smaps(process: &Process, pid: u32) -> Result<MemoryPicture> {
-    let maps = process
-        .smaps()
-        .with_context(|| format!("failed to read /proc/{pid}/smaps"))?;
+    let maps = process.smaps().with_context(|| format!("failed to read /proc/{pid}/smaps"))?;
     Ok(classify(&maps.0))
 }
 
 fn count_threads(process: &Process, pid: u32) -> Result<u64> {
-    let tasks = process
-        .tasks()
-        .with_context(|| format!("failed to list /proc/{pid}/task"))?;
+    let tasks = process.tasks().with_context(|| format!("failed to list /proc/{pid}/task"))?;
     let mut threads = 0;
     for task in tasks {
         // Threads that exit during the listing are skipped by procfs; what is
@@ -241,11 +229,7 @@ impl MemoryPicture {
             "\t  heap {}; main stack {}; thread stacks {} for {}{}; other anon {}",
             category(&self.heap, delta.heap_rss, 0),
             category(&self.main_stack, 0, 0),
-            category(
-                &self.thread_stacks,
-                delta.thread_stacks_rss,
-                delta.thread_stacks_count
-            ),
+            category(&self.thread_stacks, delta.thread_stacks_rss, delta.thread_stacks_count),
             plural(self.threads, "thread"),
             count_change(delta.threads),
             category(&self.other_anon, delta.other_anon_rss, 0),
@@ -278,10 +262,7 @@ fn classify(maps: &[MemoryMap]) -> MemoryPicture {
         picture.pss += field(map, "Pss");
         picture.uss += uss(map);
         picture.swap += field(map, "Swap");
-        if map
-            .perms
-            .contains(MMPermissions::WRITE | MMPermissions::PRIVATE)
-        {
+        if map.perms.contains(MMPermissions::WRITE | MMPermissions::PRIVATE) {
             picture.writable_private += map_size(map);
         }
         let usage = match kind {
@@ -380,8 +361,7 @@ fn is_guard(map: &MemoryMap) -> bool {
 }
 
 fn is_read_write(map: &MemoryMap) -> bool {
-    map.perms
-        .contains(MMPermissions::READ | MMPermissions::WRITE)
+    map.perms.contains(MMPermissions::READ | MMPermissions::WRITE)
 }
 
 /// Whether the mapping's `[anon:...]` name starts with `prefix` (glibc 2.39+
@@ -410,11 +390,8 @@ fn diff(now: u64, then: u64) -> i64 {
 
 /// "176.0 MiB RSS (+170.0 MiB) in 9 mappings (+2)", changes only where not zero.
 fn category(usage: &Usage, rss_delta: i64, count_delta: i64) -> String {
-    let swap = if usage.swap > 0 {
-        format!(" + {} swap", human_bytes(usage.swap))
-    } else {
-        String::new()
-    };
+    let swap =
+        if usage.swap > 0 { format!(" + {} swap", human_bytes(usage.swap)) } else { String::new() };
     format!(
         "{} RSS{}{} in {}{}",
         human_bytes(usage.rss),
@@ -479,10 +456,7 @@ mod tests {
     /// smaps, and gives the same picture.
     #[test]
     fn idle_process_read_without_walking_again() {
-        let mut idle = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("sleep runs");
+        let mut idle = std::process::Command::new("sleep").arg("30").spawn().expect("sleep runs");
         std::thread::sleep(std::time::Duration::from_millis(100));
         let mut reader = MemoryReader::new(idle.id());
         let first = reader.read().expect("first reading");
@@ -515,9 +489,7 @@ mod tests {
     }
 
     fn parse(smaps: &str) -> Vec<MemoryMap> {
-        MemoryMaps::from_buf_read(smaps.as_bytes())
-            .expect("sample smaps parses")
-            .0
+        MemoryMaps::from_buf_read(smaps.as_bytes()).expect("sample smaps parses").0
     }
 
     /// The layout of a real glibc process (trimmed from the fixture's smaps):
@@ -525,20 +497,8 @@ mod tests {
     /// a malloc mmap chunk, libc, vdso and the main stack.
     fn sample() -> Vec<MemoryMap> {
         let mut smaps = String::new();
-        smaps += &entry(
-            0x55ae_d723_2000,
-            0x55ae_d723_3000,
-            "r--p",
-            "/tmp/memfix/fix",
-            4,
-        );
-        smaps += &entry(
-            0x55ae_d723_6000,
-            0x55ae_d723_7000,
-            "rw-p",
-            "/tmp/memfix/fix",
-            4,
-        );
+        smaps += &entry(0x55ae_d723_2000, 0x55ae_d723_3000, "r--p", "/tmp/memfix/fix", 4);
+        smaps += &entry(0x55ae_d723_6000, 0x55ae_d723_7000, "rw-p", "/tmp/memfix/fix", 4);
         smaps += &entry(0x55ae_fc1b_3000, 0x55ae_fc96_f000, "rw-p", "[heap]", 7000);
         smaps += &entry(0x7fe8_5800_0000, 0x7fe8_5931_5000, "rw-p", "", 19000);
         smaps += &entry(0x7fe8_5931_5000, 0x7fe8_5c00_0000, "---p", "", 0);
@@ -550,27 +510,11 @@ mod tests {
         smaps += &entry(0x7fe8_701f_b000, 0x7fe8_709f_b000, "rw-p", "", 8);
         smaps += &entry(0x7fe8_709f_b000, 0x7fe8_709f_c000, "---p", "", 0);
         smaps += &entry(0x7fe8_709f_c000, 0x7fe8_711f_c000, "rw-p", "", 8);
-        smaps += &entry(
-            0x7fe8_711f_c000,
-            0x7fe8_712f_c000,
-            "rw-s",
-            "/memfd:fixture (deleted)",
-            1024,
-        );
-        smaps += &entry(
-            0x7fe8_712f_c000,
-            0x7fe8_713f_c000,
-            "rw-s",
-            "/SYSV00000000 (deleted)",
-            1024,
-        );
-        smaps += &entry(
-            0x7fe8_713f_c000,
-            0x7fe8_714f_c000,
-            "rw-s",
-            "/dev/zero (deleted)",
-            1024,
-        );
+        smaps +=
+            &entry(0x7fe8_711f_c000, 0x7fe8_712f_c000, "rw-s", "/memfd:fixture (deleted)", 1024);
+        smaps +=
+            &entry(0x7fe8_712f_c000, 0x7fe8_713f_c000, "rw-s", "/SYSV00000000 (deleted)", 1024);
+        smaps += &entry(0x7fe8_713f_c000, 0x7fe8_714f_c000, "rw-s", "/dev/zero (deleted)", 1024);
         smaps += &entry(0x7fe8_714f_c000, 0x7fe8_7290_0000, "rw-p", "", 20488);
         smaps += &entry(
             0x7fe8_7290_0000,
@@ -596,12 +540,7 @@ mod tests {
     #[test]
     fn fields_are_bytes() {
         let maps = parse(&entry(0x1000, 0x3000, "rw-p", "", 8));
-        assert_eq!(
-            field(&maps[0], "Rss"),
-            8 * KIB,
-            "Rss not in bytes: {:?}",
-            maps[0].extension
-        );
+        assert_eq!(field(&maps[0], "Rss"), 8 * KIB, "Rss not in bytes: {:?}", maps[0].extension);
         assert_eq!(map_size(&maps[0]), 8 * KIB);
     }
 
@@ -644,10 +583,7 @@ mod tests {
         assert_eq!(picture.heap.rss, (7000 + 19000 + 19000) * KIB);
         assert_eq!(picture.heap.count, 5);
         // Both arenas in full, PROT_NONE tails included.
-        assert_eq!(
-            picture.heap.size,
-            (0x55ae_fc96_f000 - 0x55ae_fc1b_3000) + 2 * ARENA_ALIGN
-        );
+        assert_eq!(picture.heap.size, (0x55ae_fc96_f000 - 0x55ae_fc1b_3000) + 2 * ARENA_ALIGN);
         assert_eq!(picture.thread_stacks.count, 3);
         assert_eq!(picture.thread_stacks.rss, 24 * KIB);
         assert_eq!(picture.thread_stacks.size, 3 * 8 * MIB);
@@ -720,13 +656,7 @@ mod tests {
         smaps += &entry(0x7f00_1120_0000, 0x7f00_1120_1000, "---p", "", 0);
         smaps += &entry(0x7f00_1120_2000, 0x7f00_11a0_2000, "rw-p", "", 8);
         // Above a read-only file gap (as in a library): not a stack.
-        smaps += &entry(
-            0x7f00_1220_0000,
-            0x7f00_1220_1000,
-            "---p",
-            "/usr/lib/libm.so.6",
-            0,
-        );
+        smaps += &entry(0x7f00_1220_0000, 0x7f00_1220_1000, "---p", "/usr/lib/libm.so.6", 0);
         smaps += &entry(0x7f00_1220_1000, 0x7f00_1221_1000, "rw-p", "", 8);
         // Above a guard but read-only: not a stack.
         smaps += &entry(0x7f00_1320_0000, 0x7f00_1320_1000, "---p", "", 0);
@@ -767,13 +697,8 @@ mod tests {
         smaps += &entry(arena, arena + MIB, "rw-p", "", 512);
         smaps += &entry(arena + MIB, arena + ARENA_ALIGN, "---p", "", 0);
         // Directly above the arena's tail: neither heap nor stack.
-        smaps += &entry(
-            arena + ARENA_ALIGN + 4096,
-            arena + ARENA_ALIGN + 4096 + MIB,
-            "rw-p",
-            "",
-            4,
-        );
+        smaps +=
+            &entry(arena + ARENA_ALIGN + 4096, arena + ARENA_ALIGN + 4096 + MIB, "rw-p", "", 4);
         smaps += &entry(
             arena + ARENA_ALIGN + 4096 + MIB,
             arena + ARENA_ALIGN + 8192 + MIB,
@@ -782,13 +707,8 @@ mod tests {
             4,
         );
         // Only page aligned: not an arena.
-        smaps += &entry(
-            arena + 2 * ARENA_ALIGN + 4096,
-            arena + 2 * ARENA_ALIGN + MIB,
-            "rw-p",
-            "",
-            4,
-        );
+        smaps +=
+            &entry(arena + 2 * ARENA_ALIGN + 4096, arena + 2 * ARENA_ALIGN + MIB, "rw-p", "", 4);
         // Named by glibc's decorate_maps.
         smaps += &entry(
             arena + 3 * ARENA_ALIGN + 4096,
@@ -818,10 +738,7 @@ mod tests {
         smaps += &entry(0x80000, 0x81000, "r--p", "/usr/lib/libnew.so", 4);
         let kinds = kinds(&parse(&smaps));
         use Kind::*;
-        assert_eq!(
-            kinds,
-            [Shared, Shared, Shared, Shared, Shared, Shared, OtherAnon, File]
-        );
+        assert_eq!(kinds, [Shared, Shared, Shared, Shared, Shared, Shared, OtherAnon, File]);
     }
 
     /// Check that mappings given out of address order are classified as if sorted.
@@ -840,15 +757,8 @@ mod tests {
             rss: 10 * MIB,
             swap: 4 * MIB,
             threads: 4,
-            heap: Usage {
-                rss: 2 * MIB,
-                ..Usage::default()
-            },
-            thread_stacks: Usage {
-                rss: 24 * KIB,
-                count: 3,
-                ..Usage::default()
-            },
+            heap: Usage { rss: 2 * MIB, ..Usage::default() },
+            thread_stacks: Usage { rss: 24 * KIB, count: 3, ..Usage::default() },
             ..MemoryPicture::default()
         };
         let now = MemoryPicture {
@@ -857,27 +767,11 @@ mod tests {
             uss: MIB,
             writable_private: 2 * MIB,
             threads: 2,
-            heap: Usage {
-                rss: 22 * MIB,
-                ..Usage::default()
-            },
-            thread_stacks: Usage {
-                rss: 16 * KIB,
-                count: 1,
-                ..Usage::default()
-            },
-            other_anon: Usage {
-                rss: 5,
-                ..Usage::default()
-            },
-            file: Usage {
-                rss: 6,
-                ..Usage::default()
-            },
-            shared: Usage {
-                rss: 7,
-                ..Usage::default()
-            },
+            heap: Usage { rss: 22 * MIB, ..Usage::default() },
+            thread_stacks: Usage { rss: 16 * KIB, count: 1, ..Usage::default() },
+            other_anon: Usage { rss: 5, ..Usage::default() },
+            file: Usage { rss: 6, ..Usage::default() },
+            shared: Usage { rss: 7, ..Usage::default() },
             ..MemoryPicture::default()
         };
         let delta = now.since(&baseline);
@@ -913,8 +807,7 @@ mod tests {
         now.thread_stacks.count += 2;
         now.threads += 2;
         let mut out = Vec::new();
-        now.write_text(&now.since(&baseline), &mut out)
-            .expect("write to a Vec");
+        now.write_text(&now.since(&baseline), &mut out).expect("write to a Vec");
         let text = String::from_utf8(out).expect("text is UTF-8");
         let expected =
             "\tMemory: RSS 237.2 MiB (+170.0 MiB since attach), PSS 67.2 MiB, USS 67.2 MiB, \
@@ -927,16 +820,11 @@ mod tests {
         assert_eq!(text, expected);
 
         let mut out = Vec::new();
-        baseline
-            .write_text(&MemoryDelta::default(), &mut out)
-            .expect("write to a Vec");
+        baseline.write_text(&MemoryDelta::default(), &mut out).expect("write to a Vec");
         let text = String::from_utf8(out).expect("text is UTF-8");
         let rest = text.replacen("(+0 bytes since attach)", "", 1);
         assert!(rest.len() < text.len(), "RSS change missing: {text}");
-        assert!(
-            !rest.contains("(+0") && !rest.contains("(-0"),
-            "zero changes shown: {text}"
-        );
+        assert!(!rest.contains("(+0") && !rest.contains("(-0"), "zero changes shown: {text}");
     }
 
     /// Check that the JSON field names are the documented snake_case ones.
@@ -960,10 +848,7 @@ mod tests {
             assert!(picture.get(key).is_some(), "{key} missing from {picture}");
         }
         for key in ["size", "rss", "pss", "uss", "swap", "count"] {
-            assert!(
-                picture["heap"].get(key).is_some(),
-                "heap.{key} missing from {picture}"
-            );
+            assert!(picture["heap"].get(key).is_some(), "heap.{key} missing from {picture}");
         }
         let delta = serde_json::to_value(MemoryDelta::default()).expect("delta serializes");
         for key in [
@@ -987,26 +872,19 @@ mod tests {
         assert_eq!(human_bytes_signed(3 * MIB as i64 / 2), "+1.5 MiB");
         assert_eq!(human_bytes_signed(-12 * KIB as i64), "-12.0 KiB");
         assert_eq!(human_bytes_signed(0), "+0 bytes");
-        assert_eq!(
-            human_bytes_signed(i64::MIN),
-            format!("-{}", human_bytes(1 << 63))
-        );
+        assert_eq!(human_bytes_signed(i64::MIN), format!("-{}", human_bytes(1 << 63)));
     }
 
     /// Check that the test process reads itself: resident memory, a thread, a main stack.
     #[test]
     fn read_self() {
-        let picture = MemoryReader::new(std::process::id())
-            .read()
-            .expect("read own memory picture");
+        let picture =
+            MemoryReader::new(std::process::id()).read().expect("read own memory picture");
         assert!(picture.rss > 0, "no RSS: {picture:?}");
         assert!(picture.threads >= 1, "no threads: {picture:?}");
         assert_eq!(picture.main_stack.count, 1, "no [stack]: {picture:?}");
         assert!(picture.file.count > 0, "no file mappings: {picture:?}");
-        assert!(
-            picture.uss <= picture.rss && picture.pss <= picture.rss,
-            "{picture:?}"
-        );
+        assert!(picture.uss <= picture.rss && picture.pss <= picture.rss, "{picture:?}");
     }
 
     /// Check that a missing process fails with its /proc path in the message.

@@ -73,9 +73,10 @@ fn is_harmless(instruction: &Instruction, info: &mut InstructionInfoFactory) -> 
         )
     };
     let writes_memory = info.used_memory().iter().any(|memory| writes(memory.access()));
-    let writes_preserved = info.used_registers().iter().any(|used| {
-        writes(used.access()) && PRESERVED.contains(&used.register().full_register())
-    });
+    let writes_preserved = info
+        .used_registers()
+        .iter()
+        .any(|used| writes(used.access()) && PRESERVED.contains(&used.register().full_register()));
     !writes_memory && !writes_preserved
 }
 

@@ -131,11 +131,7 @@ impl Report {
             },
             stack_count: snapshot.stacks.len(),
             stacks,
-            lost: snapshot
-                .lost
-                .iter()
-                .map(|&(reason, count)| (reason.name(), count))
-                .collect(),
+            lost: snapshot.lost.iter().map(|&(reason, count)| (reason.name(), count)).collect(),
             threads: None,
             memory: None,
             verdict: None,
@@ -202,7 +198,8 @@ impl Report {
             let counted: Vec<(&&str, &u64)> =
                 self.lost.iter().filter(|(name, n)| is_cut(name) == cut && **n > 0).collect();
             let total = counted.iter().map(|(_, n)| **n).sum();
-            let reasons: Vec<String> = counted.iter().map(|(name, n)| format!("{name}: {n}")).collect();
+            let reasons: Vec<String> =
+                counted.iter().map(|(name, n)| format!("{name}: {n}")).collect();
             (total, reasons.join(", "))
         };
         let (lost, reasons) = counts(false);
@@ -384,7 +381,10 @@ mod tests {
             module: Some("/usr/lib/x86_64-linux-gnu/libc.so.6".into()),
             ..frame(None, false)
         };
-        assert_eq!(frame_label(&[libc.clone(), frame(Some("dup_name"), false)]), "dup_name (app.c:12)");
+        assert_eq!(
+            frame_label(&[libc.clone(), frame(Some("dup_name"), false)]),
+            "dup_name (app.c:12)"
+        );
         assert_eq!(frame_label(&[libc]), "__strdup (app.c:12)");
     }
 

@@ -8,15 +8,15 @@ use std::{
 };
 
 use aya::Ebpf;
-use leaktrace_common::{NO_STACK, StackEnd};
+use leaktrace_common::{StackEnd, NO_STACK};
 
 use crate::{
-    collector::{Collector, StackUsage, ThreadSite, collect_threads, user_stack},
+    collector::{collect_threads, user_stack, Collector, StackUsage, ThreadSite},
     growth::{History, Trend},
     memory::{MemoryPicture, MemoryReader},
     report::{
-        MemoryReport, ProbedObject, Report, StackReport, ThreadSiteReport, ThreadsReport,
-        frame_label,
+        frame_label, MemoryReport, ProbedObject, Report, StackReport, ThreadSiteReport,
+        ThreadsReport,
     },
     symbolizer::{Frame, SharedModules, Symbolizer},
     verdict::{self, GrowingSite, RetentionEvidence, ThreadSiteEvidence},
@@ -122,8 +122,7 @@ impl Reporter {
         self.symbolizer.refresh_modules();
         let mapped = if alive { mapped_ranges(self.options.pid) } else { None };
         let snapshot = self.collector.collect(&self.ebpf, mapped.as_deref())?;
-        self.stacks
-            .record(t, snapshot.stacks.iter().map(|s| (s.stack_id, s.bytes as f64)));
+        self.stacks.record(t, snapshot.stacks.iter().map(|s| (s.stack_id, s.bytes as f64)));
         self.live_bytes.record(t, [((), snapshot.total_bytes() as f64)]);
 
         // The growing sites, fastest first, for the verdict and the report.
@@ -138,7 +137,8 @@ impl Reporter {
         growing.sort_by(|a, b| b.1.total_cmp(&a.1));
 
         // The top stacks by bytes, and the fastest growing ones even if small.
-        let mut shown: Vec<StackUsage> = snapshot.stacks.iter().take(self.options.top).copied().collect();
+        let mut shown: Vec<StackUsage> =
+            snapshot.stacks.iter().take(self.options.top).copied().collect();
         let shown_ids: HashSet<u32> = shown.iter().map(|s| s.stack_id).collect();
         shown.extend(
             growing
@@ -208,10 +208,7 @@ impl Reporter {
         report.threads = Some(threads);
         report.memory = memory.map(|picture| {
             let baseline = self.baseline.get_or_insert_with(|| picture.clone());
-            MemoryReport {
-                since_attach: picture.since(baseline),
-                picture,
-            }
+            MemoryReport { since_attach: picture.since(baseline), picture }
         });
         report.verdict = Some(verdict);
         report.probed = self.options.probed.clone();
@@ -231,9 +228,7 @@ impl Reporter {
         let sites: Vec<ThreadSite> = collect_threads(&self.ebpf, self.default_stack)?;
         self.thread_sites.record(
             t,
-            sites
-                .iter()
-                .map(|site| (site.site, (site.alive + site.exited_unjoined) as f64)),
+            sites.iter().map(|site| (site.site, (site.alive + site.exited_unjoined) as f64)),
         );
         let live = procfs::process::Process::new(self.options.pid as i32)
             .and_then(|process| process.tasks())

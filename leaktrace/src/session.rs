@@ -5,13 +5,13 @@
 use std::{
     path::PathBuf,
     sync::{
-        Arc,
         atomic::{AtomicBool, Ordering},
+        Arc,
     },
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{anyhow, bail, Context as _};
 use leaktrace_common::YOUNG_EPOCHS;
 
 use crate::{
@@ -89,11 +89,7 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     let probed = loader::attach_all(
         &mut ebpf,
         &objects,
-        &loader::AttachOptions {
-            pid,
-            symbol_prefix: args.symbol_prefix.as_deref(),
-            allocator,
-        },
+        &loader::AttachOptions { pid, symbol_prefix: args.symbol_prefix.as_deref(), allocator },
     )
     .map_err(|err| attach_error(err, target))?;
     loader::attach_tracepoints(&mut ebpf)?;
@@ -130,10 +126,7 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
 
     let mut reporter = Reporter::new(
         ebpf,
-        Collector {
-            epoch_ns,
-            sample_rate: args.sample_rate,
-        },
+        Collector { epoch_ns, sample_rate: args.sample_rate },
         ReportOptions {
             pid,
             top: args.top,
@@ -189,10 +182,7 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
 /// target maps, or for a `-c` child that has not run its program yet, the
 /// program and the libraries it needs as the loader would find them.
 fn objects_to_probe(args: &Args, target: &Target) -> anyhow::Result<Vec<Object>> {
-    let local = |path: PathBuf| Object {
-        shown: path.clone(),
-        open: path,
-    };
+    let local = |path: PathBuf| Object { shown: path.clone(), open: path };
     let mut objects: Vec<Object> = match target.program() {
         Some(program) => {
             let mut objects = vec![local(program.to_path_buf())];
@@ -216,10 +206,7 @@ fn objects_to_probe(args: &Args, target: &Target) -> anyhow::Result<Vec<Object>>
         }
         None => target::mapped_objects(target.pid)?
             .into_iter()
-            .map(|shown| Object {
-                open: target.host_path(&shown),
-                shown,
-            })
+            .map(|shown| Object { open: target.host_path(&shown), shown })
             .collect(),
     };
     if let Some(obj) = &args.obj {
@@ -227,10 +214,7 @@ fn objects_to_probe(args: &Args, target: &Target) -> anyhow::Result<Vec<Object>>
             let object = if target.program().is_some() {
                 local(obj.clone())
             } else {
-                Object {
-                    open: target.host_path(obj),
-                    shown: obj.clone(),
-                }
+                Object { open: target.host_path(obj), shown: obj.clone() }
             };
             anyhow::ensure!(object.open.exists(), "--obj {} does not exist", obj.display());
             objects.push(object);

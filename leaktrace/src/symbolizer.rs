@@ -10,11 +10,11 @@ use std::{
 };
 
 use blazesym::{
-    Pid,
     symbolize::{
-        CodeInfo, Input, Symbolized, Symbolizer as Blazesym,
         source::{Elf, Process, Source},
+        CodeInfo, Input, Symbolized, Symbolizer as Blazesym,
     },
+    Pid,
 };
 use serde::{Serialize, Serializer};
 
@@ -131,11 +131,9 @@ impl Symbolizer {
     fn symbolize_live(&self, ips: &[u64]) -> Vec<Frame> {
         let source = Source::Process(Process::new(Pid::from(self.pid)));
         match self.blazesym.symbolize(&source, Input::AbsAddr(ips)) {
-            Ok(symbolized) => ips
-                .iter()
-                .zip(symbolized)
-                .flat_map(|(&ip, sym)| self.to_frames(ip, sym))
-                .collect(),
+            Ok(symbolized) => {
+                ips.iter().zip(symbolized).flat_map(|(&ip, sym)| self.to_frames(ip, sym)).collect()
+            }
             Err(err) => {
                 log::debug!("symbolization failed: {err:#}");
                 self.symbolize_from_files(ips)
@@ -169,30 +167,32 @@ impl Symbolizer {
         let debug_file = match self.build_id_files.get(&path) {
             Some(found) => found.clone()?,
             None => {
-                let found = ElfFile::open(&path).ok().and_then(|elf| elf.build_id()).and_then(|id| {
-                    let (dir, rest) = id.split_at(2);
-                    self.debug_dirs
-                        .iter()
-                        .map(|debug| debug.join(".build-id").join(dir).join(format!("{rest}.debug")))
-                        .find(|candidate| candidate.exists())
-                });
+                let found =
+                    ElfFile::open(&path).ok().and_then(|elf| elf.build_id()).and_then(|id| {
+                        let (dir, rest) = id.split_at(2);
+                        self.debug_dirs
+                            .iter()
+                            .map(|debug| {
+                                debug.join(".build-id").join(dir).join(format!("{rest}.debug"))
+                            })
+                            .find(|candidate| candidate.exists())
+                    });
                 self.build_id_files.insert(path.clone(), found.clone());
                 found?
             }
         };
-        let address = ElfFile::open(&path)
-            .ok()?
-            .virtual_address(ip - module.start + module.offset)?;
+        let address =
+            ElfFile::open(&path).ok()?.virtual_address(ip - module.start + module.offset)?;
         let symbolized = self
             .blazesym
             .symbolize_single(&Source::Elf(Elf::new(debug_file)), Input::VirtOffset(address))
             .ok()?;
         let mut frames = self.to_frames(ip, symbolized);
         let frame = frames.pop()?;
-        frame.symbol.is_some().then(|| Frame {
-            module: Some(module.path.display().to_string()),
-            ..frame
-        })
+        frame
+            .symbol
+            .is_some()
+            .then(|| Frame { module: Some(module.path.display().to_string()), ..frame })
     }
 
     /// A module's file as leaktrace can open it: under --sysroot, through
@@ -203,7 +203,11 @@ impl Symbolizer {
             Some(root) => root.join(relative),
             None => {
                 let through_root = PathBuf::from(format!("/proc/{}/root", self.pid)).join(relative);
-                if through_root.exists() { through_root } else { path.to_path_buf() }
+                if through_root.exists() {
+                    through_root
+                } else {
+                    path.to_path_buf()
+                }
             }
         }
     }

@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{anyhow, bail, Context as _};
 use procfs::process::{MMapPath, Process};
 
 /// The kernel sets this in a task's flags for kernel threads.
@@ -38,9 +38,7 @@ impl Target {
     /// A running process given with `-p`. A thread id is taken as its process.
     pub fn existing(pid: u32) -> anyhow::Result<Self> {
         let process = Process::new(pid as i32).map_err(|_| anyhow!("no process with PID {pid}"))?;
-        let stat = process
-            .stat()
-            .map_err(|_| anyhow!("no process with PID {pid}"))?;
+        let stat = process.stat().map_err(|_| anyhow!("no process with PID {pid}"))?;
         if stat.flags & PF_KTHREAD != 0 {
             bail!(
                 "PID {pid} ({}) is a kernel thread: it has no user-space allocator to trace",
@@ -50,18 +48,11 @@ impl Target {
         if matches!(stat.state, 'Z' | 'X') {
             bail!("process {pid} ({}) has already exited", stat.comm);
         }
-        let tgid = process
-            .status()
-            .map(|status| status.tgid as u32)
-            .unwrap_or(pid);
+        let tgid = process.status().map(|status| status.tgid as u32).unwrap_or(pid);
         if tgid != pid {
             log::info!("PID {pid} is a thread of process {tgid}: tracing the process");
         }
-        Ok(Self {
-            pid: tgid,
-            child: None,
-            exit_status: None,
-        })
+        Ok(Self { pid: tgid, child: None, exit_status: None })
     }
 
     /// Fork `command` and hold the child before exec, so the probes are in
@@ -245,18 +236,14 @@ fn is_libc(name: &str) -> bool {
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// The objects mapped into `pid` as the target names them, executable
 /// first, each once, in mapping order.
 pub fn mapped_objects(pid: u32) -> anyhow::Result<Vec<PathBuf>> {
     let process = Process::new(pid as i32).map_err(|_| anyhow!("process {pid} has exited"))?;
-    let maps = process
-        .maps()
-        .with_context(|| format!("failed to read /proc/{pid}/maps"))?;
+    let maps = process.maps().with_context(|| format!("failed to read /proc/{pid}/maps"))?;
     let mut objects: Vec<PathBuf> = Vec::new();
     if let Ok(exe) = process.exe() {
         objects.push(exe);
@@ -283,10 +270,7 @@ const LIBRARY_DIRS: [&str; 5] =
 /// Where the dynamic loader would find `soname` for a program that has not
 /// started yet (the default directories; not RUNPATH or LD_LIBRARY_PATH).
 pub fn find_library(soname: &str) -> Option<PathBuf> {
-    LIBRARY_DIRS
-        .iter()
-        .map(|dir| Path::new(dir).join(soname))
-        .find(|path| path.exists())
+    LIBRARY_DIRS.iter().map(|dir| Path::new(dir).join(soname)).find(|path| path.exists())
 }
 
 /// Where the dynamic loader would find libstdc++.
@@ -301,10 +285,11 @@ mod tests {
     /// Check that the C library is picked out of the mapped objects.
     #[test]
     fn libc_found() {
-        let objects: Vec<PathBuf> = ["/usr/bin/app", "/usr/lib/libz.so.1", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
-            .iter()
-            .map(PathBuf::from)
-            .collect();
+        let objects: Vec<PathBuf> =
+            ["/usr/bin/app", "/usr/lib/libz.so.1", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
+                .iter()
+                .map(PathBuf::from)
+                .collect();
         assert_eq!(find_libc(&objects), Some(objects[2].clone()));
         assert_eq!(find_libc(&objects[..2]), None);
     }

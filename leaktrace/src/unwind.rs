@@ -13,28 +13,27 @@ use std::{
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::{
-        Arc,
         atomic::{AtomicBool, Ordering},
+        Arc,
     },
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{anyhow, Context as _};
 use aya::maps::{Array, Map, MapData, RingBuf};
 use gimli::{
     BaseAddresses, CfaRule as GimliCfa, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian,
     RegisterRule, UnwindContext, UnwindSection, X86_64,
 };
 use leaktrace_common::{
-    CfaRule, MAPPING_FRAME_POINTERS, MAP_LINK_MAP_CHANGES, MAP_UNWIND_MAPPINGS, MAP_UNWIND_ROWS, MAP_UNWIND_STATE, MAX_UNWIND_MAPPINGS, RbpRule,
-    UNWIND_CHUNK_ROWS, UnwindChunk, UnwindMapping, UnwindRow,
+    CfaRule, RbpRule, UnwindChunk, UnwindMapping, UnwindRow, MAPPING_FRAME_POINTERS,
+    MAP_LINK_MAP_CHANGES, MAP_UNWIND_MAPPINGS, MAP_UNWIND_ROWS, MAP_UNWIND_STATE,
+    MAX_UNWIND_MAPPINGS, UNWIND_CHUNK_ROWS,
 };
 use memmap2::Mmap;
 
 use crate::symbolizer::{Module, SharedModules};
-use object::{
-    Object as _, ObjectSection as _, ObjectSegment as _, SegmentFlags, elf::PF_X,
-};
+use object::{elf::PF_X, Object as _, ObjectSection as _, ObjectSegment as _, SegmentFlags};
 use procfs::process::{MMPermissions, MMapPath, Process};
 
 /// How often the mappings are checked: often while a `-c` program is
@@ -66,7 +65,8 @@ impl FramePointerCheck {
     fn function(&mut self, start: u64, rows: &[UnwindRow]) {
         let rsp = CfaRule::Rsp as u8;
         let rbp = CfaRule::Rbp as u8;
-        let pushed = |row: &UnwindRow| row.rbp_rule == RbpRule::AtCfa as u8 && row.rbp_offset == -16;
+        let pushed =
+            |row: &UnwindRow| row.rbp_rule == RbpRule::AtCfa as u8 && row.rbp_offset == -16;
         let in_plt = self.plt.iter().any(|&(low, high)| low <= start && start < high);
         let allowed = rows.iter().all(|row| {
             row.cfa_rule == CfaRule::End as u8
@@ -228,7 +228,8 @@ fn compact(mut spans: Vec<Span>) -> anyhow::Result<Vec<UnwindRow>> {
     let mut rows: Vec<UnwindRow> = Vec::with_capacity(spans.len() + 1);
     let mut covered_to = 0u64;
     let pc = |address: u64| {
-        u32::try_from(address).map_err(|_| anyhow!("address {address:#x} beyond 4 GiB in an object"))
+        u32::try_from(address)
+            .map_err(|_| anyhow!("address {address:#x} beyond 4 GiB in an object"))
     };
     for span in spans {
         if span.start < covered_to {
@@ -236,28 +237,19 @@ fn compact(mut spans: Vec<Span>) -> anyhow::Result<Vec<UnwindRow>> {
             continue;
         }
         if span.start > covered_to && !rows.is_empty() {
-            rows.push(UnwindRow {
-                pc: pc(covered_to)?,
-                ..UnwindRow::EMPTY
-            });
+            rows.push(UnwindRow { pc: pc(covered_to)?, ..UnwindRow::EMPTY });
         }
-        let row = UnwindRow {
-            pc: pc(span.start)?,
-            ..span.row
-        };
-        let same_as_last = rows.last().is_some_and(|last| {
-            UnwindRow { pc: 0, ..*last } == UnwindRow { pc: 0, ..row }
-        });
+        let row = UnwindRow { pc: pc(span.start)?, ..span.row };
+        let same_as_last = rows
+            .last()
+            .is_some_and(|last| UnwindRow { pc: 0, ..*last } == UnwindRow { pc: 0, ..row });
         if !same_as_last {
             rows.push(row);
         }
         covered_to = span.end;
     }
     if !rows.is_empty() {
-        rows.push(UnwindRow {
-            pc: pc(covered_to)?,
-            ..UnwindRow::EMPTY
-        });
+        rows.push(UnwindRow { pc: pc(covered_to)?, ..UnwindRow::EMPTY });
     }
     Ok(rows)
 }
@@ -290,11 +282,13 @@ const PAGE_SIZE: u64 = 4096;
 fn mapping_bias(segments: &[Segment], mapping: &ExecMapping) -> Option<u64> {
     segments.iter().find_map(|segment| {
         let page_start = segment.offset & !(PAGE_SIZE - 1);
-        (page_start <= mapping.offset && mapping.offset < segment.offset + segment.size).then(|| {
-            // The link-time address of the mapping's first byte.
-            let address = (segment.address - segment.offset).wrapping_add(mapping.offset);
-            mapping.start.wrapping_sub(address)
-        })
+        (page_start <= mapping.offset && mapping.offset < segment.offset + segment.size).then(
+            || {
+                // The link-time address of the mapping's first byte.
+                let address = (segment.address - segment.offset).wrapping_add(mapping.offset);
+                mapping.start.wrapping_sub(address)
+            },
+        )
     })
 }
 
@@ -333,8 +327,7 @@ impl Unwinder {
     /// Takes the unwind maps out of `ebpf`: from now on only this writes them.
     pub fn new(ebpf: &mut aya::Ebpf, pid: u32) -> anyhow::Result<Self> {
         let mut take = |name: &str| -> anyhow::Result<Map> {
-            ebpf.take_map(name)
-                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+            ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
         Ok(Self {
             pid,
@@ -429,12 +422,7 @@ impl Unwinder {
             Ok(object) => object,
             Err(err) => {
                 log::info!("unwind: no table for {}: {err:#}", mapping.path.display());
-                LoadedObject {
-                    first_row: 0,
-                    rows: 0,
-                    frame_pointers: false,
-                    segments: Vec::new(),
-                }
+                LoadedObject { first_row: 0, rows: 0, frame_pointers: false, segments: Vec::new() }
             }
         };
         self.objects.insert(mapping.file, object.clone());
@@ -493,10 +481,7 @@ impl Unwinder {
                 }
             })
             .collect();
-        let ObjectTable {
-            rows,
-            frame_pointers,
-        } = object_rows(&data)?;
+        let ObjectTable { rows, frame_pointers } = object_rows(&data)?;
         let chunks = rows.len().div_ceil(UNWIND_CHUNK_ROWS) as u32;
         let capacity = self.rows.len();
         if self.next_chunk + chunks > capacity {
@@ -512,9 +497,7 @@ impl Unwinder {
         }
         let first_chunk = self.next_chunk;
         for (index, part) in rows.chunks(UNWIND_CHUNK_ROWS).enumerate() {
-            let mut chunk = UnwindChunk {
-                rows: [UnwindRow::EMPTY; UNWIND_CHUNK_ROWS],
-            };
+            let mut chunk = UnwindChunk { rows: [UnwindRow::EMPTY; UNWIND_CHUNK_ROWS] };
             chunk.rows[..part.len()].copy_from_slice(part);
             self.rows
                 .set(first_chunk + index as u32, chunk, 0)
@@ -549,7 +532,9 @@ impl Unwinder {
             while !stop.load(Ordering::Relaxed) {
                 if let Err(err) = self.refresh() {
                     if Process::new(self.pid as i32).is_ok() {
-                        eprintln!("leaktrace: warning: unwind tables no longer kept current: {err:#}");
+                        eprintln!(
+                            "leaktrace: warning: unwind tables no longer kept current: {err:#}"
+                        );
                     }
                     // Otherwise the target is gone; the session reports it.
                     return;
@@ -562,11 +547,8 @@ impl Unwinder {
 
     /// Sleep until the linker's hook fires or `timeout` passes.
     fn wait_for_change(&mut self, timeout: Duration) {
-        let mut poll = libc::pollfd {
-            fd: self.changes.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut poll =
+            libc::pollfd { fd: self.changes.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd, for the duration of the call.
         unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as libc::c_int) };
         while self.changes.next().is_some() {}
@@ -622,7 +604,9 @@ mod tests {
         assert!(rows.len() > 10_000, "{} rows", rows.len());
         assert!(rows.windows(2).all(|pair| pair[0].pc < pair[1].pc));
         assert_eq!(rows.last().unwrap().cfa_rule, CfaRule::NoInfo as u8);
-        let libc = crate::elf::ElfFile::open(std::path::Path::new("/lib/x86_64-linux-gnu/libc.so.6")).unwrap();
+        let libc =
+            crate::elf::ElfFile::open(std::path::Path::new("/lib/x86_64-linux-gnu/libc.so.6"))
+                .unwrap();
         let malloc = libc.functions(|name| (name == "malloc").then(|| name.to_string()));
         let address = libc.virtual_address(malloc["malloc"].offset).unwrap() as u32;
         let at = rows.partition_point(|row| row.pc <= address) - 1;
@@ -633,11 +617,7 @@ mod tests {
     /// (as lld lays out Rust binaries): offset 0x154d0 at 0x164d0.
     #[test]
     fn bias_of_unaligned_segment() {
-        let segments = [Segment {
-            offset: 0x154d0,
-            size: 0x40000,
-            address: 0x164d0,
-        }];
+        let segments = [Segment { offset: 0x154d0, size: 0x40000, address: 0x164d0 }];
         let mapping = ExecMapping {
             start: 0x5555_5556_a000,
             end: 0x5555_555a_a000,
@@ -662,17 +642,15 @@ mod tests {
             ..UnwindRow::EMPTY
         };
         let check = |functions: &[&[UnwindRow]]| {
-            let mut check = FramePointerCheck {
-                plt: Vec::new(),
-                every_function: true,
-                any_function: false,
-            };
+            let mut check =
+                FramePointerCheck { plt: Vec::new(), every_function: true, any_function: false };
             for rows in functions {
                 check.function(0x1000, rows);
             }
             check.every_function && check.any_function
         };
-        let body = [row(CfaRule::Rsp, 8, false), row(CfaRule::Rsp, 16, true), row(CfaRule::Rbp, 16, true)];
+        let body =
+            [row(CfaRule::Rsp, 8, false), row(CfaRule::Rsp, 16, true), row(CfaRule::Rbp, 16, true)];
         let leaf = [row(CfaRule::Rsp, 8, false)];
         let rbp_as_register = [row(CfaRule::Rsp, 8, false), row(CfaRule::Rsp, 16, true)];
         let rsp_frame = [row(CfaRule::Rsp, 8, false), row(CfaRule::Rsp, 32, false)];
@@ -685,11 +663,8 @@ mod tests {
     /// Check the gap and merge rules on hand-made spans.
     #[test]
     fn compaction() {
-        let rule = |cfa_offset| UnwindRow {
-            cfa_rule: CfaRule::Rsp as u8,
-            cfa_offset,
-            ..UnwindRow::EMPTY
-        };
+        let rule =
+            |cfa_offset| UnwindRow { cfa_rule: CfaRule::Rsp as u8, cfa_offset, ..UnwindRow::EMPTY };
         let span = |start, end, row| Span { start, end, row };
         let rows = compact(vec![
             span(0x120, 0x130, rule(16)),
@@ -699,10 +674,7 @@ mod tests {
         .unwrap();
         let summary: Vec<(u32, u8, i32)> =
             rows.iter().map(|row| (row.pc, row.cfa_rule, row.cfa_offset)).collect();
-        assert_eq!(
-            summary,
-            [(0x100, 1, 8), (0x120, 1, 16), (0x130, 0, 0)],
-        );
+        assert_eq!(summary, [(0x100, 1, 8), (0x120, 1, 16), (0x130, 0, 0)],);
         let gap = compact(vec![span(0x100, 0x110, rule(8)), span(0x200, 0x210, rule(8))]).unwrap();
         let pcs: Vec<(u32, u8)> = gap.iter().map(|row| (row.pc, row.cfa_rule)).collect();
         assert_eq!(pcs, [(0x100, 1), (0x110, 0), (0x200, 1), (0x210, 0)]);

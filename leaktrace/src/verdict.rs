@@ -103,22 +103,14 @@ pub fn decide(
             format!("no leak: live memory flat ({} outstanding)", human_bytes(live_bytes))
         });
     }
-    Verdict {
-        kinds,
-        text: statements.join("; "),
-        leak_bytes_per_second: leak_rate,
-    }
+    Verdict { kinds, text: statements.join("; "), leak_bytes_per_second: leak_rate }
 }
 
 fn thread_statement(threads: &[ThreadSiteEvidence]) -> Option<String> {
-    let unjoined: Vec<&ThreadSiteEvidence> = threads
-        .iter()
-        .filter(|site| site.exited_unjoined >= THREAD_LEAK_MIN)
-        .collect();
-    let piling: Vec<&ThreadSiteEvidence> = threads
-        .iter()
-        .filter(|site| site.piling_up && site.alive >= THREAD_LEAK_MIN)
-        .collect();
+    let unjoined: Vec<&ThreadSiteEvidence> =
+        threads.iter().filter(|site| site.exited_unjoined >= THREAD_LEAK_MIN).collect();
+    let piling: Vec<&ThreadSiteEvidence> =
+        threads.iter().filter(|site| site.piling_up && site.alive >= THREAD_LEAK_MIN).collect();
     let mut parts = Vec::new();
     if let Some(worst) = unjoined.iter().max_by_key(|site| site.exited_unjoined) {
         let count: u64 = unjoined.iter().map(|site| site.exited_unjoined).sum();
@@ -144,10 +136,7 @@ mod tests {
     use super::*;
 
     fn site(label: &str, rate: f64) -> GrowingSite {
-        GrowingSite {
-            label: label.into(),
-            bytes_per_second: rate,
-        }
+        GrowingSite { label: label.into(), bytes_per_second: rate }
     }
 
     /// Check that growing sites make a leak verdict naming the fastest.
@@ -155,7 +144,10 @@ mod tests {
     fn leak() {
         let verdict = decide(&[site("fib (app.c:12)", 8192.0), site("b", 2048.0)], &[], None, 1, 5);
         assert_eq!(verdict.kinds, ["leak"]);
-        assert_eq!(verdict.text, "leak: 2 call sites growing, 10.0 KiB/s in total, top: fib (app.c:12)");
+        assert_eq!(
+            verdict.text,
+            "leak: 2 call sites growing, 10.0 KiB/s in total, top: fib (app.c:12)"
+        );
         assert_eq!(verdict.leak_bytes_per_second, 10240.0);
     }
 
@@ -185,7 +177,13 @@ mod tests {
         };
         let verdict = decide(&[], &[], Some(&evidence), 2 << 20, 5);
         assert_eq!(verdict.kinds, ["retention"]);
-        assert!(verdict.text.starts_with("allocator retention: 2.0 MiB live in malloc, 180.0 MiB heap RSS"), "{}", verdict.text);
+        assert!(
+            verdict
+                .text
+                .starts_with("allocator retention: 2.0 MiB live in malloc, 180.0 MiB heap RSS"),
+            "{}",
+            verdict.text
+        );
     }
 
     /// Check that two causes are both stated, and that nothing means no leak.
@@ -200,7 +198,11 @@ mod tests {
         }];
         let verdict = decide(&[site("a", 1.0)], &threads, None, 1, 5);
         assert_eq!(verdict.kinds, ["leak", "thread_leak"]);
-        assert!(verdict.text.contains("; thread leak: 5 threads alive and piling up"), "{}", verdict.text);
+        assert!(
+            verdict.text.contains("; thread leak: 5 threads alive and piling up"),
+            "{}",
+            verdict.text
+        );
         let verdict = decide(&[], &[], None, 4096, 5);
         assert_eq!(verdict.kinds, ["no_leak"]);
         assert_eq!(verdict.text, "no leak: live memory flat (4.0 KiB outstanding)");

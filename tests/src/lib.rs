@@ -428,9 +428,7 @@ pub fn bytes(stack: &Value) -> u64 {
 
 /// Allocations outstanding in a stack.
 pub fn allocations(stack: &Value) -> u64 {
-    stack["allocations"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("stack without allocations: {stack}"))
+    stack["allocations"].as_u64().unwrap_or_else(|| panic!("stack without allocations: {stack}"))
 }
 
 /// Every stack whose first frame is the function `name`.
@@ -582,17 +580,16 @@ pub fn probed(report: &Value) -> &[Value] {
 
 /// The functions probed in the first object whose path satisfies `matches`.
 pub fn probed_in<'a>(report: &'a Value, matches: impl Fn(&str) -> bool) -> Option<Vec<&'a str>> {
-    probed(report)
-        .iter()
-        .find(|entry| entry["object"].as_str().is_some_and(&matches))
-        .map(|entry| {
+    probed(report).iter().find(|entry| entry["object"].as_str().is_some_and(&matches)).map(
+        |entry| {
             entry["functions"]
                 .as_array()
                 .unwrap_or_else(|| panic!("probed object without functions: {entry}"))
                 .iter()
                 .filter_map(Value::as_str)
                 .collect()
-        })
+        },
+    )
 }
 
 /// Every stack whose first frame's symbol contains `part` (for demangled
@@ -631,9 +628,7 @@ pub fn totals_by_first_user_frame_containing(report: &Value, part: &str) -> (u64
 pub fn totals_by_first_frame_containing(report: &Value, part: &str) -> (u64, u64) {
     stacks_by_first_frame_containing(report, part)
         .iter()
-        .fold((0, 0), |(b, a), stack| {
-            (b + bytes(stack), a + allocations(stack))
-        })
+        .fold((0, 0), |(b, a), stack| (b + bytes(stack), a + allocations(stack)))
 }
 
 /// A scratch directory under the system temp dir, removed on drop.

@@ -71,11 +71,7 @@ fn size_filters_select_by_requested_size() {
 fn top_limits_stacks() {
     let report = trace_fixture("all_apis", &[], &["--top", "3"]);
     let sizes: Vec<u64> = stacks(&report).iter().map(bytes).collect();
-    assert!(
-        !sizes.is_empty() && sizes.len() <= 3,
-        "--top 3 gave {} stacks: {report}",
-        sizes.len()
-    );
+    assert!(!sizes.is_empty() && sizes.len() <= 3, "--top 3 gave {} stacks: {report}", sizes.len());
     assert!(
         sizes.windows(2).all(|pair| pair[0] >= pair[1]),
         "stacks not sorted by bytes, largest first: {report}"

@@ -72,10 +72,7 @@ fn unused_pid() -> u32 {
         .ok()
         .and_then(|text| text.trim().parse().ok())
         .unwrap_or(32768);
-    (1..max)
-        .rev()
-        .find(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-        .expect("no free PID")
+    (1..max).rev().find(|pid| !Path::new(&format!("/proc/{pid}")).exists()).expect("no free PID")
 }
 
 /// Asserts a failed run with a single error line containing `needle` and no panic.

@@ -9,9 +9,7 @@ use std::time::Duration;
 #[test]
 fn calloc_leak_in_thread_named_and_churn_absent() {
     let report = trace_fixture("leak_calloc", &[], &[]);
-    let top = stacks(&report)
-        .first()
-        .unwrap_or_else(|| panic!("no stacks reported: {report}"));
+    let top = stacks(&report).first().unwrap_or_else(|| panic!("no stacks reported: {report}"));
     assert_eq!(
         first_symbol(top),
         Some("leak_helper"),

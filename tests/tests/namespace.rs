@@ -1,12 +1,7 @@
 //! Targets in another mount namespace, whose libc is a different file than the host's.
 
 use leaktrace_tests::*;
-use std::{
-    fs,
-    os::unix::fs::MetadataExt,
-    path::Path,
-    process::Command,
-};
+use std::{fs, os::unix::fs::MetadataExt, path::Path, process::Command};
 
 const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 
@@ -50,11 +45,7 @@ fn leak_reported_in_private_mount_namespace() {
     let host = file_id(LIBC);
     let inside = file_id(format!("/proc/{pid}/root{LIBC}"));
     assert_ne!(host, inside, "libc inside the namespace is the host's file; the bind mount failed");
-    assert_eq!(
-        mapped_libc_inode(pid),
-        file_id(&copy).1,
-        "the target did not map the copied libc"
-    );
+    assert_eq!(mapped_libc_inode(pid), file_id(&copy).1, "the target did not map the copied libc");
 
     let report = trace_started(&mut fixture, &[]);
     assert_eq!(

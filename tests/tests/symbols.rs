@@ -138,7 +138,8 @@ fn exited_target_symbolized_from_sysroot() {
     fs::copy(fixture_path("sysroot_leak"), &copy).unwrap();
     let stripped = scratch.0.join("sysroot_leak.stripped");
     fs::copy(fixture_path("sysroot_leak"), &stripped).unwrap();
-    let status = Command::new("strip").arg("--strip-all").arg(&stripped).status().expect("run strip");
+    let status =
+        Command::new("strip").arg("--strip-all").arg(&stripped).status().expect("run strip");
     assert!(status.success(), "strip failed on {}", stripped.display());
 
     let mut fixture = start_in_private_mnt_from("sysroot_leak", &stripped);

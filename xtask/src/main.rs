@@ -103,9 +103,7 @@ fn cargo() -> Command {
 }
 
 pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("failed to run {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("failed to run {cmd:?}"))?;
     ensure!(status.success(), "{cmd:?} failed: {status}");
     Ok(())
 }
@@ -113,10 +111,8 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
 /// Run `cargo test`, passing its output through, and close with the totals
 /// over every test binary.
 fn run_tests(cmd: &mut Command) -> anyhow::Result<()> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("failed to run {cmd:?}"))?;
+    let mut child =
+        cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("failed to run {cmd:?}"))?;
     let stdout = child.stdout.take().context("no stdout from cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
@@ -146,10 +142,7 @@ fn count_before(summary: &str, label: &str) -> u64 {
 
 fn output_of(cmd: &mut Command) -> Option<String> {
     let output = cmd.stderr(Stdio::null()).output().ok()?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn require_root(why: &str) -> anyhow::Result<()> {
@@ -167,12 +160,8 @@ unsafe extern "C" {
 
 /// Debian packages the test fixtures build with: the allocators leaktrace
 /// must find (jemalloc, tcmalloc, mimalloc) and musl for a static musl program.
-const TEST_PACKAGES: [&str; 4] = [
-    "libjemalloc-dev",
-    "libgoogle-perftools-dev",
-    "libmimalloc-dev",
-    "musl-tools",
-];
+const TEST_PACKAGES: [&str; 4] =
+    ["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev", "musl-tools"];
 
 /// Install the Debian packages in `packages` that are missing.
 fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
@@ -243,14 +232,7 @@ pub fn compile_c(source: &Path, name: &str, flags: &[&str]) -> anyhow::Result<Pa
     let out_dir = workspace_root().join("target/xtask");
     std::fs::create_dir_all(&out_dir)?;
     let out = out_dir.join(name);
-    run_cmd(
-        Command::new("cc")
-            .args(flags)
-            .arg("-o")
-            .arg(&out)
-            .arg(source)
-            .arg("-pthread"),
-    )?;
+    run_cmd(Command::new("cc").args(flags).arg("-o").arg(&out).arg(source).arg("-pthread"))?;
     Ok(out)
 }
 
@@ -266,11 +248,7 @@ impl Drop for KillOnDrop {
 
 fn demo(leaktrace: &Path, json: bool) -> anyhow::Result<()> {
     let source = workspace_root().join("xtask/demo/leaky_server.c");
-    let server = compile_c(
-        &source,
-        "leaky_server",
-        &["-g", "-O1", "-fno-omit-frame-pointer"],
-    )?;
+    let server = compile_c(&source, "leaky_server", &["-g", "-O1", "-fno-omit-frame-pointer"])?;
     let child = Command::new(&server)
         .stdout(Stdio::null())
         .spawn()

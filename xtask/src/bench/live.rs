@@ -87,21 +87,17 @@ pub(super) fn measure_live_set(leaktrace: &Path, live: u64) -> anyhow::Result<Li
     // until two reports in a row count the same: all are counted then (or
     // lost, which the final report says).
     let mut last = None;
-    tracer.wait_for(
-        "two reports counting the same live set",
-        LIVE_SETTLE_TIMEOUT,
-        |line| {
-            if !line.from_stdout {
-                return false;
-            }
-            let Some(count) = json_u64(&line.text, "totals", "allocations") else {
-                return false;
-            };
-            let steady = count > 0 && last == Some(count);
-            last = Some(count);
-            steady
-        },
-    )?;
+    tracer.wait_for("two reports counting the same live set", LIVE_SETTLE_TIMEOUT, |line| {
+        if !line.from_stdout {
+            return false;
+        }
+        let Some(count) = json_u64(&line.text, "totals", "allocations") else {
+            return false;
+        };
+        let steady = count > 0 && last == Some(count);
+        last = Some(count);
+        steady
+    })?;
 
     eprintln!(
         "xtask: live set: measuring leaktrace's CPU over {} s of idling",
@@ -153,10 +149,7 @@ pub(super) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 pub(super) fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     // The command name in field 2 may hold spaces and parentheses; the
     // fields after its closing parenthesis start with field 3, state.
-    let mut fields = stat
-        .get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .skip(11);
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
@@ -189,9 +182,7 @@ pub(super) fn bpf_map_memory(pid: u32) -> anyhow::Result<u64> {
     let dir = format!("/proc/{pid}/fdinfo");
     let mut total = 0;
     for entry in std::fs::read_dir(&dir).with_context(|| format!("failed to list {dir}"))? {
-        let path = entry
-            .with_context(|| format!("failed to list {dir}"))?
-            .path();
+        let path = entry.with_context(|| format!("failed to list {dir}"))?.path();
         // An fd closed since the listing is no loss: it was no map we count.
         let Ok(info) = std::fs::read_to_string(&path) else {
             continue;
@@ -204,10 +195,7 @@ pub(super) fn bpf_map_memory(pid: u32) -> anyhow::Result<u64> {
 /// The `memlock` bytes of an fdinfo text that describes a BPF map.
 pub(super) fn parse_map_memlock(fdinfo: &str) -> Option<u64> {
     let field = |name: &str| {
-        fdinfo
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
+        fdinfo.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':')).map(str::trim)
     };
     field("map_id")?;
     field("memlock")?.parse().ok()
@@ -218,9 +206,7 @@ pub(super) fn parse_map_memlock(fdinfo: &str) -> Option<u64> {
 pub(super) fn json_u64(line: &str, section: &str, key: &str) -> Option<u64> {
     let object = json_object(line, section)?;
     let rest = object.split(&format!("\"{key}\":")).nth(1)?;
-    let digits = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
+    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
     rest[..digits].parse().ok()
 }
 

@@ -65,11 +65,7 @@ pub struct BenchArgs {
 
 /// Run both parts of the benchmark and print their results on stdout.
 pub fn run(leaktrace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
-    let bpftrace = if args.no_bpftrace {
-        None
-    } else {
-        Some(find_bpftrace()?)
-    };
+    let bpftrace = if args.no_bpftrace { None } else { Some(find_bpftrace()?) };
     time_pairs(leaktrace, bpftrace.as_ref(), args)?;
     if args.live > 0 {
         let live = measure_live_set(leaktrace, args.live)?;
@@ -96,11 +92,7 @@ fn find_bpftrace() -> anyhow::Result<Bpftrace> {
         .context("bpftrace --version fails even after installing it (or pass --no-bpftrace)")?;
     let script = workspace_root().join("xtask/bench/memleak.bt");
     ensure!(script.exists(), "{} is missing", script.display());
-    Ok(Bpftrace {
-        bin: PathBuf::from("bpftrace"),
-        version: version.trim().to_owned(),
-        script,
-    })
+    Ok(Bpftrace { bin: PathBuf::from("bpftrace"), version: version.trim().to_owned(), script })
 }
 
 /// Times alloc_loop in every mode, round by round, and prints the table.
@@ -136,36 +128,23 @@ fn time_pairs(
         modes.extend([Mode::LinkPerf, Mode::LinkMulti, Mode::LinkSession]);
         Some(LinkFloor::prepare(leaktrace, &workloads.frame_pointers)?)
     };
-    let tools = Tools {
-        leaktrace,
-        bpftrace,
-        link_floor: link_floor.as_ref(),
-    };
+    let tools = Tools { leaktrace, bpftrace, link_floor: link_floor.as_ref() };
 
     // Alternate the modes so drift (CPU frequency, other load) hits all alike.
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for round in 1..=args.rounds {
         let mut line = format!("xtask: round {round}/{}:", args.rounds);
         for (&mode, samples) in modes.iter().zip(&mut samples) {
-            let ns = timed_run(
-                mode,
-                &tools,
-                args.threads,
-                workloads.for_mode(mode),
-                &workload_args,
-            )
-            .with_context(|| format!("{} run in round {round} failed", mode.name()))?;
+            let ns =
+                timed_run(mode, &tools, args.threads, workloads.for_mode(mode), &workload_args)
+                    .with_context(|| format!("{} run in round {round} failed", mode.name()))?;
             samples.push(ns);
             line.push_str(&format!(" {} {ns:.1}", mode.name()));
         }
         eprintln!("{line} ns/pair");
     }
 
-    let threads = if args.threads == 1 {
-        "thread"
-    } else {
-        "threads"
-    };
+    let threads = if args.threads == 1 { "thread" } else { "threads" };
     let rounds = if args.rounds == 1 { "round" } else { "rounds" };
     println!(
         "leaktrace bench: {} malloc/free pairs x {} {threads}, {} {rounds}, kernel {}",
@@ -183,10 +162,7 @@ fn time_pairs(
             bpftrace.version
         );
     }
-    println!(
-        "{:<16} {:>15} {:>10} {:>10}",
-        "mode", "median ns/pair", "min", "max"
-    );
+    println!("{:<16} {:>15} {:>10} {:>10}", "mode", "median ns/pair", "min", "max");
     // Ratios within each round, before the samples are sorted: the modes of
     // one round ran within seconds of each other, so host drift between
     // rounds (seen here: the floor moving 1.6-2.3 µs) cancels out.
@@ -198,8 +174,7 @@ fn time_pairs(
     let traced_over_floor = per_round(&|round| samples[2][round] / samples[1][round]);
     let bpftrace_over_traced = index_of(Mode::Bpftrace).map(|bpftrace| {
         per_round(&|round| {
-            (samples[bpftrace][round] - samples[0][round])
-                / (samples[2][round] - samples[0][round])
+            (samples[bpftrace][round] - samples[0][round]) / (samples[2][round] - samples[0][round])
         })
     });
     let summaries: Vec<Summary> = samples.iter_mut().map(|s| Summary::of(s)).collect();
@@ -275,11 +250,9 @@ fn time_pairs(
             each.join(", ")
         );
     }
-    if let (Some(perf), Some(multi), Some(session)) = (
-        summary_of(Mode::LinkPerf),
-        summary_of(Mode::LinkMulti),
-        summary_of(Mode::LinkSession),
-    ) {
+    if let (Some(perf), Some(multi), Some(session)) =
+        (summary_of(Mode::LinkPerf), summary_of(Mode::LinkMulti), summary_of(Mode::LinkSession))
+    {
         let added = |summary: &Summary| (summary.median - untraced.median) / 1000.0;
         println!(
             "trap floor by link kind (empty programs at leaktrace's malloc and free attach points): perf-event links {:.2} µs, uprobe_multi {:.2} µs, uprobe session {:.2} µs added per pair",
@@ -480,16 +453,13 @@ fn timed_run(
     };
     let tracer = match mode {
         Mode::Untraced | Mode::UntracedNoFp => None,
-        Mode::Floor => Some(Tracer::leaktrace(
-            leaktrace,
-            run.pid,
-            TRACE_INTERVAL,
-            &["--floor"],
-        )?),
+        Mode::Floor => Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &["--floor"])?),
         Mode::Leaktrace | Mode::LeaktraceNoFp => {
             Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &[])?)
         }
-        Mode::Sampled => Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &["-s", "10"])?),
+        Mode::Sampled => {
+            Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &["-s", "10"])?)
+        }
         Mode::Bpftrace => {
             let bpftrace =
                 tools.bpftrace.expect("the bpftrace mode runs only when bpftrace was found");
@@ -523,24 +493,14 @@ impl Summary {
     fn of(samples: &mut [f64]) -> Self {
         samples.sort_by(f64::total_cmp);
         let n = samples.len();
-        let median = if n % 2 == 1 {
-            samples[n / 2]
-        } else {
-            (samples[n / 2 - 1] + samples[n / 2]) / 2.0
-        };
-        Self {
-            median,
-            min: samples[0],
-            max: samples[n - 1],
-        }
+        let median =
+            if n % 2 == 1 { samples[n / 2] } else { (samples[n / 2 - 1] + samples[n / 2]) / 2.0 };
+        Self { median, min: samples[0], max: samples[n - 1] }
     }
 
     /// Prints one table row under the header `time_pairs` prints.
     fn print_row(&self, mode: &str) {
-        println!(
-            "{mode:<16} {:>15.1} {:>10.1} {:>10.1}",
-            self.median, self.min, self.max
-        );
+        println!("{mode:<16} {:>15.1} {:>10.1} {:>10.1}", self.median, self.min, self.max);
     }
 }
 
@@ -561,8 +521,9 @@ mod tests {
             first_probed_object(attached).as_deref(),
             Some("/usr/lib/x86_64-linux-gnu/libc.so.6")
         );
-        let program = program_time("leaktrace: program alloc_exit_malloc: 200000 runs, 452 ns mean")
-            .expect("a program line");
+        let program =
+            program_time("leaktrace: program alloc_exit_malloc: 200000 runs, 452 ns mean")
+                .expect("a program line");
         assert_eq!((program.name.as_str(), program.runs), ("alloc_exit_malloc", 200_000));
         assert_eq!(program.mean_ns, 452.0);
         assert!(program_time("leaktrace: program stats: 3 programs ran").is_none());

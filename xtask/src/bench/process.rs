@@ -37,13 +37,8 @@ impl Workload {
             .with_context(|| format!("failed to start {}", path.display()))?;
         let stdin = child.stdin.take().expect("stdin is piped");
         let stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
-        let mut run = Self {
-            child: KillOnDrop(child),
-            pid: 0,
-            stdin,
-            stdout,
-            path: path.to_path_buf(),
-        };
+        let mut run =
+            Self { child: KillOnDrop(child), pid: 0, stdin, stdout, path: path.to_path_buf() };
         let pid = run.read_value("PID")?;
         run.pid = pid
             .parse()
@@ -63,38 +58,22 @@ impl Workload {
         for line in &mut self.stdout {
             let line = line
                 .with_context(|| format!("failed to read the output of {}", self.path.display()))?;
-            if let Some(value) = line
-                .strip_prefix(key)
-                .and_then(|rest| rest.strip_prefix(' '))
-            {
+            if let Some(value) = line.strip_prefix(key).and_then(|rest| rest.strip_prefix(' ')) {
                 return Ok(value.trim().to_owned());
             }
         }
-        let status = self
-            .child
-            .0
-            .wait()
-            .map_or_else(|err| err.to_string(), |status| status.to_string());
-        bail!(
-            "{} exited ({status}) before printing `{key}`",
-            self.path.display()
-        )
+        let status =
+            self.child.0.wait().map_or_else(|err| err.to_string(), |status| status.to_string());
+        bail!("{} exited ({status}) before printing `{key}`", self.path.display())
     }
 
     /// Closes stdin (live_set idles until then) and waits for the workload
     /// to exit, which must be a success.
     pub(super) fn wait(self) -> anyhow::Result<()> {
-        let Self {
-            mut child,
-            stdin,
-            path,
-            ..
-        } = self;
+        let Self { mut child, stdin, path, .. } = self;
         drop(stdin);
-        let status = child
-            .0
-            .wait()
-            .with_context(|| format!("failed to wait for {}", path.display()))?;
+        let status =
+            child.0.wait().with_context(|| format!("failed to wait for {}", path.display()))?;
         ensure!(status.success(), "{} failed: {status}", path.display());
         Ok(())
     }
@@ -140,10 +119,10 @@ impl Tracer {
         let mut cmd = Command::new(&bpftrace.bin);
         // The script's $1 is the PID its probes keep events of. Each thread
         // keeps 64 blocks live; room for them in @size, whatever --threads says.
-        cmd.args(["-p", &pid]).arg(&bpftrace.script).arg(&pid).env(
-            "BPFTRACE_MAP_KEYS_MAX",
-            (4096 + 128 * u64::from(threads)).to_string(),
-        );
+        cmd.args(["-p", &pid])
+            .arg(&bpftrace.script)
+            .arg(&pid)
+            .env("BPFTRACE_MAP_KEYS_MAX", (4096 + 128 * u64::from(threads)).to_string());
         let mut tracer = Self::spawn("bpftrace", &mut cmd)?;
         tracer.wait_for("`Attaching N probes`", ATTACH_TIMEOUT, |line| {
             line.text.starts_with("Attaching ")
@@ -178,18 +157,9 @@ impl Tracer {
         let (tx, lines) = mpsc::channel();
         // The channel is unbounded, so the tracer never blocks on a full pipe
         // while the loop is being timed, whether or not anyone reads.
-        forward_lines(
-            child.stdout.take().expect("stdout is piped"),
-            true,
-            tx.clone(),
-        );
+        forward_lines(child.stdout.take().expect("stdout is piped"), true, tx.clone());
         forward_lines(child.stderr.take().expect("stderr is piped"), false, tx);
-        Ok(Self {
-            name,
-            child: KillOnDrop(child),
-            lines,
-            tail: VecDeque::new(),
-        })
+        Ok(Self { name, child: KillOnDrop(child), lines, tail: VecDeque::new() })
     }
 
     /// Receives lines until `wanted` accepts one, and returns that line.
@@ -322,11 +292,7 @@ pub(super) fn forward_lines(
 ) {
     thread::spawn(move || {
         for text in BufReader::new(stream).lines().map_while(Result::ok) {
-            let line = Line {
-                at: Instant::now(),
-                from_stdout,
-                text,
-            };
+            let line = Line { at: Instant::now(), from_stdout, text };
             if tx.send(line).is_err() {
                 break;
             }

@@ -1,0 +1,251 @@
+//! leaktrace's report model: one report as plain data, `Serialize` and
+//! `Deserialize`, so that what leaktrace writes (`--json`) its tests, its
+//! bench and a diff of two runs read back as the same types.
+//!
+//! The JSON field names are a contract for scripts (see the README): fields
+//! are added, never renamed. `schema` changes when a field changes meaning.
+//! Nothing here renders prose: leaktrace's `report::text` does that.
+
+mod frame;
+mod memory;
+mod verdict;
+
+use std::{collections::BTreeMap, io::BufRead};
+
+pub use frame::{is_runtime_frame, is_runtime_symbol, short_module, site_label, Frame};
+pub use leaktrace_common::{Lost, StackEnd};
+pub use memory::{MemoryDelta, MemoryPicture, MemoryReport, Usage};
+use serde::{Deserialize, Serialize};
+pub use verdict::{Finding, ThreadFinding, Verdict, VerdictKind};
+
+/// The version of this model that a report was written with.
+pub const SCHEMA: u32 = 1;
+
+/// What a JSON line holds (its `type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    #[default]
+    Report,
+}
+
+/// One report: what the target holds now, and why.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    #[serde(rename = "type")]
+    pub kind: RecordKind,
+    /// [`SCHEMA`] when written.
+    #[serde(default)]
+    pub schema: u32,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// RFC 3339, to the second.
+    pub time: String,
+    pub pid: u32,
+    /// The target exited during tracing.
+    pub exited: bool,
+    /// Allocations younger than this are left out.
+    pub older_ms: u64,
+    pub totals: Totals,
+    /// Stacks holding memory in all, of which `stacks` shows the top ones.
+    pub stack_count: usize,
+    pub stacks: Vec<StackReport>,
+    /// Every way an event can be lost, with its count.
+    pub lost: BTreeMap<Lost, u64>,
+    /// Threads created since attach, per creating call site.
+    #[serde(default)]
+    pub threads: Option<ThreadsReport>,
+    /// The process's memory from /proc; absent once it has exited.
+    #[serde(default)]
+    pub memory: Option<MemoryReport>,
+    #[serde(default)]
+    pub verdict: Option<Verdict>,
+    /// What was probed in which object.
+    #[serde(default)]
+    pub probed: Vec<ProbedObject>,
+    /// One heap allocation in this many was tracked; heap figures are scaled.
+    #[serde(default = "one")]
+    pub sample_rate: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub bytes: u64,
+    pub allocations: u64,
+}
+
+/// Outstanding memory of one call stack.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StackReport {
+    pub bytes: u64,
+    pub allocations: u64,
+    /// Innermost first; inlined calls are frames of their own.
+    pub frames: Vec<Frame>,
+    pub stack_end: StackEnd,
+    #[serde(default)]
+    pub growth: Option<Growth>,
+}
+
+/// How a value moved over the last reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trend {
+    /// Fewer than 3 samples: too early to say.
+    New,
+    /// Still rising over the last intervals.
+    Growing,
+    /// Rose earlier, unchanged for the last intervals.
+    Plateau,
+    /// Never changed.
+    Flat,
+    /// Falling.
+    Shrinking,
+}
+
+impl Trend {
+    /// The name used in text and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trend::New => "new",
+            Trend::Growing => "growing",
+            Trend::Plateau => "plateau",
+            Trend::Flat => "flat",
+            Trend::Shrinking => "shrinking",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Growth {
+    /// Recent rate: least-squares slope over the last samples, per second.
+    pub bytes_per_second: f64,
+    pub trend: Trend,
+}
+
+/// Threads in the process and where they were created.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThreadsReport {
+    /// Threads in the process now.
+    pub live: u64,
+    pub sites: Vec<ThreadSiteReport>,
+}
+
+/// The threads created at one pthread_create call site since attach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadCounts {
+    pub created: u64,
+    pub alive: u64,
+    /// Exited, not joined, not detached: the stack stays mapped.
+    pub exited_unjoined: u64,
+    pub joined: u64,
+    pub detached: u64,
+    /// Stack bytes held by the alive and the unjoined.
+    pub stack_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThreadSiteReport {
+    pub frames: Vec<Frame>,
+    pub stack_end: StackEnd,
+    #[serde(flatten)]
+    pub counts: ThreadCounts,
+    /// Trend of the threads alive or unjoined.
+    pub trend: Trend,
+}
+
+/// What was probed in one object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbedObject {
+    /// The object's path as the target names it.
+    pub object: String,
+    pub functions: Vec<String>,
+    /// Where each function's entry probe went.
+    #[serde(default)]
+    pub probes: Vec<ProbePlacement>,
+}
+
+/// Where one function's entry probe sits in its object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbePlacement {
+    pub symbol: String,
+    /// File offset of the entry probe.
+    pub offset: u64,
+    /// Bytes past the function's start, over instructions the kernel would
+    /// single-step.
+    pub skipped: u64,
+    /// Another function at the same address, whose probes these are.
+    #[serde(default)]
+    pub alias_of: Option<String>,
+}
+
+impl Report {
+    /// The stacks whose innermost frame is the function `name`.
+    pub fn stacks_by_first_frame<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a StackReport> {
+        self.stacks.iter().filter(move |stack| stack.first_symbol() == Some(name))
+    }
+
+    /// Where the allocator API was probed, and at which offsets.
+    pub fn probe(&self, symbol: &str) -> Option<(&ProbedObject, &ProbePlacement)> {
+        self.probed.iter().find_map(|object| {
+            object
+                .probes
+                .iter()
+                .find(|probe| probe.symbol == symbol && probe.alias_of.is_none())
+                .map(|probe| (object, probe))
+        })
+    }
+}
+
+impl StackReport {
+    /// The symbol of the innermost frame (the allocator's caller).
+    pub fn first_symbol(&self) -> Option<&str> {
+        self.frames.first().and_then(|frame| frame.symbol.as_deref())
+    }
+
+    /// The first frame outside the language runtime's allocation path (the
+    /// innermost one if all are inside).
+    pub fn first_user_frame(&self) -> Option<&Frame> {
+        self.frames.iter().find(|frame| !is_runtime_frame(frame)).or(self.frames.first())
+    }
+}
+
+/// Why a text could not be read as leaktrace's JSON output.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("failed to read: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("line {line} is not a leaktrace report: {source}")]
+    NotAReport { line: usize, source: serde_json::Error },
+    #[error("no leaktrace report in it")]
+    Empty,
+}
+
+/// Every report of a `--json` output. Lines that do not start with `{` are
+/// skipped (a `-c` program may share stdout); any other line must be a
+/// report.
+pub fn read_reports(reader: impl BufRead) -> Result<Vec<Report>, ReadError> {
+    let mut reports = Vec::new();
+    for (index, line) in reader.lines().enumerate() {
+        let line = line?;
+        if !line.starts_with('{') {
+            continue;
+        }
+        let report = serde_json::from_str(&line)
+            .map_err(|source| ReadError::NotAReport { line: index + 1, source })?;
+        reports.push(report);
+    }
+    if reports.is_empty() {
+        return Err(ReadError::Empty);
+    }
+    Ok(reports)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,108 @@
+use super::*;
+
+fn frame(symbol: Option<&str>) -> Frame {
+    Frame {
+        address: 0x55d0_c2a4_a21c,
+        symbol: symbol.map(String::from),
+        offset: Some(0x1d),
+        file: Some("/src/app.c".into()),
+        line: Some(12),
+        module: Some("/usr/bin/app".into()),
+        inlined: false,
+    }
+}
+
+fn sample() -> Report {
+    Report {
+        schema: SCHEMA,
+        is_final: true,
+        time: "2026-11-22T06:40:03Z".into(),
+        pid: 7,
+        older_ms: 500,
+        totals: Totals { bytes: 4096, allocations: 2 },
+        stack_count: 1,
+        stacks: vec![StackReport {
+            bytes: 4096,
+            allocations: 2,
+            frames: vec![frame(Some("leak")), frame(None)],
+            stack_end: StackEnd::NoInfo,
+            growth: Some(Growth { bytes_per_second: 100.0, trend: Trend::Growing }),
+        }],
+        lost: Lost::ALL.iter().map(|&reason| (reason, 0)).collect(),
+        verdict: Some(Verdict::new(vec![Finding::Leak {
+            sites: 1,
+            bytes_per_second: 100.0,
+            top: "leak (app.c:12)".into(),
+        }])),
+        sample_rate: 1,
+        ..Report::default()
+    }
+}
+
+/// Check that a report reads back as what was written.
+#[test]
+fn round_trip() {
+    let report = sample();
+    let json = serde_json::to_string(&report).unwrap();
+    let back: Report = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, report);
+}
+
+/// Check that the JSON contract's field names and values are there.
+#[test]
+fn json_contract() {
+    let value = serde_json::to_value(sample()).unwrap();
+    for key in [
+        "type",
+        "final",
+        "time",
+        "pid",
+        "exited",
+        "older_ms",
+        "totals",
+        "stack_count",
+        "stacks",
+        "lost",
+    ] {
+        assert!(value.get(key).is_some(), "{key} missing from {value}");
+    }
+    assert_eq!(value["type"], "report");
+    assert_eq!(value["schema"], SCHEMA);
+    assert_eq!(value["stacks"][0]["frames"][0]["address"], "0x55d0c2a4a21c");
+    assert_eq!(value["stacks"][0]["stack_end"], "no_unwind_info");
+    assert_eq!(value["stacks"][0]["growth"]["trend"], "growing");
+    assert_eq!(value["lost"]["stack_map_full_or_collision"], 0);
+    assert_eq!(value["lost"]["alloc_map_full"], 0);
+    assert_eq!(value["verdict"]["kinds"][0], "leak");
+    assert_eq!(value["verdict"]["leak_bytes_per_second"], 100.0);
+}
+
+/// Check that a site is labelled by its first frame outside the runtime.
+#[test]
+fn labels() {
+    assert_eq!(site_label(&[frame(Some("leak"))]), "leak (app.c:12)");
+    assert_eq!(site_label(&[]), "an unknown stack");
+    let runtime =
+        Frame { symbol: Some("<alloc::raw_vec::RawVecInner>::finish_grow".into()), ..frame(None) };
+    assert_eq!(site_label(&[runtime, frame(Some("leak"))]), "leak (app.c:12)");
+    let libc = Frame {
+        symbol: Some("__strdup".into()),
+        module: Some("/usr/lib/x86_64-linux-gnu/libc.so.6".into()),
+        ..frame(None)
+    };
+    assert_eq!(site_label(&[libc.clone(), frame(Some("dup_name"))]), "dup_name (app.c:12)");
+    assert_eq!(site_label(&[libc]), "__strdup (app.c:12)");
+    let unknown = Frame { file: None, ..frame(None) };
+    assert_eq!(unknown.label(), "[app]+0x1d");
+}
+
+/// Check that text that is not leaktrace output is refused with its line.
+#[test]
+fn not_a_report() {
+    let err = read_reports("{\"hello\": 1}\n".as_bytes()).unwrap_err();
+    assert!(err.to_string().starts_with("line 1 is not a leaktrace report"), "{err}");
+    assert!(matches!(read_reports("plain text\n".as_bytes()), Err(ReadError::Empty)));
+    let line = serde_json::to_string(&sample()).unwrap();
+    let reports = read_reports(format!("program output\n{line}\n").as_bytes()).unwrap();
+    assert_eq!(reports.len(), 1);
+}

@@ -1,0 +1,96 @@
+//! The verdict as data: what was found, with the numbers behind it. The
+//! text renderer turns the findings into the sentence that ends a report.
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of verdict, as scripts read them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerdictKind {
+    /// Call sites still growing.
+    Leak,
+    /// Threads exited and never joined, or piling up alive.
+    ThreadLeak,
+    /// Heap RSS rising while live bytes are flat.
+    Retention,
+    NoLeak,
+}
+
+/// Threads of one kind of thread leak, and the worst site.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadFinding {
+    /// Threads over every site that qualifies.
+    pub threads: u64,
+    /// "function (file:line)" of the worst site.
+    pub site: String,
+    /// Stack bytes the worst site holds.
+    pub stack_bytes: u64,
+}
+
+/// One thing the verdict found.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "finding", rename_all = "snake_case")]
+pub enum Finding {
+    /// Heap call sites still growing.
+    Leak {
+        sites: usize,
+        bytes_per_second: f64,
+        /// "function (file:line)" of the fastest.
+        top: String,
+    },
+    /// Threads that exited but were never joined, or that pile up alive.
+    ThreadLeak { unjoined: Option<ThreadFinding>, piling_up: Option<ThreadFinding> },
+    /// The allocator keeps freed memory.
+    Retention { live_bytes: u64, heap_rss: u64 },
+    /// Nothing grows, though too few reports to call a trend.
+    NoLeakYet { outstanding: u64, reports_needed: usize },
+    /// Nothing grows.
+    NoLeak { outstanding: u64 },
+}
+
+impl Finding {
+    pub fn kind(&self) -> VerdictKind {
+        match self {
+            Finding::Leak { .. } => VerdictKind::Leak,
+            Finding::ThreadLeak { .. } => VerdictKind::ThreadLeak,
+            Finding::Retention { .. } => VerdictKind::Retention,
+            Finding::NoLeakYet { .. } | Finding::NoLeak { .. } => VerdictKind::NoLeak,
+        }
+    }
+}
+
+/// The statement that ends each report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// One per finding, in order.
+    pub kinds: Vec<VerdictKind>,
+    /// The findings as one sentence (written by the text renderer).
+    pub text: String,
+    /// Sum of the rates of the growing call sites.
+    pub leak_bytes_per_second: f64,
+    #[serde(default)]
+    pub findings: Vec<Finding>,
+}
+
+impl Verdict {
+    /// A verdict of `findings`, its text still to be written.
+    pub fn new(findings: Vec<Finding>) -> Self {
+        let leak_bytes_per_second = findings
+            .iter()
+            .map(|finding| match finding {
+                Finding::Leak { bytes_per_second, .. } => *bytes_per_second,
+                _ => 0.0,
+            })
+            .sum();
+        Self {
+            kinds: findings.iter().map(Finding::kind).collect(),
+            text: String::new(),
+            leak_bytes_per_second,
+            findings,
+        }
+    }
+
+    pub fn has(&self, kind: VerdictKind) -> bool {
+        self.kinds.contains(&kind)
+    }
+}
