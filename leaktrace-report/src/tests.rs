@@ -106,3 +106,85 @@ fn not_a_report() {
     let reports = read_reports(format!("program output\n{line}\n").as_bytes()).unwrap();
     assert_eq!(reports.len(), 1);
 }
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// Check that `since` subtracts every field, with the sign.
+#[test]
+fn since_subtracts() {
+    let baseline = MemoryPicture {
+        rss: 10 * MIB,
+        swap: 4 * MIB,
+        threads: 4,
+        heap: Usage { rss: 2 * MIB, ..Usage::default() },
+        thread_stacks: Usage { rss: 24 * KIB, count: 3, ..Usage::default() },
+        ..MemoryPicture::default()
+    };
+    let now = MemoryPicture {
+        rss: 30 * MIB,
+        pss: MIB,
+        uss: MIB,
+        writable_private: 2 * MIB,
+        threads: 2,
+        heap: Usage { rss: 22 * MIB, ..Usage::default() },
+        thread_stacks: Usage { rss: 16 * KIB, count: 1, ..Usage::default() },
+        other_anon: Usage { rss: 5, ..Usage::default() },
+        file: Usage { rss: 6, ..Usage::default() },
+        shared: Usage { rss: 7, ..Usage::default() },
+        ..MemoryPicture::default()
+    };
+    let delta = now.since(&baseline);
+    let expected = MemoryDelta {
+        rss: 20 * MIB as i64,
+        pss: MIB as i64,
+        uss: MIB as i64,
+        swap: -4 * MIB as i64,
+        writable_private: 2 * MIB as i64,
+        threads: -2,
+        heap_rss: 20 * MIB as i64,
+        thread_stacks_rss: -8 * KIB as i64,
+        thread_stacks_count: -2,
+        other_anon_rss: 5,
+        file_rss: 6,
+        shared_rss: 7,
+    };
+    assert_eq!(delta, expected);
+    assert_eq!(baseline.since(&baseline), MemoryDelta::default());
+}
+
+/// Check that the JSON field names are the documented snake_case ones.
+#[test]
+fn json_field_names() {
+    let picture = serde_json::to_value(MemoryPicture::default()).expect("picture serializes");
+    for key in [
+        "rss",
+        "pss",
+        "uss",
+        "swap",
+        "writable_private",
+        "threads",
+        "heap",
+        "thread_stacks",
+        "main_stack",
+        "other_anon",
+        "file",
+        "shared",
+    ] {
+        assert!(picture.get(key).is_some(), "{key} missing from {picture}");
+    }
+    for key in ["size", "rss", "pss", "uss", "swap", "count"] {
+        assert!(picture["heap"].get(key).is_some(), "heap.{key} missing from {picture}");
+    }
+    let delta = serde_json::to_value(MemoryDelta::default()).expect("delta serializes");
+    for key in [
+        "heap_rss",
+        "thread_stacks_rss",
+        "thread_stacks_count",
+        "other_anon_rss",
+        "file_rss",
+        "shared_rss",
+    ] {
+        assert!(delta.get(key).is_some(), "{key} missing from {delta}");
+    }
+}

@@ -1,19 +1,32 @@
 //! leaktrace: find the call sites that leak memory in a running process.
+//!
+//! Data flows one way, and the folders are its stages:
+//!
+//! ```text
+//! target -> attach -> (kernel maps) -> collect -> symbolize -> analyze -> report
+//! ```
+//!
+//! `target` checks a PID or starts a `-c` command and names the objects to
+//! probe; `attach` loads the kernel programs and puts uprobes and
+//! tracepoints in; `unwind` keeps the unwind tables the programs walk
+//! current; `collect` reads the kernel maps into a snapshot; `symbolize`
+//! names the frames; `analyze` follows growth and weighs the verdict into a
+//! report (the model, in the `leaktrace-report` crate); `report` renders it.
+//! `proc` (the one reader of /proc) and `elf` (the one parser of objects)
+//! serve every stage. `session` runs the loop; no stage imports from a
+//! stage after it.
 
+mod analyze;
+mod attach;
 mod cli;
-mod collector;
+mod collect;
 mod elf;
-mod growth;
-mod loader;
-mod memory;
-mod placement;
+mod proc;
 mod report;
-mod reporter;
 mod session;
-mod symbolizer;
+mod symbolize;
 mod target;
 mod unwind;
-mod verdict;
 
 use std::process::ExitCode;
 

@@ -1,27 +1,35 @@
 //! One tracing session, start to end: check privileges, find the target and
-//! its allocator, load and attach, then report every interval until Ctrl-C,
-//! SIGTERM, COUNT, --duration or the target's exit, with a final report.
+//! its allocator, load and attach, then run one event loop until Ctrl-C,
+//! SIGTERM, SIGHUP, COUNT, --duration or the target's exit, with a final
+//! report. The loop (a current-thread tokio runtime) waits on every event
+//! source at once: the signals, the report ticks, the dynamic linker's hook
+//! (a ring buffer), the poll of the target's mappings, the target's exit,
+//! and the programs' own log records.
 
 use std::{
+    io::{self, Write as _},
+    os::fd::AsRawFd,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _};
-use leaktrace_common::YOUNG_EPOCHS;
+use aya::maps::{MapData, RingBuf};
+use aya_log::EbpfLogger;
+use leaktrace_common::{MAP_LINK_MAP_CHANGES, YOUNG_EPOCHS};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+    time::{interval, interval_at, sleep_until, Interval, MissedTickBehavior},
+};
 
 use crate::{
+    analyze::{Analyzer, ReportOptions},
+    attach::{self, LoadOptions},
     cli::Args,
-    collector::Collector,
-    elf::ElfFile,
-    loader::{self, LoadOptions, Object},
-    report::ProbedObject,
-    reporter::{ReportOptions, Reporter},
-    target::{self, Target},
+    collect::Collector,
+    report,
+    target::{objects_to_probe, Target},
     unwind::Unwinder,
 };
 
@@ -29,8 +37,14 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// How often the session looks at signals and the target between reports.
-const TICK: Duration = Duration::from_millis(100);
+/// How often the session looks at whether the target has exited.
+const EXIT_POLL: Duration = Duration::from_millis(100);
+/// How often the target's mappings are checked besides the linker's hook:
+/// often while a `-c` program is starting (its libraries are being
+/// mapped), then at the exit poll's pace.
+const FAST_MAPS_POLL: Duration = Duration::from_millis(5);
+const FAST_PERIOD: Duration = Duration::from_secs(1);
+const MAPS_POLL: Duration = Duration::from_millis(100);
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.validate()?;
@@ -41,21 +55,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(pid)) => Target::existing(pid)?,
         (None, None) => bail!("give a PID with -p or a command with -c"),
     };
-    let result = trace(&args, &mut target);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the event loop")?;
+    let result = runtime.block_on(trace(&args, &mut target));
     if result.is_err() {
         target.kill_child();
     }
     result
 }
 
-fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
+/// Why the loop ended.
+enum End {
+    /// A signal, --duration, or the last of COUNT reports (already printed).
+    Stopped,
+    Exited,
+    Counted,
+}
+
+async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     let pid = target.pid;
-    let objects = objects_to_probe(args, target)?;
+    let objects = objects_to_probe(target, args.obj.as_deref())?;
 
     // Epochs of a quarter of --older: every allocation younger than --older
     // is left out, and none older than 1.25x --older.
     let epoch_ns = args.older * 1_000_000 / u64::from(YOUNG_EPOCHS);
-    let mut ebpf = loader::load(&LoadOptions {
+    let mut ebpf = attach::load(&LoadOptions {
         // PID 0 never allocates: the programs stop at their first check.
         tgid: if args.floor { 0 } else { pid },
         epoch_ns,
@@ -66,15 +92,23 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         sample_rate: args.sample_rate,
         unwind_rows: args.unwind_rows,
     })?;
-    // The unwind tables go in before the probes, so that the first events
-    // already get whole stacks. A `-c` child has not run its program yet:
-    // its tables are loaded as it maps it.
+    // The programs' log records (rare paths only), shown with -vv.
+    let mut logger = match EbpfLogger::init(&mut ebpf) {
+        Ok(logger) => Some(watch(logger).context("failed to watch the programs' log")?),
+        Err(err) => {
+            log::debug!("no log from the kernel programs: {err}");
+            None
+        }
+    };
     // Held open for the session: the kernel times program runs while it is.
     let program_stats = args
         .program_stats
         .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
         .transpose()
         .context("failed to enable BPF run-time statistics")?;
+    // The unwind tables go in before the probes, so that the first events
+    // already get whole stacks. A `-c` child has not run its program yet:
+    // its tables are loaded as it maps it.
     let mut unwinder = Unwinder::new(&mut ebpf, pid)?;
     match target.program() {
         Some(program) => {
@@ -85,144 +119,210 @@ fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             unwinder.refresh().map_err(|err| attach_error(err, target))?;
         }
     }
-    let allocator = args.obj.as_deref();
-    let probed = loader::attach_all(
+    let link_changes = ebpf
+        .take_map(MAP_LINK_MAP_CHANGES)
+        .ok_or_else(|| anyhow!("map {MAP_LINK_MAP_CHANGES} missing from the eBPF object"))?;
+    let mut link_changes = watch(RingBuf::try_from(link_changes)?)
+        .context("failed to watch the dynamic linker's hook")?;
+    let probed = attach::attach_all(
         &mut ebpf,
         &objects,
-        &loader::AttachOptions { pid, symbol_prefix: args.symbol_prefix.as_deref(), allocator },
+        &attach::AttachOptions {
+            pid,
+            symbol_prefix: args.symbol_prefix.as_deref(),
+            allocator: args.obj.as_deref(),
+        },
     )
     .map_err(|err| attach_error(err, target))?;
-    loader::attach_tracepoints(&mut ebpf)?;
-    loader::reset_lost(&mut ebpf)?;
-    for object in &probed {
-        for probe in &object.probes {
-            let symbol = probe.symbol;
-            match (probe.alias_of, probe.skipped) {
-                (Some(alias), _) => log::info!("{symbol}: same address as {alias}, probed once"),
-                (None, 0) => log::info!("{symbol}: probe at entry (file offset {:#x})", probe.offset),
-                (None, n) => log::info!(
-                    "{symbol}: probe {n} bytes past entry (file offset {:#x}), past an instruction the kernel would single-step",
-                    probe.offset
-                ),
-            }
-        }
-    }
+    attach::attach_tracepoints(&mut ebpf)?;
+    attach::reset_lost(&mut ebpf)?;
     let summary: Vec<String> = probed
         .iter()
-        .map(|object| format!("{} in {}", object.functions.len(), object.object.display()))
+        .map(|object| format!("{} in {}", object.functions.len(), object.object))
         .collect();
     eprintln!(
         "leaktrace: attached to pid {pid}: functions probed: {}; Ctrl-C to stop",
         summary.join(", ")
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("failed to install a signal handler")?;
-    }
+    let mut signals = Signals::new()?;
     target.release()?;
-    let followed = unwinder.followed();
-    let _unwinding = unwinder.spawn(Arc::clone(&stop));
 
-    let mut reporter = Reporter::new(
-        ebpf,
+    let mut analyzer = Analyzer::new(
         Collector { epoch_ns, sample_rate: args.sample_rate },
         ReportOptions {
             pid,
             top: args.top,
             older_ms: args.older,
-            json: args.json,
-            probed: probed
-                .iter()
-                .map(|object| ProbedObject {
-                    object: object.object.display().to_string(),
-                    functions: object.functions.clone(),
-                })
-                .collect(),
+            probed,
             debug_dirs: args.debug_dirs.clone(),
             sysroot: args.sysroot.clone(),
             baseline_now: target.program().is_none(),
-            followed: followed.clone(),
         },
     );
+    let emit = |analyzer: &mut Analyzer,
+                unwinder: &Unwinder,
+                is_final: bool,
+                exited: bool|
+     -> anyhow::Result<()> {
+        let mut report = analyzer.report(&ebpf, unwinder.mappings(), is_final, exited)?;
+        report::finish(&mut report);
+        let mut out = io::stdout().lock();
+        if args.json {
+            report::write_json(&report, &mut out)?;
+        } else {
+            report::write_text(&report, &mut out)?;
+        }
+        Ok(out.flush()?)
+    };
+
     let started = Instant::now();
-    let interval = Duration::from_secs_f64(args.interval);
+    let period = Duration::from_secs_f64(args.interval);
+    let mut report_tick = interval_at((started + period).into(), period);
+    report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let deadline = args.duration.map(|secs| started + Duration::from_secs_f64(secs));
-    let mut next_report = started + interval;
+    let mut exit_poll = interval(EXIT_POLL);
+    let mut maps_poll = poll_every(FAST_MAPS_POLL);
+    let mut fast_maps_poll = true;
+    let mut unwinding = true;
     let mut reports = 0u64;
-    let result = loop {
-        std::thread::sleep(TICK);
-        let now = Instant::now();
-        if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| now >= d) {
-            break reporter.report(true, false);
-        }
-        if target.has_exited() {
-            log::info!("pid {pid} {}", target.exit_status().unwrap_or("exited"));
-            break reporter.report(true, true);
-        }
-        if now >= next_report {
-            reports += 1;
-            let last = args.count == Some(reports);
-            if let Err(err) = reporter.report(last, false) {
-                break Err(err);
+    let end = loop {
+        tokio::select! {
+            biased;
+            () = signals.any() => break End::Stopped,
+            () = until(deadline) => break End::Stopped,
+            _ = exit_poll.tick() => {
+                if target.has_exited() {
+                    log::info!("pid {pid} {}", target.exit_status().unwrap_or("exited"));
+                    break End::Exited;
+                }
             }
-            if last {
-                break Ok(());
+            _ = report_tick.tick() => {
+                reports += 1;
+                let last = args.count == Some(reports);
+                emit(&mut analyzer, &unwinder, last, false)?;
+                if last {
+                    break End::Counted;
+                }
             }
-            next_report += interval;
+            () = linker_hook(&mut link_changes), if unwinding => {
+                unwinding = keep_unwinding(&mut unwinder);
+            }
+            _ = maps_poll.tick(), if unwinding => {
+                if fast_maps_poll && started.elapsed() >= FAST_PERIOD {
+                    fast_maps_poll = false;
+                    maps_poll = poll_every(MAPS_POLL);
+                }
+                unwinding = keep_unwinding(&mut unwinder);
+            }
+            () = flush_log(&mut logger) => {}
         }
     };
+    let result = match end {
+        End::Stopped => emit(&mut analyzer, &unwinder, true, false),
+        End::Exited => emit(&mut analyzer, &unwinder, true, true),
+        End::Counted => Ok(()),
+    };
+    flush_now(&mut logger);
     if program_stats.is_some() {
-        reporter.print_program_stats();
+        attach::print_program_stats(&ebpf);
     }
     result
 }
 
-/// The objects whose functions may be probed, executable first: what the
-/// target maps, or for a `-c` child that has not run its program yet, the
-/// program and the libraries it needs as the loader would find them.
-fn objects_to_probe(args: &Args, target: &Target) -> anyhow::Result<Vec<Object>> {
-    let local = |path: PathBuf| Object { shown: path.clone(), open: path };
-    let mut objects: Vec<Object> = match target.program() {
-        Some(program) => {
-            let mut objects = vec![local(program.to_path_buf())];
-            let elf = ElfFile::open(program)?;
-            if elf.is_dynamic() {
-                for soname in elf.needed()? {
-                    if let Some(path) = target::find_library(&soname) {
-                        objects.push(local(path));
-                    }
-                }
-                // The dynamic linker, whose debugger hook says when a
-                // library is loaded.
-                objects.extend(elf.interpreter().map(local));
-                // The C library and libstdc++ ours would load, whatever
-                // the program names directly.
-                let ours = target::mapped_objects(std::process::id())?;
-                objects.extend(target::find_libc(&ours).map(local));
-                objects.extend(target::system_cxx_runtime().map(local));
-            }
-            objects
-        }
-        None => target::mapped_objects(target.pid)?
-            .into_iter()
-            .map(|shown| Object { open: target.host_path(&shown), shown })
-            .collect(),
-    };
-    if let Some(obj) = &args.obj {
-        if !objects.iter().any(|object| &object.shown == obj) {
-            let object = if target.program().is_some() {
-                local(obj.clone())
-            } else {
-                Object { open: target.host_path(obj), shown: obj.clone() }
-            };
-            anyhow::ensure!(object.open.exists(), "--obj {} does not exist", obj.display());
-            objects.push(object);
+/// The signals that end a session with a final report.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        let install = |kind: SignalKind| signal(kind).context("failed to install a signal handler");
+        Ok(Self {
+            interrupt: install(SignalKind::interrupt())?,
+            terminate: install(SignalKind::terminate())?,
+            // A closed terminal: the report still gets written where it can.
+            hangup: install(SignalKind::hangup())?,
+        })
+    }
+
+    async fn any(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+            _ = self.hangup.recv() => {}
         }
     }
-    let mut seen = std::collections::HashSet::new();
-    objects.retain(|object| seen.insert(object.shown.clone()));
-    Ok(objects)
+}
+
+/// The programs' log records, read as they come.
+type Logger = EbpfLogger<&'static dyn log::Log>;
+
+/// Wake the loop when `inner`'s descriptor has something to read.
+fn watch<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its descriptor (a ring buffer map's), which stays
+    // open and the same for as long as the AsyncFd, which owns `inner`.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|err| err.into_parts().1)
+}
+
+fn poll_every(period: Duration) -> Interval {
+    let mut poll = interval(period);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    poll
+}
+
+/// Resolves at `deadline`, or never.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the dynamic linker's hook has fired (a dlopen or dlclose
+/// in the target), with its records consumed.
+async fn linker_hook(changes: &mut AsyncFd<RingBuf<MapData>>) {
+    let Ok(mut guard) = changes.readable_mut().await else {
+        return std::future::pending().await;
+    };
+    while guard.get_inner_mut().next().is_some() {}
+    guard.clear_ready();
+}
+
+/// Publish the target's mappings if they changed. Returns whether to go on:
+/// not once the target is gone, or after an error, which is said once.
+fn keep_unwinding(unwinder: &mut Unwinder) -> bool {
+    match unwinder.refresh() {
+        Ok(_) => true,
+        Err(err) => {
+            if !crate::proc::has_exited(unwinder.pid()) {
+                eprintln!("leaktrace: warning: unwind tables no longer kept current: {err:#}");
+            }
+            false
+        }
+    }
+}
+
+/// Resolves once the programs' log records that arrived are written out.
+async fn flush_log(logger: &mut Option<AsyncFd<Logger>>) {
+    let Some(logger) = logger else {
+        return std::future::pending().await;
+    };
+    match logger.readable_mut().await {
+        Ok(mut guard) => {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+fn flush_now(logger: &mut Option<AsyncFd<Logger>>) {
+    if let Some(logger) = logger {
+        logger.get_mut().flush();
+    }
 }
 
 fn attach_error(err: anyhow::Error, target: &mut Target) -> anyhow::Error {

@@ -5,8 +5,7 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
-    sync::{Arc, Mutex},
+    path::{Path, PathBuf},
 };
 
 use blazesym::{
@@ -16,40 +15,13 @@ use blazesym::{
     },
     Pid,
 };
-use serde::{Serialize, Serializer};
 
-use crate::elf::ElfFile;
+use leaktrace_report::Frame;
 
-/// One frame of a symbolized stack, as reports show it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Frame {
-    #[serde(serialize_with = "hex")]
-    pub address: u64,
-    pub symbol: Option<String>,
-    /// Offset of the address from the symbol's start (not for inlined frames).
-    pub offset: Option<u64>,
-    pub file: Option<String>,
-    pub line: Option<u32>,
-    pub module: Option<String>,
-    /// A call that the compiler inlined into the next frame.
-    pub inlined: bool,
-}
-
-/// An executable mapping of the target, for frames blazesym cannot resolve
-/// and for symbolizing after the target exited. The unwinder keeps the list
-/// (it reads /proc/PID/maps on every change); the symbolizer reads it.
-#[derive(Clone, Debug)]
-pub struct Module {
-    pub start: u64,
-    pub end: u64,
-    pub offset: u64,
-    pub path: PathBuf,
-}
-
-/// The target's executable mappings as the unwinder last published them: it
-/// follows every change, so the libraries of a target that exits before the
-/// first report are known too.
-pub type SharedModules = Arc<Mutex<Vec<Module>>>;
+use crate::{
+    elf::ElfFile,
+    proc::{through_root, ExecMapping},
+};
 
 pub struct Symbolizer {
     blazesym: Blazesym,
@@ -59,10 +31,9 @@ pub struct Symbolizer {
     build_id_files: HashMap<PathBuf, Option<PathBuf>>,
     pid: u32,
     cache: HashMap<u32, Vec<Frame>>,
-    modules: Vec<Module>,
+    modules: Vec<ExecMapping>,
     /// Copies of the target's files, for when its own are out of reach.
     sysroot: Option<PathBuf>,
-    followed: SharedModules,
 }
 
 /// Where blazesym looks for separate debug info by default; `--debug-dir`
@@ -70,18 +41,13 @@ pub struct Symbolizer {
 const DEFAULT_DEBUG_DIRS: [&str; 2] = ["/usr/lib/debug", "/lib/debug"];
 
 impl Symbolizer {
-    pub fn new(
-        pid: u32,
-        debug_dirs: &[PathBuf],
-        sysroot: Option<PathBuf>,
-        followed: SharedModules,
-    ) -> Self {
+    pub fn new(pid: u32, debug_dirs: &[PathBuf], sysroot: Option<PathBuf>) -> Self {
         let dirs: Vec<PathBuf> = debug_dirs
             .iter()
             .cloned()
             .chain(DEFAULT_DEBUG_DIRS.iter().map(PathBuf::from))
             .collect();
-        let mut symbolizer = Self {
+        Self {
             blazesym: Blazesym::builder().set_debug_dirs(Some(dirs.clone())).build(),
             debug_dirs: dirs,
             build_id_files: HashMap::new(),
@@ -89,19 +55,15 @@ impl Symbolizer {
             cache: HashMap::new(),
             modules: Vec::new(),
             sysroot,
-            followed,
-        };
-        symbolizer.refresh_modules();
-        symbolizer
+        }
     }
 
-    /// Take the unwinder's current view of the target's executable mappings
-    /// (libraries loaded since); once the target is gone, its last one.
-    pub fn refresh_modules(&mut self) {
-        if let Ok(followed) = self.followed.lock() {
-            if !followed.is_empty() {
-                self.modules.clone_from(&followed);
-            }
+    /// Take the target's executable mappings as the unwinder last
+    /// published them (libraries loaded since); once the target is gone,
+    /// its last ones stay.
+    pub fn set_mappings(&mut self, mappings: &[ExecMapping]) {
+        if !mappings.is_empty() {
+            self.modules = mappings.to_vec();
         }
     }
 
@@ -197,12 +159,11 @@ impl Symbolizer {
 
     /// A module's file as leaktrace can open it: under --sysroot, through
     /// /proc/PID/root while the target lives, or as named.
-    fn readable_path(&self, path: &std::path::Path) -> PathBuf {
-        let relative = path.strip_prefix("/").unwrap_or(path);
+    fn readable_path(&self, path: &Path) -> PathBuf {
         match &self.sysroot {
-            Some(root) => root.join(relative),
+            Some(root) => root.join(path.strip_prefix("/").unwrap_or(path)),
             None => {
-                let through_root = PathBuf::from(format!("/proc/{}/root", self.pid)).join(relative);
+                let through_root = through_root(self.pid, path);
                 if through_root.exists() {
                     through_root
                 } else {
@@ -266,15 +227,9 @@ impl Symbolizer {
         }
     }
 
-    fn module_of(&self, ip: u64) -> Option<&Module> {
+    fn module_of(&self, ip: u64) -> Option<&ExecMapping> {
         self.modules.iter().find(|m| m.start <= ip && ip < m.end)
     }
-}
-
-/// Addresses are "0x..." strings in JSON: scripts read them without 64-bit
-/// integer trouble.
-fn hex<S: Serializer>(address: &u64, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&format!("{address:#x}"))
 }
 
 fn code_location(info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {

@@ -1,6 +1,10 @@
 //! The traced process: checking a PID, starting a command held at the door
-//! until the probes are in, watching for its exit, and finding the object
-//! that provides its allocator.
+//! until the probes are in, watching for its exit, and finding the objects
+//! whose functions may be probed ([`objects`]).
+
+mod objects;
+
+pub use objects::{objects_to_probe, Object};
 
 use std::{
     ffi::CString,
@@ -10,8 +14,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::proc::{self, process};
 use anyhow::{anyhow, bail, Context as _};
-use procfs::process::{MMapPath, Process};
 
 /// The kernel sets this in a task's flags for kernel threads.
 const PF_KTHREAD: u32 = 0x0020_0000;
@@ -37,7 +41,7 @@ struct Child {
 impl Target {
     /// A running process given with `-p`. A thread id is taken as its process.
     pub fn existing(pid: u32) -> anyhow::Result<Self> {
-        let process = Process::new(pid as i32).map_err(|_| anyhow!("no process with PID {pid}"))?;
+        let process = process(pid).map_err(|_| anyhow!("no process with PID {pid}"))?;
         let stat = process.stat().map_err(|_| anyhow!("no process with PID {pid}"))?;
         if stat.flags & PF_KTHREAD != 0 {
             bail!(
@@ -146,32 +150,16 @@ impl Target {
             }
             return false;
         }
-        let alive = Process::new(self.pid as i32)
-            .and_then(|process| process.stat())
-            .is_ok_and(|stat| !matches!(stat.state, 'Z' | 'X'));
-        if !alive {
+        let exited = proc::has_exited(self.pid);
+        if exited {
             self.exit_status = Some("exited".to_string());
         }
-        !alive
+        exited
     }
 
     /// How the target ended, once it has.
     pub fn exit_status(&self) -> Option<&str> {
         self.exit_status.as_deref()
-    }
-
-    /// The target's view of the file system: a container's binaries are
-    /// opened through it with `-p` alone.
-    pub fn root(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/root", self.pid))
-    }
-
-    /// `path` as the target sees it, opened from leaktrace's namespace.
-    pub fn host_path(&self, path: &Path) -> PathBuf {
-        match path.strip_prefix("/") {
-            Ok(relative) => self.root().join(relative),
-            Err(_) => path.to_path_buf(),
-        }
     }
 
     /// Stop a `-c` child that leaktrace started and is giving up on.
@@ -230,76 +218,9 @@ fn find_program(program: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Whether a mapped file is a C library.
-fn is_libc(name: &str) -> bool {
-    name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl")
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-/// The objects mapped into `pid` as the target names them, executable
-/// first, each once, in mapping order.
-pub fn mapped_objects(pid: u32) -> anyhow::Result<Vec<PathBuf>> {
-    let process = Process::new(pid as i32).map_err(|_| anyhow!("process {pid} has exited"))?;
-    let maps = process.maps().with_context(|| format!("failed to read /proc/{pid}/maps"))?;
-    let mut objects: Vec<PathBuf> = Vec::new();
-    if let Ok(exe) = process.exe() {
-        objects.push(exe);
-    }
-    for map in maps {
-        if let MMapPath::Path(path) = map.pathname {
-            if !objects.contains(&path) {
-                objects.push(path);
-            }
-        }
-    }
-    Ok(objects)
-}
-
-/// The C library among `objects`.
-pub fn find_libc(objects: &[PathBuf]) -> Option<PathBuf> {
-    objects.iter().find(|path| is_libc(&file_name(path))).cloned()
-}
-
-/// Library directories the dynamic loader searches by default here.
-const LIBRARY_DIRS: [&str; 5] =
-    ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib"];
-
-/// Where the dynamic loader would find `soname` for a program that has not
-/// started yet (the default directories; not RUNPATH or LD_LIBRARY_PATH).
-pub fn find_library(soname: &str) -> Option<PathBuf> {
-    LIBRARY_DIRS.iter().map(|dir| Path::new(dir).join(soname)).find(|path| path.exists())
-}
-
-/// Where the dynamic loader would find libstdc++.
-pub fn system_cxx_runtime() -> Option<PathBuf> {
-    find_library("libstdc++.so.6")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Check that the C library is picked out of the mapped objects.
-    #[test]
-    fn libc_found() {
-        let objects: Vec<PathBuf> =
-            ["/usr/bin/app", "/usr/lib/libz.so.1", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
-                .iter()
-                .map(PathBuf::from)
-                .collect();
-        assert_eq!(find_libc(&objects), Some(objects[2].clone()));
-        assert_eq!(find_libc(&objects[..2]), None);
-    }
-
-    /// Check that a library is found where the loader looks by default.
-    #[test]
-    fn library_lookup() {
-        assert!(find_library("libc.so.6").is_some());
-        assert!(find_library("libnothing-here.so.9").is_none());
-    }
 
     /// Check that PID 2 is refused as a kernel thread.
     #[test]

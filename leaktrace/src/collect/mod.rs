@@ -1,5 +1,6 @@
 //! Reads the kernel maps into a snapshot: outstanding bytes and allocations
-//! per stack, older than `--older`, and the lost-event counters.
+//! per stack, older than `--older`, the lost-event counters, the threads per
+//! creating site, and the addresses of a stack.
 
 use std::collections::HashMap;
 
@@ -13,6 +14,7 @@ use leaktrace_common::{
     MAP_MMAPS, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, THREAD_DETACHED,
     THREAD_EXITED, THREAD_REGISTERED, YOUNG_EPOCHS,
 };
+use leaktrace_report::ThreadCounts;
 
 /// Outstanding memory of one stack.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -131,19 +133,11 @@ impl Collector {
 }
 
 /// The threads created at one pthread_create call site since attach.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadSite {
     /// Stack id of the pthread_create call.
-    #[serde(skip)]
     pub site: u32,
-    pub created: u64,
-    pub alive: u64,
-    /// Exited, not joined, not detached: the stack stays mapped.
-    pub exited_unjoined: u64,
-    pub joined: u64,
-    pub detached: u64,
-    /// Stack bytes held by the alive and the unjoined.
-    pub stack_bytes: u64,
+    pub counts: ThreadCounts,
 }
 
 /// Read the thread maps, per creating site, most stack bytes first.
@@ -159,9 +153,9 @@ pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<Th
         let (site, per_cpu) = entry.context("failed to read the thread sites")?;
         let mut totals = site_entry(&mut sites, site);
         for stats in per_cpu.iter() {
-            totals.created += stats.created;
-            totals.joined += stats.joined;
-            totals.detached += stats.detached_exited;
+            totals.counts.created += stats.created;
+            totals.counts.joined += stats.joined;
+            totals.counts.detached += stats.detached_exited;
         }
         sites.insert(site, totals);
     }
@@ -176,21 +170,26 @@ pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<Th
         let exited = info.state & THREAD_EXITED != 0;
         let detached = info.state & THREAD_DETACHED != 0;
         if detached {
-            totals.detached += 1;
+            totals.counts.detached += 1;
         }
         if !exited {
-            totals.alive += 1;
+            totals.counts.alive += 1;
         } else if !detached {
-            totals.exited_unjoined += 1;
+            totals.counts.exited_unjoined += 1;
         }
         if !exited || !detached {
-            totals.stack_bytes +=
+            totals.counts.stack_bytes +=
                 if info.stack_size == 0 { default_stack } else { info.stack_size };
         }
         sites.insert(info.site, totals);
     }
     let mut sites: Vec<ThreadSite> = sites.into_values().collect();
-    sites.sort_by(|a, b| b.stack_bytes.cmp(&a.stack_bytes).then(b.created.cmp(&a.created)));
+    sites.sort_by(|a, b| {
+        b.counts
+            .stack_bytes
+            .cmp(&a.counts.stack_bytes)
+            .then(b.counts.created.cmp(&a.counts.created))
+    });
     Ok(sites)
 }
 

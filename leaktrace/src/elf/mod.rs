@@ -1,7 +1,10 @@
 //! What an ELF object defines and needs: the file offset and first bytes of
 //! the functions leaktrace probes, the libraries it links, whether it is
-//! dynamic. Files are mapped, not read: a process can map libraries of
-//! hundreds of megabytes.
+//! dynamic, its executable segments. Files are mapped, not read: a process
+//! can map libraries of hundreds of megabytes. Every stage that reads an
+//! object (attach, unwind, symbolize) maps and parses it here, once.
+
+pub mod placement;
 
 use std::{
     collections::HashMap,
@@ -13,12 +16,14 @@ use std::{
 use anyhow::{anyhow, Context as _};
 use memmap2::Mmap;
 
-use crate::placement::CODE_BYTES;
 use object::{
-    elf::{FileHeader64, DT_NEEDED},
+    elf::{FileHeader64, DT_NEEDED, PF_X},
     read::elf::{Dyn as _, FileHeader as _},
-    Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind,
+    Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SegmentFlags,
+    SymbolKind,
 };
+
+use placement::CODE_BYTES;
 
 /// A function's file offset and first bytes.
 #[derive(Clone, Debug)]
@@ -36,10 +41,15 @@ impl ElfFile {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         let file =
             File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
+        Self::from_file(&file, path)
+    }
+
+    /// Map an open file; `path` names it in errors.
+    pub fn from_file(file: &File, path: &Path) -> anyhow::Result<Self> {
         // SAFETY: the mapping is read-only; a file changed under it (a
         // library upgraded in place) could give wrong bytes, never UB in
         // safe code here, as object validates what it parses.
-        let data = unsafe { Mmap::map(&file) }
+        let data = unsafe { Mmap::map(file) }
             .with_context(|| format!("failed to map {}", path.display()))?;
         object::File::parse(&*data)
             .with_context(|| format!("{} is not an ELF file", path.display()))?;
@@ -78,6 +88,25 @@ impl ElfFile {
             found.insert(key, Function { offset, code });
         }
         found
+    }
+
+    /// The whole file's bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The executable PT_LOAD segments: (file offset, file size, link-time address).
+    pub fn exec_segments(&self) -> Vec<(u64, u64, u64)> {
+        self.parse()
+            .segments()
+            .filter(|segment| {
+                matches!(segment.flags(), SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0)
+            })
+            .map(|segment| {
+                let (offset, size) = segment.file_range();
+                (offset, size, segment.address())
+            })
+            .collect()
     }
 
     /// The GNU build-id, hex-encoded.

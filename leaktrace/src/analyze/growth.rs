@@ -7,47 +7,13 @@ use std::{
     hash::Hash,
 };
 
-use serde::Serialize;
+use leaktrace_report::{Growth, Trend};
 
 /// Samples (3 intervals) that decide the recent rate and trend: a cache that
 /// has been flat this long is no longer called a leak.
 const WINDOW: usize = 4;
 /// Samples kept per key.
 const KEEP: usize = 32;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Trend {
-    /// Fewer than 3 samples: too early to say.
-    New,
-    /// Still rising over the last intervals.
-    Growing,
-    /// Rose earlier, unchanged for the last intervals.
-    Plateau,
-    /// Never changed.
-    Flat,
-    /// Falling.
-    Shrinking,
-}
-
-impl Trend {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trend::New => "new",
-            Trend::Growing => "growing",
-            Trend::Plateau => "plateau",
-            Trend::Flat => "flat",
-            Trend::Shrinking => "shrinking",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Growth {
-    /// Recent rate: least-squares slope over the last samples, per second.
-    pub bytes_per_second: f64,
-    pub trend: Trend,
-}
 
 /// Values per key over time. A key missing from a sample counts as 0 there.
 pub struct History<K> {

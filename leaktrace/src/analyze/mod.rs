@@ -1,0 +1,261 @@
+//! Each interval: read the maps and /proc, follow each call site's growth,
+//! weigh the verdict, and put it all in a [`Report`] (the model). Rendering
+//! it is `report`'s job.
+
+pub mod growth;
+pub mod verdict;
+
+use std::{collections::HashSet, path::PathBuf, time::Instant};
+
+use aya::Ebpf;
+use leaktrace_common::{StackEnd, NO_STACK};
+use leaktrace_report::{
+    site_label, Frame, MemoryReport, ProbedObject, RecordKind, Report, StackReport,
+    ThreadSiteReport, ThreadsReport, Totals, Trend, SCHEMA,
+};
+
+use crate::{
+    collect::{collect_threads, user_stack, Collector, Snapshot, StackUsage, ThreadSite},
+    proc::{self, memory::MemoryReader, ExecMapping},
+    symbolize::Symbolizer,
+};
+use growth::History;
+use verdict::{GrowingSite, RetentionEvidence, ThreadSiteEvidence};
+
+/// Byte changes below this are noise for a call site.
+const STACK_TOLERANCE: f64 = 256.0;
+/// Heap RSS changes below this are noise.
+const HEAP_TOLERANCE: f64 = (1 << 20) as f64;
+/// Live-byte changes below this are noise when judging retention.
+const LIVE_TOLERANCE: f64 = (256 << 10) as f64;
+/// Used for threads whose stack came from glibc's cache (no mmap seen).
+const DEFAULT_THREAD_STACK: u64 = 8 << 20;
+
+/// What the reports need to know of the session.
+pub struct ReportOptions {
+    pub pid: u32,
+    pub top: usize,
+    pub older_ms: u64,
+    /// What was probed where, for every report.
+    pub probed: Vec<ProbedObject>,
+    /// Extra directories for separate debug info.
+    pub debug_dirs: Vec<PathBuf>,
+    /// Copies of the target's binaries.
+    pub sysroot: Option<PathBuf>,
+    /// Whether the target runs its own program yet (a `-c` child may still
+    /// be exec'ing): the memory baseline is read now, or at the first report.
+    pub baseline_now: bool,
+}
+
+pub struct Analyzer {
+    collector: Collector,
+    symbolizer: Symbolizer,
+    options: ReportOptions,
+    started: Instant,
+    stacks: History<u32>,
+    thread_sites: History<u32>,
+    heap_rss: History<()>,
+    live_bytes: History<()>,
+    baseline: Option<leaktrace_report::MemoryPicture>,
+    /// Reads the target's memory picture at each report.
+    memory: MemoryReader,
+    default_stack: u64,
+    reports: usize,
+}
+
+impl Analyzer {
+    pub fn new(collector: Collector, options: ReportOptions) -> Self {
+        let pid = options.pid;
+        let mut memory = MemoryReader::new(pid);
+        // The picture at attach, for "since attach"; also the reader's first
+        // walk of smaps.
+        let baseline = if options.baseline_now { memory.read().ok() } else { None };
+        Self {
+            collector,
+            symbolizer: Symbolizer::new(pid, &options.debug_dirs, options.sysroot.clone()),
+            baseline,
+            memory,
+            default_stack: proc::stack_limit(pid).unwrap_or(DEFAULT_THREAD_STACK),
+            options,
+            started: Instant::now(),
+            stacks: History::new(STACK_TOLERANCE),
+            thread_sites: History::new(0.5),
+            heap_rss: History::new(HEAP_TOLERANCE),
+            live_bytes: History::new(LIVE_TOLERANCE),
+            reports: 0,
+        }
+    }
+
+    /// The report of now. `mappings` are the target's executable mappings
+    /// as last published (kept once it has exited).
+    pub fn report(
+        &mut self,
+        ebpf: &Ebpf,
+        mappings: &[ExecMapping],
+        is_final: bool,
+        exited: bool,
+    ) -> anyhow::Result<Report> {
+        let alive = !exited;
+        let pid = self.options.pid;
+        let t = self.started.elapsed().as_secs_f64();
+        self.reports += 1;
+        self.symbolizer.set_mappings(mappings);
+        let mapped =
+            if alive { proc::maps(pid).ok().map(|maps| proc::ranges(&maps)) } else { None };
+        let snapshot = self.collector.collect(ebpf, mapped.as_deref())?;
+        self.stacks.record(t, snapshot.stacks.iter().map(|s| (s.stack_id, s.bytes as f64)));
+        self.live_bytes.record(t, [((), snapshot.total_bytes() as f64)]);
+
+        // The growing sites, fastest first, for the verdict and the report.
+        let mut growing: Vec<(StackUsage, f64)> = snapshot
+            .stacks
+            .iter()
+            .filter_map(|usage| {
+                let growth = self.stacks.growth(usage.stack_id)?;
+                (growth.trend == Trend::Growing).then_some((*usage, growth.bytes_per_second))
+            })
+            .collect();
+        growing.sort_by(|a, b| b.1.total_cmp(&a.1));
+
+        let stacks = self.shown_stacks(ebpf, &snapshot, &growing, alive);
+        let growing_sites: Vec<GrowingSite> = growing
+            .iter()
+            .map(|(usage, rate)| GrowingSite {
+                label: site_label(&self.frames(ebpf, usage.stack_id, alive)),
+                bytes_per_second: *rate,
+            })
+            .collect();
+
+        let threads = self.threads(ebpf, t, alive)?;
+        let thread_evidence: Vec<ThreadSiteEvidence> = threads
+            .sites
+            .iter()
+            .map(|site| ThreadSiteEvidence {
+                label: site_label(&site.frames),
+                alive: site.counts.alive,
+                exited_unjoined: site.counts.exited_unjoined,
+                piling_up: site.trend == Trend::Growing,
+                stack_bytes: site.counts.stack_bytes,
+            })
+            .collect();
+
+        let memory = if alive { self.memory.read().ok() } else { None };
+        let retention = memory.as_ref().map(|picture| {
+            self.heap_rss.record(t, [((), picture.heap.rss as f64)]);
+            RetentionEvidence {
+                live_bytes: snapshot.total_bytes(),
+                heap_rss: picture.heap.rss,
+                heap_rss_trend: trend(&self.heap_rss),
+                live_trend: trend(&self.live_bytes),
+            }
+        });
+        let verdict = verdict::decide(
+            &growing_sites,
+            &thread_evidence,
+            retention.as_ref(),
+            snapshot.total_bytes(),
+            self.reports,
+        );
+        let memory = memory.map(|picture| {
+            let baseline = self.baseline.get_or_insert_with(|| picture.clone());
+            MemoryReport { since_attach: picture.since(baseline), picture }
+        });
+        Ok(Report {
+            kind: RecordKind::Report,
+            schema: SCHEMA,
+            is_final,
+            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            pid,
+            exited,
+            older_ms: self.options.older_ms,
+            totals: Totals {
+                bytes: snapshot.total_bytes(),
+                allocations: snapshot.total_allocations(),
+            },
+            stack_count: snapshot.stacks.len(),
+            stacks,
+            lost: snapshot.lost.iter().copied().collect(),
+            threads: Some(threads),
+            memory,
+            verdict: Some(verdict),
+            probed: self.options.probed.clone(),
+            sample_rate: self.collector.sample_rate,
+        })
+    }
+
+    /// The top stacks by bytes, and the fastest growing ones even if small,
+    /// most bytes first.
+    fn shown_stacks(
+        &mut self,
+        ebpf: &Ebpf,
+        snapshot: &Snapshot,
+        growing: &[(StackUsage, f64)],
+        alive: bool,
+    ) -> Vec<StackReport> {
+        let top = self.options.top;
+        let mut shown: Vec<StackUsage> = snapshot.stacks.iter().take(top).copied().collect();
+        let shown_ids: HashSet<u32> = shown.iter().map(|s| s.stack_id).collect();
+        shown.extend(
+            growing
+                .iter()
+                .take(top)
+                .map(|(usage, _)| *usage)
+                .filter(|usage| !shown_ids.contains(&usage.stack_id)),
+        );
+        shown.sort_by_key(|stack| std::cmp::Reverse(stack.bytes));
+        shown
+            .iter()
+            .map(|usage| StackReport {
+                bytes: usage.bytes,
+                allocations: usage.allocations,
+                frames: self.frames(ebpf, usage.stack_id, alive),
+                stack_end: stack_end(ebpf, usage.stack_id),
+                growth: self.stacks.growth(usage.stack_id),
+            })
+            .collect()
+    }
+
+    /// The threads section: per creating site, with its trend.
+    fn threads(&mut self, ebpf: &Ebpf, t: f64, alive: bool) -> anyhow::Result<ThreadsReport> {
+        let sites: Vec<ThreadSite> = collect_threads(ebpf, self.default_stack)?;
+        self.thread_sites.record(
+            t,
+            sites
+                .iter()
+                .map(|site| (site.site, (site.counts.alive + site.counts.exited_unjoined) as f64)),
+        );
+        let live = proc::thread_count(self.options.pid).unwrap_or(0);
+        let sites = sites
+            .iter()
+            .map(|site| {
+                let trend = self.thread_sites.growth(site.site).map_or(Trend::Flat, |g| g.trend);
+                ThreadSiteReport {
+                    frames: self.frames(ebpf, site.site, alive),
+                    stack_end: stack_end(ebpf, site.site),
+                    counts: site.counts,
+                    trend,
+                }
+            })
+            .collect();
+        Ok(ThreadsReport { live, sites })
+    }
+
+    fn frames(&mut self, ebpf: &Ebpf, stack_id: u32, alive: bool) -> Vec<Frame> {
+        if stack_id == NO_STACK {
+            return Vec::new();
+        }
+        let ips = user_stack(ebpf, stack_id).map(|(ips, _)| ips).unwrap_or_default();
+        self.symbolizer.frames(stack_id, &ips, alive)
+    }
+}
+
+fn stack_end(ebpf: &Ebpf, stack_id: u32) -> StackEnd {
+    match user_stack(ebpf, stack_id) {
+        Ok((_, end)) => end,
+        Err(_) => StackEnd::Unavailable,
+    }
+}
+
+fn trend(history: &History<()>) -> Trend {
+    history.growth(()).map_or(Trend::New, |growth| growth.trend)
+}

@@ -1,0 +1,114 @@
+//! Loading the kernel programs configured for one target, and attaching
+//! them: uprobes on the allocator API of the objects the target maps
+//! ([`uprobes`], from the tables in [`probes`]) and the thread tracepoints
+//! ([`tracepoints`]).
+
+mod probes;
+mod tracepoints;
+mod uprobes;
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{MapData, PerCpuArray, PerCpuValues},
+    Ebpf, EbpfLoader,
+};
+use leaktrace_common::{
+    Config, Lost, GLOBAL_CONFIG, MAP_ALLOCS, MAP_LOST, MAP_STACKS, MAP_STACK_STATS,
+    MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
+};
+
+use probes::ALL_SETS;
+pub use tracepoints::attach_tracepoints;
+use tracepoints::{fork_child_pid_offset, tracepoint, TRACEPOINTS};
+use uprobes::program;
+pub use uprobes::{attach_all, AttachOptions};
+
+/// What the programs are told at load time.
+pub struct LoadOptions {
+    pub tgid: u32,
+    pub epoch_ns: u64,
+    pub min_size: u64,
+    pub max_size: u64,
+    pub max_allocations: u32,
+    pub max_stacks: u32,
+    pub sample_rate: u64,
+    /// Capacity of the unwind tables, in rows.
+    pub unwind_rows: u64,
+}
+
+/// Load every program, configured for one target.
+pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
+    let config = Config {
+        tgid: options.tgid,
+        _pad: 0,
+        epoch_ns: options.epoch_ns,
+        min_size: options.min_size,
+        max_size: options.max_size,
+        fork_child_pid_offset: fork_child_pid_offset()?,
+        _pad2: 0,
+        sample_rate: options.sample_rate,
+    };
+    let mut ebpf = EbpfLoader::new()
+        .override_global(GLOBAL_CONFIG, &config, true)
+        .map_max_entries(MAP_ALLOCS, options.max_allocations)
+        .map_max_entries(MAP_STACKS, options.max_stacks)
+        .map_max_entries(MAP_STACK_STATS, options.max_stacks)
+        .map_max_entries(
+            MAP_UNWIND_ROWS,
+            options.unwind_rows.div_ceil(UNWIND_CHUNK_ROWS as u64) as u32,
+        )
+        .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace")))
+        .context("failed to load the eBPF programs")?;
+    let mut names: Vec<&str> = ALL_SETS
+        .iter()
+        .flat_map(|set| set.iter())
+        .flat_map(|p| [Some(p.enter), p.exit])
+        .flatten()
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        program(&mut ebpf, name)?
+            .load()
+            .with_context(|| format!("failed to load program {name}"))?;
+    }
+    for (name, _, _) in TRACEPOINTS {
+        tracepoint(&mut ebpf, name)?
+            .load()
+            .with_context(|| format!("failed to load program {name}"))?;
+    }
+    Ok(ebpf)
+}
+
+/// Zero the lost-event counters once every probe is in: calls already under
+/// way while the probes went in are not events leaktrace lost.
+pub fn reset_lost(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let map = ebpf
+        .map_mut(MAP_LOST)
+        .ok_or_else(|| anyhow!("map {MAP_LOST} missing from the eBPF object"))?;
+    let mut counters: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(map)?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, err)| err).context("failed to count CPUs")?;
+    for index in 0..Lost::COUNT {
+        counters.set(index, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+    }
+    Ok(())
+}
+
+/// `--program-stats`: each program that ran, with its runs and mean time,
+/// on stderr; the last line says how many.
+pub fn print_program_stats(ebpf: &Ebpf) {
+    let mut ran = 0;
+    for (name, program) in ebpf.programs() {
+        let Ok(info) = program.info() else {
+            continue;
+        };
+        let runs = info.run_count();
+        if runs == 0 {
+            continue;
+        }
+        ran += 1;
+        let mean = info.run_time().as_nanos() / u128::from(runs);
+        eprintln!("leaktrace: program {name}: {runs} runs, {mean} ns mean");
+    }
+    eprintln!("leaktrace: program stats: {ran} programs ran");
+}

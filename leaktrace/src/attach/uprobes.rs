@@ -1,0 +1,218 @@
+//! Uprobes on the target's objects: every object is probed for what it
+//! defines (the allocator API, operator new and delete, Rust's shims, the
+//! pthread API, the dynamic linker's hook), never twice at one address, and
+//! only for the target's process.
+
+use std::{collections::HashMap, num::NonZeroU32, path::Path};
+
+use anyhow::{anyhow, bail, Context as _};
+use aya::{
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeScope},
+        UProbe,
+    },
+    Ebpf,
+};
+use leaktrace_report::{ProbePlacement, ProbedObject};
+
+use super::probes::*;
+use crate::{
+    elf::{placement::entry_probe_offset, ElfFile, Function},
+    target::Object,
+};
+
+/// How to choose what to probe where.
+pub struct AttachOptions<'a> {
+    pub pid: u32,
+    /// Allocator functions are named with this prefix (`je_`).
+    pub symbol_prefix: Option<&'a str>,
+    /// Probe the allocator API in this object only (`--obj`).
+    pub allocator: Option<&'a Path>,
+}
+
+/// Probe every object for what it defines: the C allocator API where
+/// malloc and free are (the executable of a static program, libc, jemalloc,
+/// tcmalloc, mimalloc), operator new where it is, operator delete in
+/// allocators, Rust's allocator shims, and the pthread API once.
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    objects: &[Object],
+    options: &AttachOptions<'_>,
+) -> anyhow::Result<Vec<ProbedObject>> {
+    let mut probed = Vec::new();
+    let mut threads_done = false;
+    let mut linker_done = false;
+    let mut allocators = 0;
+    for object in objects {
+        let elf = match ElfFile::open(&object.open) {
+            Ok(elf) => elf,
+            Err(err) => {
+                log::debug!("skipping {}: {err:#}", object.shown.display());
+                continue;
+            }
+        };
+        let user_prefix = options.symbol_prefix.unwrap_or("");
+        let functions = elf.functions(|name| wanted(name, user_prefix));
+        let defines = |name: &str| functions.contains_key(name);
+        // A static program that never frees has no free linked in.
+        let allocator_prefix = [user_prefix, ""]
+            .into_iter()
+            .chain(KNOWN_PREFIXES)
+            .find(|prefix| defines(&format!("{prefix}malloc")));
+        let is_allocator = match options.allocator {
+            Some(path) => path == object.shown,
+            None => allocator_prefix.is_some(),
+        };
+        let name =
+            object.shown.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut sets: Vec<(&[ProbeSpec], &str)> = Vec::new();
+        if is_allocator {
+            let prefix = allocator_prefix.unwrap_or(user_prefix);
+            if !defines(&format!("{prefix}malloc")) {
+                bail!("no allocator found: {} defines no {prefix}malloc", object.shown.display());
+            }
+            allocators += 1;
+            sets.push((ALLOCATOR_PROBES, prefix));
+            if !name.starts_with("libstdc++") {
+                sets.push((CXX_DELETE_PROBES, ""));
+            }
+        }
+        // The linker keeps only the mimalloc functions a program calls.
+        let mimalloc = MIMALLOC_PROBES.iter().any(|spec| defines(spec.symbol));
+        if mimalloc && options.allocator.is_none() {
+            allocators += 1;
+            sets.push((MIMALLOC_PROBES, ""));
+        }
+        sets.push((CXX_NEW_PROBES, ""));
+        sets.push((RUST_PROBES, ""));
+        if !threads_done && defines("pthread_create") && !name.starts_with("ld-") {
+            threads_done = true;
+            sets.push((THREAD_PROBES, ""));
+        }
+        if !linker_done && defines("_dl_debug_state") {
+            linker_done = true;
+            sets.push((LINKER_PROBES, ""));
+        }
+        let mut probes = Vec::new();
+        for (set, prefix) in sets {
+            attach_set(ebpf, &object.open, options.pid, set, &functions, prefix, &mut probes)?;
+        }
+        if !probes.is_empty() {
+            probed.push(ProbedObject {
+                object: object.shown.display().to_string(),
+                functions: probes.iter().map(|p| p.symbol.clone()).collect(),
+                probes,
+            });
+        }
+    }
+    if allocators == 0 {
+        bail!(
+            "no allocator found in process {}: no mapped object defines malloc (use --obj PATH or --symbol-prefix)",
+            options.pid
+        );
+    }
+    Ok(probed)
+}
+
+/// The key under which a symbol is kept, if leaktrace may probe it.
+fn wanted(name: &str, user_prefix: &str) -> Option<String> {
+    let known =
+        |name: &str| ALL_SETS.iter().flat_map(|set| set.iter()).any(|spec| spec.symbol == name);
+    if known(name) {
+        return Some(name.to_string());
+    }
+    for spec in RUST_PROBES {
+        // v0 mangling ends with the length-prefixed identifier; one that
+        // starts with `_` gets a `_` separator.
+        if name.ends_with(&format!("{}_{}", spec.symbol.len(), spec.symbol)) {
+            return Some(spec.symbol.to_string());
+        }
+    }
+    for prefix in std::iter::once(user_prefix).chain(KNOWN_PREFIXES) {
+        if prefix.is_empty() {
+            continue;
+        }
+        if let Some(rest) = name.strip_prefix(prefix) {
+            if ALLOCATOR_PROBES.iter().any(|spec| spec.symbol == rest) {
+                return Some(name.to_string());
+            }
+        }
+    }
+    None
+}
+
+/// Attach each function of `set` found in `functions`, for process `pid`
+/// only: a uprobe belongs to the file, and without the process filter every
+/// process mapping the library would trap.
+fn attach_set(
+    ebpf: &mut Ebpf,
+    path: &Path,
+    pid: u32,
+    set: &[ProbeSpec],
+    functions: &HashMap<String, Function>,
+    prefix: &str,
+    probes: &mut Vec<ProbePlacement>,
+) -> anyhow::Result<()> {
+    let scope = UProbeScope::OneProcess(
+        NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 cannot be traced"))?,
+    );
+    for spec in set {
+        let Some(function) = functions.get(&format!("{prefix}{}", spec.symbol)) else {
+            log::debug!("{} has no {}: not probed", path.display(), spec.symbol);
+            continue;
+        };
+        // glibc 2.36 gives aligned_alloc and memalign one address: probing
+        // it twice would count each allocation twice.
+        if let Some(first) = probes.iter().find(|p| p.offset - p.skipped == function.offset) {
+            let alias = ProbePlacement {
+                symbol: spec.symbol.to_string(),
+                offset: first.offset,
+                skipped: first.skipped,
+                alias_of: Some(first.symbol.clone()),
+            };
+            log::info!("{}: same address as {}, probed once", alias.symbol, first.symbol);
+            probes.push(alias);
+            continue;
+        }
+        let skipped = match spec.exit {
+            Some(_) => 0,
+            None => entry_probe_offset(&function.code),
+        };
+        let offset = function.offset + skipped;
+        let mut attach_one = |name: &str, at: u64| -> anyhow::Result<()> {
+            program(ebpf, name)?
+                .attach(UProbeAttachLocation::AbsoluteOffset(at), path, scope)
+                .with_context(|| {
+                    format!("failed to attach {name} to {} in {}", spec.symbol, path.display())
+                })?;
+            Ok(())
+        };
+        // Return probe first: a call entered between the two attaches would
+        // otherwise leave an entry record that no return ever takes.
+        if let Some(exit) = spec.exit {
+            attach_one(exit, function.offset)?;
+        }
+        attach_one(spec.enter, offset)?;
+        match skipped {
+            0 => log::info!("{}: probe at entry (file offset {offset:#x})", spec.symbol),
+            n => log::info!(
+                "{}: probe {n} bytes past entry (file offset {offset:#x}), past an instruction the kernel would single-step",
+                spec.symbol
+            ),
+        }
+        probes.push(ProbePlacement {
+            symbol: spec.symbol.to_string(),
+            offset,
+            skipped,
+            alias_of: None,
+        });
+    }
+    Ok(())
+}
+
+pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    program.try_into().with_context(|| format!("program {name} is not a uprobe"))
+}

@@ -1,0 +1,282 @@
+//! The text report, in the shape bcc memleak users know, and the verdict's
+//! findings as one sentence.
+
+use std::io::{self, Write};
+
+use leaktrace_report::{
+    short_module, Finding, Frame, Growth, Lost, Report, StackEnd, ThreadFinding, ThreadsReport,
+    Trend,
+};
+
+use super::{memory::write_memory, units::human_bytes};
+
+pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
+    // "2026-11-22T06:41:02Z" -> "06:41:02"
+    let clock = report.time.get(11..19).unwrap_or(&report.time);
+    writeln!(
+        out,
+        "[{clock}] Top {} of {} stacks with outstanding allocations older than {} ms in pid {}: {} in {} allocations",
+        report.stacks.len(),
+        report.stack_count,
+        report.older_ms,
+        report.pid,
+        human_bytes(report.totals.bytes),
+        report.totals.allocations,
+    )?;
+    if report.sample_rate > 1 {
+        writeln!(
+            out,
+            "\tSampled: 1 heap allocation in {} tracked; bytes and counts are scaled estimates.",
+            report.sample_rate
+        )?;
+    }
+    for stack in &report.stacks {
+        let growth = match stack.growth {
+            Some(Growth { trend: Trend::New, .. }) | None => String::new(),
+            Some(Growth { trend: Trend::Growing, bytes_per_second }) => {
+                format!(" (growing, +{}/s)", human_bytes(bytes_per_second.max(0.0) as u64))
+            }
+            Some(growth) => format!(" ({})", growth.trend.as_str()),
+        };
+        writeln!(
+            out,
+            "\t{} bytes in {} allocations from stack{growth}",
+            stack.bytes, stack.allocations
+        )?;
+        for frame in &stack.frames {
+            writeln!(out, "\t\t{}", frame_line(frame))?;
+        }
+        if let Some(note) = stack_end_note(stack.stack_end) {
+            writeln!(out, "\t\t{note}")?;
+        }
+    }
+    if let Some(threads) = &report.threads {
+        write_threads(threads, out)?;
+    }
+    if let Some(memory) = &report.memory {
+        write_memory(&memory.picture, &memory.since_attach, out)?;
+    }
+    // Stacks cut short lose frames, not bytes: said apart.
+    let is_cut = |reason: Lost| {
+        matches!(reason, Lost::UnwindNoInfo | Lost::UnwindFailed | Lost::UnwindDepth)
+    };
+    let counts = |cut: bool| -> (u64, String) {
+        let counted: Vec<(Lost, u64)> = report
+            .lost
+            .iter()
+            .filter(|(reason, n)| is_cut(**reason) == cut && **n > 0)
+            .map(|(reason, n)| (*reason, *n))
+            .collect();
+        let total = counted.iter().map(|(_, n)| n).sum();
+        let reasons: Vec<String> =
+            counted.iter().map(|(reason, n)| format!("{}: {n}", reason.name())).collect();
+        (total, reasons.join(", "))
+    };
+    let (lost, reasons) = counts(false);
+    if lost == 0 {
+        writeln!(out, "\tNo events lost.")?;
+    } else {
+        writeln!(
+            out,
+            "\tWARNING: {lost} events lost ({reasons}); the figures above may be off (see --max-allocations, --max-stacks)."
+        )?;
+    }
+    let (cut, reasons) = counts(true);
+    if cut > 0 {
+        writeln!(
+            out,
+            "\t{cut} stack walks were cut short ({reasons}): their bytes are counted, the frames past the cut are missing."
+        )?;
+    }
+    if report.exited {
+        writeln!(out, "\tThe target (pid {}) exited; this is the final report.", report.pid)?;
+    }
+    if let Some(verdict) = &report.verdict {
+        // A report read back from an older leaktrace has the text alone.
+        let text = if verdict.findings.is_empty() {
+            verdict.text.clone()
+        } else {
+            verdict_text(&verdict.findings)
+        };
+        writeln!(out, "\tVerdict: {text}")?;
+    }
+    writeln!(out)?;
+    out.flush()
+}
+
+fn write_threads(threads: &ThreadsReport, out: &mut impl Write) -> io::Result<()> {
+    if threads.sites.is_empty() {
+        return writeln!(out, "\tThreads: {} live, none created since attach.", threads.live);
+    }
+    writeln!(
+        out,
+        "\tThreads: {} live; created since attach at {} call sites:",
+        threads.live,
+        threads.sites.len()
+    )?;
+    for site in &threads.sites {
+        writeln!(
+            out,
+            "\t  {} created: {} alive, {} exited but not joined, {} joined, {} detached; {} of stacks held ({}), from",
+            site.counts.created,
+            site.counts.alive,
+            site.counts.exited_unjoined,
+            site.counts.joined,
+            site.counts.detached,
+            human_bytes(site.counts.stack_bytes),
+            site.trend.as_str()
+        )?;
+        for frame in &site.frames {
+            writeln!(out, "\t\t{}", frame_line(frame))?;
+        }
+        if let Some(note) = stack_end_note(site.stack_end) {
+            writeln!(out, "\t\t{note}")?;
+        }
+    }
+    Ok(())
+}
+
+/// The line the text report adds under a stack that ends early.
+fn stack_end_note(end: StackEnd) -> Option<&'static str> {
+    match end {
+        StackEnd::Complete => None,
+        StackEnd::NoInfo => Some("(stack cut here: no unwind information past this frame)"),
+        StackEnd::Failed => Some("(stack cut here: this frame could not be unwound)"),
+        StackEnd::Depth => Some("(stack cut here: deeper than 128 frames)"),
+        StackEnd::Unavailable => Some("(no stack)"),
+    }
+}
+
+/// `func+0x1d (file.c:12) [module]`, or `[module]+0x1234` when unknown.
+fn frame_line(frame: &Frame) -> String {
+    let module = frame.module.as_deref().map(short_module);
+    let mut line = match (&frame.symbol, frame.inlined) {
+        (Some(symbol), true) => format!("{symbol} [inlined]"),
+        (Some(symbol), false) => match frame.offset {
+            Some(offset) => format!("{symbol}+{offset:#x}"),
+            None => symbol.clone(),
+        },
+        (None, _) => return frame.name(),
+    };
+    if let Some(file) = &frame.file {
+        match frame.line {
+            Some(n) => line.push_str(&format!(" ({file}:{n})")),
+            None => line.push_str(&format!(" ({file})")),
+        }
+    }
+    if let (Some(module), false) = (module, frame.inlined) {
+        line.push_str(&format!(" [{module}]"));
+    }
+    line
+}
+
+/// The verdict's findings as the sentence that ends a report.
+pub fn verdict_text(findings: &[Finding]) -> String {
+    let statements: Vec<String> = findings.iter().map(finding_text).collect();
+    statements.join("; ")
+}
+
+fn finding_text(finding: &Finding) -> String {
+    match finding {
+        Finding::Leak { sites, bytes_per_second, top } => {
+            let noun = if *sites == 1 { "call site" } else { "call sites" };
+            format!(
+                "leak: {sites} {noun} growing, {}/s in total, top: {top}",
+                human_bytes(bytes_per_second.max(0.0) as u64)
+            )
+        }
+        Finding::ThreadLeak { unjoined, piling_up } => {
+            let part = |finding: &ThreadFinding, what: &str| {
+                format!(
+                    "{} threads {what}, created at {}, {} of stacks",
+                    finding.threads,
+                    finding.site,
+                    human_bytes(finding.stack_bytes)
+                )
+            };
+            let parts: Vec<String> = [
+                unjoined.as_ref().map(|f| part(f, "exited but never joined")),
+                piling_up.as_ref().map(|f| part(f, "alive and piling up")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            format!("thread leak: {}", parts.join(", and "))
+        }
+        Finding::Retention { live_bytes, heap_rss } => format!(
+            "allocator retention: {} live in malloc, {} heap RSS and rising while live bytes are flat; \
+             glibc arenas keep freed memory; try malloc_trim(0), MALLOC_ARENA_MAX, or jemalloc/tcmalloc",
+            human_bytes(*live_bytes),
+            human_bytes(*heap_rss)
+        ),
+        Finding::NoLeakYet { outstanding, reports_needed } => format!(
+            "no leak seen yet: a trend needs {reports_needed} reports ({} outstanding)",
+            human_bytes(*outstanding)
+        ),
+        Finding::NoLeak { outstanding } => {
+            format!("no leak: live memory flat ({} outstanding)", human_bytes(*outstanding))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(symbol: Option<&str>, inlined: bool) -> Frame {
+        Frame {
+            address: 0x1234,
+            symbol: symbol.map(String::from),
+            offset: Some(0x1d),
+            file: Some("app.c".into()),
+            line: Some(12),
+            module: Some("/usr/bin/app".into()),
+            inlined,
+        }
+    }
+
+    /// Check the frame line shapes: known, inlined and unknown.
+    #[test]
+    fn frame_lines() {
+        assert_eq!(frame_line(&frame(Some("leak"), false)), "leak+0x1d (app.c:12) [app]");
+        assert_eq!(frame_line(&frame(Some("helper"), true)), "helper [inlined] (app.c:12)");
+        assert_eq!(frame_line(&frame(None, false)), "[app]+0x1d");
+    }
+
+    /// Check the verdict's sentences, one finding at a time and together.
+    #[test]
+    fn verdict_sentences() {
+        let leak =
+            Finding::Leak { sites: 2, bytes_per_second: 10240.0, top: "fib (app.c:12)".into() };
+        assert_eq!(
+            verdict_text(std::slice::from_ref(&leak)),
+            "leak: 2 call sites growing, 10.0 KiB/s in total, top: fib (app.c:12)"
+        );
+        let threads = Finding::ThreadLeak {
+            unjoined: Some(ThreadFinding {
+                threads: 12,
+                site: "spawn_worker (server.c:88)".into(),
+                stack_bytes: 96 << 20,
+            }),
+            piling_up: Some(ThreadFinding { threads: 5, site: "t".into(), stack_bytes: 40 << 20 }),
+        };
+        let text = verdict_text(&[leak, threads]);
+        assert!(
+            text.contains("; thread leak: 12 threads exited but never joined, created at spawn_worker (server.c:88), 96.0 MiB"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(", and 5 threads alive and piling up, created at t, 40.0 MiB of stacks"),
+            "{text}"
+        );
+        let retention = Finding::Retention { live_bytes: 2 << 20, heap_rss: 180 << 20 };
+        assert!(verdict_text(&[retention])
+            .starts_with("allocator retention: 2.0 MiB live in malloc, 180.0 MiB heap RSS"),);
+        assert_eq!(
+            verdict_text(&[Finding::NoLeak { outstanding: 4096 }]),
+            "no leak: live memory flat (4.0 KiB outstanding)"
+        );
+        assert!(verdict_text(&[Finding::NoLeakYet { outstanding: 4096, reports_needed: 3 }])
+            .starts_with("no leak seen yet"));
+    }
+}
