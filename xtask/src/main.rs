@@ -68,11 +68,14 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup()?;
             require_root("the integration tests load eBPF programs")?;
             install_packages(&TEST_PACKAGES)?;
+            lint()?;
             let leaktrace = build_leaktrace()?;
             let mut cmd = cargo();
-            // The default members: everything but the eBPF crate, which
-            // only builds for the BPF target. No doc tests: there are none.
-            cmd.args(["test", "--release", "--lib", "--bins", "--tests"])
+            // Every crate but the eBPF one, which only builds for the BPF
+            // target; the integration tests are not a default member. No
+            // doc tests: there are none.
+            cmd.args(["test", "--release", "--workspace", "--exclude", "leaktrace-ebpf"])
+                .args(["--lib", "--bins", "--tests"])
                 .env("LEAKTRACE_BIN", &leaktrace);
             if !cargo_args.is_empty() {
                 cmd.arg("--").args(&cargo_args);
@@ -186,7 +189,8 @@ fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
     )
 }
 
-/// Install the nightly rust-src component and bpf-linker when missing.
+/// Install the nightly rust-src component, clippy and rustfmt, and
+/// bpf-linker when missing.
 fn setup() -> anyhow::Result<()> {
     let has_rust_src = output_of(Command::new("rustup").args([
         "component",
@@ -206,6 +210,12 @@ fn setup() -> anyhow::Result<()> {
             "nightly",
         ]))?;
     }
+    for (component, tool) in [("clippy", "clippy"), ("rustfmt", "fmt")] {
+        if output_of(cargo().args([tool, "--version"])).is_none() {
+            eprintln!("xtask: installing {component}");
+            run_cmd(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
     let linker = output_of(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
@@ -217,6 +227,22 @@ fn setup() -> anyhow::Result<()> {
         ]))?;
     }
     Ok(())
+}
+
+/// Fail on unformatted code and on clippy's warnings, in every crate the
+/// host builds (the eBPF crate builds only for the BPF target).
+fn lint() -> anyhow::Result<()> {
+    run_cmd(cargo().args(["fmt", "--all", "--check"]))
+        .context("the tree is not formatted: run `cargo fmt --all`")?;
+    run_cmd(
+        cargo().args(["clippy", "--release", "--workspace", "--exclude", "leaktrace-ebpf"]).args([
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )
+    .context("clippy found warnings")
 }
 
 /// Build the release binary and return its path.

@@ -114,33 +114,6 @@ pub fn attach_all(
     Ok(probed)
 }
 
-/// The key under which a symbol is kept, if leaktrace may probe it.
-fn wanted(name: &str, user_prefix: &str) -> Option<String> {
-    let known =
-        |name: &str| ALL_SETS.iter().flat_map(|set| set.iter()).any(|spec| spec.symbol == name);
-    if known(name) {
-        return Some(name.to_string());
-    }
-    for spec in RUST_PROBES {
-        // v0 mangling ends with the length-prefixed identifier; one that
-        // starts with `_` gets a `_` separator.
-        if name.ends_with(&format!("{}_{}", spec.symbol.len(), spec.symbol)) {
-            return Some(spec.symbol.to_string());
-        }
-    }
-    for prefix in std::iter::once(user_prefix).chain(KNOWN_PREFIXES) {
-        if prefix.is_empty() {
-            continue;
-        }
-        if let Some(rest) = name.strip_prefix(prefix) {
-            if ALLOCATOR_PROBES.iter().any(|spec| spec.symbol == rest) {
-                return Some(name.to_string());
-            }
-        }
-    }
-    None
-}
-
 /// Attach each function of `set` found in `functions`, for process `pid`
 /// only: a uprobe belongs to the file, and without the process filter every
 /// process mapping the library would trap.
