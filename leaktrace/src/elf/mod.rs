@@ -56,7 +56,8 @@ impl ElfFile {
         Ok(Self { data })
     }
 
-    fn parse(&self) -> object::File<'_> {
+    /// The parsed object.
+    pub fn parse(&self) -> object::File<'_> {
         // Checked in `open`.
         object::File::parse(&*self.data).expect("parsed when opened")
     }
@@ -88,11 +89,6 @@ impl ElfFile {
             found.insert(key, Function { offset, code });
         }
         found
-    }
-
-    /// The whole file's bytes.
-    pub fn data(&self) -> &[u8] {
-        &self.data
     }
 
     /// The executable PT_LOAD segments: (file offset, file size, link-time address).

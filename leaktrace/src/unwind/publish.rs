@@ -215,7 +215,7 @@ impl Unwinder {
             .into_iter()
             .map(|(offset, size, address)| Segment { offset, size, address })
             .collect();
-        let ObjectTable { rows, frame_pointers } = object_rows(elf.data())?;
+        let ObjectTable { rows, frame_pointers } = object_rows(&elf)?;
         let chunks = rows.len().div_ceil(UNWIND_CHUNK_ROWS) as u32;
         let capacity = self.rows.len();
         if self.next_chunk + chunks > capacity {

@@ -4,7 +4,7 @@
 //! where the caller's stack pointer is (the CFA) and where rbp was saved.
 //!
 //! gimli evaluates the CFI programs (it is what blazesym and the Rust
-//! backtrace crates use); this module only reduces its rows. It reads no
+//! backtrace crates use); this module only reduces its rows. It opens no
 //! file and writes no map: [`super::publish`] does.
 
 use anyhow::anyhow;
@@ -14,6 +14,8 @@ use gimli::{
 };
 use leaktrace_common::{CfaRule, RbpRule, UnwindRow};
 use object::{Object as _, ObjectSection as _};
+
+use crate::elf::ElfFile;
 
 /// One object's unwind table.
 pub struct ObjectTable {
@@ -56,8 +58,8 @@ impl FramePointerCheck {
 }
 
 /// The unwind table of an object file.
-pub fn object_rows(data: &[u8]) -> anyhow::Result<ObjectTable> {
-    let file = object::File::parse(data)?;
+pub fn object_rows(elf: &ElfFile) -> anyhow::Result<ObjectTable> {
+    let file = elf.parse();
     let mut check = FramePointerCheck {
         plt: file
             .sections()
@@ -233,7 +235,7 @@ mod tests {
 
     fn table_of(path: &str) -> ObjectTable {
         let elf = crate::elf::ElfFile::open(std::path::Path::new(path)).unwrap();
-        object_rows(elf.data()).unwrap()
+        object_rows(&elf).unwrap()
     }
 
     /// Check that libc's table is sorted, ends with a no-information row,
