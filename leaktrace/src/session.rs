@@ -145,7 +145,6 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         summary.join(", ")
     );
     let mut signals = Signals::new()?;
-    target.release()?;
 
     let mut analyzer = Analyzer::new(
         Collector { epoch_ns, sample_rate: args.sample_rate },
@@ -159,6 +158,7 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             baseline_now: target.program().is_none(),
         },
     );
+    target.release()?;
     let emit = |analyzer: &mut Analyzer,
                 unwinder: &Unwinder,
                 is_final: bool,
