@@ -66,6 +66,7 @@ const UNWIND_PROGRAMS: &[(&str, &str)] = &[
     ("unwind_cpp.cpp", "unwind_cpp"),
     ("unwind_libc.c", "unwind_libc"),
     ("unwind_thread.c", "unwind_thread"),
+    ("unwind_inlined.c", "unwind_inlined"),
 ];
 
 fn main() {

@@ -92,7 +92,8 @@ impl Symbolizer {
 
     fn symbolize_live(&self, ips: &[u64]) -> Vec<Frame> {
         let source = Source::Process(Process::new(Pid::from(self.pid)));
-        match self.blazesym.symbolize(&source, Input::AbsAddr(ips)) {
+        let calls: Vec<u64> = ips.iter().map(|&ip| call_site(ip)).collect();
+        match self.blazesym.symbolize(&source, Input::AbsAddr(&calls)) {
             Ok(symbolized) => {
                 ips.iter().zip(symbolized).flat_map(|(&ip, sym)| self.to_frames(ip, sym)).collect()
             }
@@ -111,7 +112,7 @@ impl Symbolizer {
                     return vec![self.unknown(ip)];
                 };
                 let source = Source::Elf(Elf::new(self.readable_path(&module.path)));
-                let file_offset = ip - module.start + module.offset;
+                let file_offset = call_site(ip) - module.start + module.offset;
                 match self.blazesym.symbolize_single(&source, Input::FileOffset(file_offset)) {
                     Ok(sym) => self.to_frames(ip, sym),
                     Err(_) => vec![self.unknown(ip)],
@@ -143,8 +144,9 @@ impl Symbolizer {
                 found?
             }
         };
-        let address =
-            ElfFile::open(&path).ok()?.virtual_address(ip - module.start + module.offset)?;
+        let address = ElfFile::open(&path)
+            .ok()?
+            .virtual_address(call_site(ip) - module.start + module.offset)?;
         let symbolized = self
             .blazesym
             .symbolize_single(&Source::Elf(Elf::new(debug_file)), Input::VirtOffset(address))
@@ -204,7 +206,8 @@ impl Symbolizer {
         frames.push(Frame {
             address: ip,
             symbol: Some(sym.name.to_string()),
-            offset: Some(sym.offset as u64),
+            // From the symbol to the return address shown, not to the call.
+            offset: Some(sym.offset as u64 + (ip - call_site(ip))),
             file,
             line,
             module,
@@ -230,6 +233,17 @@ impl Symbolizer {
     fn module_of(&self, ip: u64) -> Option<&ExecMapping> {
         self.modules.iter().find(|m| m.start <= ip && ip < m.end)
     }
+}
+
+/// The address looked up for a frame whose address is a return address
+/// (every frame here: the stack is taken as the allocator returns): one
+/// byte back, inside the call instruction, as perf, gdb and libunwind do.
+/// The return address itself can lie past the end of the calling function
+/// (a call to a function that never returns), or in the code of the line
+/// after the call, and past the end of an inlined function whose last
+/// instruction is the call, which would then vanish from the stack.
+fn call_site(ip: u64) -> u64 {
+    ip.saturating_sub(1)
 }
 
 fn code_location(info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
