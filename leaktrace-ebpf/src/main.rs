@@ -3,12 +3,9 @@
 #![no_std]
 #![no_main]
 
-mod alloc;
-mod kernel;
 mod maps;
-mod mmap;
+mod probes;
 mod record;
-mod thread;
 mod unwind;
 
 #[cfg(not(test))]

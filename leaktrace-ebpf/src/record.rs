@@ -1,6 +1,6 @@
 //! Bookkeeping shared by the probe families: the target filter, calls in
-//! flight between entry and return, and the live-allocation records with
-//! their per-stack totals.
+//! flight between entry and return, the live-allocation records with their
+//! per-stack totals, and the threads' records with their per-site counts.
 
 use aya_ebpf::{
     bindings::{pt_regs, BPF_ANY, BPF_NOEXIST},
@@ -9,11 +9,12 @@ use aya_ebpf::{
     EbpfContext,
 };
 use leaktrace_common::{
-    is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, YoungSlot, YOUNG_SLOTS,
+    is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
+    ThreadSiteStats, YoungSlot, YOUNG_SLOTS,
 };
 
 use crate::{
-    maps::{config, count_lost, ALLOCS, PENDING, STACK_STATS},
+    maps::{config, count_lost, ALLOCS, PENDING, PTHREADS, STACK_STATS, THREADS, THREAD_SITES},
     unwind::stack_id,
 };
 
@@ -224,4 +225,42 @@ fn account(info: AllocInfo, sign: i64, config: &Config) {
     }
     slot.bytes += bytes;
     slot.allocs += sign;
+}
+
+/// Which counter of a site's [`ThreadSiteStats`] to bump.
+#[derive(Clone, Copy)]
+pub enum SiteEvent {
+    Created,
+    Joined,
+    DetachedExited,
+}
+
+/// Bump one counter of a creating site, on this CPU.
+#[inline(always)]
+pub fn count_site(site: u32, event: SiteEvent) {
+    let stats = match THREAD_SITES.get_ptr_mut(site) {
+        Some(stats) => stats,
+        None => {
+            let _ = THREAD_SITES.insert(site, ThreadSiteStats::default(), BPF_ANY.into());
+            match THREAD_SITES.get_ptr_mut(site) {
+                Some(stats) => stats,
+                None => return count_lost(Lost::ThreadMapFull),
+            }
+        }
+    };
+    // SAFETY: a per-CPU value from a successful lookup; only this CPU writes it.
+    let stats = unsafe { &mut *stats };
+    match event {
+        SiteEvent::Created => stats.created += 1,
+        SiteEvent::Joined => stats.joined += 1,
+        SiteEvent::DetachedExited => stats.detached_exited += 1,
+    }
+}
+
+/// Forget a thread that is gone for good (joined, or detached and exited).
+#[inline(always)]
+pub fn forget_thread(tid: u32, info: &ThreadInfo, event: SiteEvent) {
+    let _ = THREADS.remove(tid);
+    let _ = PTHREADS.remove(info.pthread);
+    count_site(info.site, event);
 }

@@ -22,8 +22,6 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{pt_regs, BPF_NOEXIST},
     helpers::{bpf_probe_read_user, generated::bpf_loop},
-    macros::uprobe,
-    programs::ProbeContext,
     EbpfContext,
 };
 use leaktrace_common::{
@@ -31,12 +29,9 @@ use leaktrace_common::{
     MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, UNWIND_CHUNK_ROWS,
 };
 
-use crate::{
-    maps::{
-        count_lost, LINK_MAP_CHANGES, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS,
-        UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
-    },
-    record::target_tid,
+use crate::maps::{
+    count_lost, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS, UNWIND_MAPPINGS,
+    UNWIND_ROWS, UNWIND_STATE,
 };
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -142,19 +137,6 @@ fn cut(walk: &mut Walk, end: StackEnd) -> i64 {
         _ => Lost::UnwindFailed,
     });
     STOP
-}
-
-/// `void _dl_debug_state(void)`: the dynamic linker calls it (r_brk, the
-/// debuggers' hook) after each change to the target's loaded objects
-/// (dlopen, dlclose, start-up). Wake the loader so that it publishes the new
-/// mappings' tables now rather than at its next poll.
-#[uprobe]
-pub fn linker_enter_dl_debug_state(_ctx: ProbeContext) -> u32 {
-    if target_tid().is_some() {
-        // A full buffer already holds a wake-up.
-        let _ = LINK_MAP_CHANGES.output::<u32>(&1, 0);
-    }
-    0
 }
 
 /// The id of the current user stack in `STACKS`, or `NO_STACK` (counted).

@@ -1,6 +1,6 @@
 //! Probes on the pthread API: who creates threads (the creating stack), and
 //! whether each is joined or detached. With the exit tracepoint in
-//! `kernel.rs` they tell threads piling up alive from threads that exited but
+//! `probes/kernel.rs` they tell threads piling up alive from threads that exited but
 //! were never joined (their stacks stay mapped).
 
 use aya_ebpf::{
@@ -10,60 +10,21 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    CallKind, Lost, ThreadInfo, ThreadSiteStats, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
+    CallKind, Lost, ThreadInfo, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
 };
 
+use super::Result;
 use crate::{
-    maps::{count_lost, DETACH_ATTRS, PTHREADS, THREADS, THREAD_SITES},
-    record::{enter, exit, in_flight, target_tid},
+    maps::{count_lost, DETACH_ATTRS, PTHREADS, THREADS},
+    record::{count_site, enter, exit, forget_thread, in_flight, target_tid, SiteEvent},
     unwind::stack_id,
 };
-
-type Result = core::result::Result<(), ()>;
 
 const PTHREAD_CREATE_DETACHED: u32 = 1;
 
 #[inline(always)]
 fn arg(ctx: &ProbeContext, n: usize) -> core::result::Result<u64, ()> {
     ctx.arg::<u64>(n).ok_or(())
-}
-
-/// Which counter of a site's [`ThreadSiteStats`] to bump.
-#[derive(Clone, Copy)]
-pub enum SiteEvent {
-    Created,
-    Joined,
-    DetachedExited,
-}
-
-/// Bump one counter of a creating site, on this CPU.
-#[inline(always)]
-pub fn count_site(site: u32, event: SiteEvent) {
-    let stats = match THREAD_SITES.get_ptr_mut(site) {
-        Some(stats) => stats,
-        None => {
-            let _ = THREAD_SITES.insert(site, ThreadSiteStats::default(), BPF_ANY.into());
-            match THREAD_SITES.get_ptr_mut(site) {
-                Some(stats) => stats,
-                None => return count_lost(Lost::ThreadMapFull),
-            }
-        }
-    };
-    // SAFETY: a per-CPU value from a successful lookup; only this CPU writes it.
-    let stats = unsafe { &mut *stats };
-    match event {
-        SiteEvent::Created => stats.created += 1,
-        SiteEvent::Joined => stats.joined += 1,
-        SiteEvent::DetachedExited => stats.detached_exited += 1,
-    }
-}
-
-/// Forget a thread that is gone for good (joined, or detached and exited).
-#[inline(always)]
-pub fn forget_thread(tid: u32, info: &ThreadInfo, event: SiteEvent) {
-    let _ = THREADS.remove(tid);
-    let _ = PTHREADS.remove(info.pthread);
-    count_site(info.site, event);
 }
 
 /// int pthread_attr_setdetachstate(pthread_attr_t *attr, int detachstate);

@@ -7,13 +7,11 @@ use leaktrace_common::{
     CallKind, ThreadInfo, NO_STACK, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
 };
 
+use super::Result;
 use crate::{
     maps::{config, THREADS},
-    record::{forget_pending, in_flight, target_tid},
-    thread::{forget_thread, SiteEvent},
+    record::{forget_pending, forget_thread, in_flight, target_tid, SiteEvent},
 };
-
-type Result = core::result::Result<(), ()>;
 
 /// sched:sched_process_fork, in the parent: `child_pid` at the offset the
 /// loader read from the tracepoint's format file.

@@ -16,13 +16,12 @@ use aya_ebpf::{
 };
 use leaktrace_common::{AllocInfo, CallKind, Lost};
 
+use super::Result;
 use crate::{
     maps::{config, count_lost, MMAPS},
     record::{current_epoch, enter, exit, in_flight, size_wanted, stack_pointer, target_tid},
     unwind::stack_id,
 };
-
-type Result = core::result::Result<(), ()>;
 
 const PROT_NONE: u64 = 0;
 const MAP_ANONYMOUS: u64 = 0x20;

@@ -12,12 +12,11 @@ use aya_ebpf::{
 };
 use leaktrace_common::{CallKind, Lost};
 
+use super::Result;
 use crate::{
     maps::count_lost,
     record::{enter, exit, record_alloc, release, target_tid},
 };
-
-type Result = core::result::Result<(), ()>;
 
 #[inline(always)]
 fn arg(ctx: &ProbeContext, n: usize) -> core::result::Result<u64, ()> {
