@@ -6,6 +6,7 @@
 mod maps;
 mod probes;
 mod record;
+mod types;
 mod unwind;
 
 #[cfg(not(test))]

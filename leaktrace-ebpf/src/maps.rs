@@ -14,7 +14,11 @@ use leaktrace_common::{
     DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, MAX_PENDING, MAX_THREADS, MAX_UNWIND_MAPPINGS,
 };
 
-use crate::unwind::CachedAddress;
+use crate::types::CachedAddress;
+
+/// What an insert with `BPF_NOEXIST` returns, negated, when the key is
+/// already present.
+pub const EEXIST: i64 = 17;
 
 #[unsafe(no_mangle)]
 pub static CONFIG: Global<Config> = Global::new(Config {

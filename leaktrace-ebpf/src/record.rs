@@ -14,11 +14,11 @@ use leaktrace_common::{
 };
 
 use crate::{
-    maps::{config, count_lost, ALLOCS, PENDING, PTHREADS, STACK_STATS, THREADS, THREAD_SITES},
+    maps::{
+        config, count_lost, ALLOCS, EEXIST, PENDING, PTHREADS, STACK_STATS, THREADS, THREAD_SITES,
+    },
     unwind::stack_id,
 };
-
-const EEXIST: i64 = 17;
 
 /// `Pending::sp` of a thread with no call in flight.
 const IDLE: u64 = 0;

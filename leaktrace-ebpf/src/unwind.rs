@@ -29,9 +29,12 @@ use leaktrace_common::{
     MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, UNWIND_CHUNK_ROWS,
 };
 
-use crate::maps::{
-    count_lost, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS, UNWIND_MAPPINGS,
-    UNWIND_ROWS, UNWIND_STATE,
+use crate::{
+    maps::{
+        count_lost, EEXIST, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS,
+        UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
+    },
+    types::CachedAddress,
 };
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -40,7 +43,6 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 const MAPPING_SEARCH_STEPS: u32 = 11;
 /// Enough halvings for 16 Mi rows in one object.
 const ROW_SEARCH_STEPS: u32 = 24;
-const EEXIST: i64 = 17;
 
 /// The rule of a function body built with frame pointers: the caller's
 /// frame starts 16 bytes above rbp, where rbp was pushed.
@@ -71,34 +73,19 @@ struct Resolved {
     kind: u32,
 }
 
-/// One slot of a CPU's [`UNWIND_CACHE`].
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct CachedAddress {
-    addr: u64,
-    /// The [`leaktrace_common::UnwindState`] it was resolved under.
-    state: u64,
-    row: UnwindRow,
-    kind: u32,
-    /// Over all of the above: a slot half written when this program was
-    /// preempted by another on the same CPU does not match.
-    check: u64,
-}
-
-impl CachedAddress {
-    #[inline(always)]
-    fn checksum(&self) -> u64 {
-        let row = u64::from(self.row.pc) | u64::from(self.row.cfa_offset as u32) << 32;
-        let rules = u64::from(self.row.rbp_offset as u16)
-            | u64::from(self.row.cfa_rule) << 16
-            | u64::from(self.row.rbp_rule) << 24
-            | u64::from(self.kind) << 32;
-        let mut hash = FNV_OFFSET;
-        for word in [self.addr, self.state, row, rules] {
-            hash = (hash ^ word).wrapping_mul(FNV_PRIME);
-        }
-        hash
+/// [`CachedAddress::check`]: FNV over the slot's other fields.
+#[inline(always)]
+fn checksum(slot: &CachedAddress) -> u64 {
+    let row = u64::from(slot.row.pc) | u64::from(slot.row.cfa_offset as u32) << 32;
+    let rules = u64::from(slot.row.rbp_offset as u16)
+        | u64::from(slot.row.cfa_rule) << 16
+        | u64::from(slot.row.rbp_rule) << 24
+        | u64::from(slot.kind) << 32;
+    let mut hash = FNV_OFFSET;
+    for word in [slot.addr, slot.state, row, rules] {
+        hash = (hash ^ word).wrapping_mul(FNV_PRIME);
     }
+    hash
 }
 
 /// `bpf_loop` callback results.
@@ -327,7 +314,7 @@ fn resolve(walk: &Walk, addr: u64) -> Resolved {
         // SAFETY: a pointer from a successful lookup in a per-CPU array,
         // valid for this program run; the checksum rejects a torn slot.
         let cached = unsafe { &*cached };
-        if cached.addr == addr && cached.state == walk.state && cached.check == cached.checksum() {
+        if cached.addr == addr && cached.state == walk.state && cached.check == checksum(cached) {
             return Resolved { row: cached.row, kind: cached.kind };
         }
     }
@@ -353,7 +340,7 @@ fn resolve(walk: &Walk, addr: u64) -> Resolved {
             kind: resolved.kind,
             check: 0,
         };
-        fresh.check = fresh.checksum();
+        fresh.check = checksum(&fresh);
         // SAFETY: as above; this CPU's slot.
         unsafe { *cached = fresh };
     }
