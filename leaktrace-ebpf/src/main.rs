@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod context;
 mod maps;
 mod probes;
 mod record;

@@ -3,7 +3,7 @@
 //! per-stack totals, and the threads' records with their per-site counts.
 
 use aya_ebpf::{
-    bindings::{pt_regs, BPF_ANY, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
@@ -14,6 +14,7 @@ use leaktrace_common::{
 };
 
 use crate::{
+    context::stack_pointer,
     maps::{
         config, count_lost, ALLOCS, EEXIST, PENDING, PTHREADS, STACK_STATS, THREADS, THREAD_SITES,
     },
@@ -33,14 +34,6 @@ pub fn target_tid() -> Option<u32> {
     } else {
         None
     }
-}
-
-#[inline(always)]
-pub fn stack_pointer<C: EbpfContext>(ctx: &C) -> u64 {
-    let regs = ctx.as_ptr().cast::<pt_regs>();
-    // SAFETY: the context of a (u)probe program is the user pt_regs, which
-    // the verifier lets the program read directly.
-    unsafe { (*regs).rsp }
 }
 
 /// Remember an allocator call until its return probe. A call made while

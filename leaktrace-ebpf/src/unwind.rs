@@ -20,7 +20,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{pt_regs, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_probe_read_user, generated::bpf_loop},
     EbpfContext,
 };
@@ -30,6 +30,7 @@ use leaktrace_common::{
 };
 
 use crate::{
+    context::frame,
     maps::{
         count_lost, EEXIST, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS,
         UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
@@ -131,10 +132,7 @@ fn cut(walk: &mut Walk, end: StackEnd) -> i64 {
 /// caller, at the instruction after its call.
 #[inline(always)]
 pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
-    let regs = ctx.as_ptr().cast::<pt_regs>();
-    // SAFETY: the context of a (u)probe program is the user pt_regs, which
-    // the verifier lets the program read directly.
-    let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    let (ip, sp, bp) = frame(ctx);
     let state = UNWIND_STATE.get(0).copied().unwrap_or(0);
     let count = (state >> 32) as u32;
     let mut walk = Walk {

@@ -14,14 +14,10 @@ use leaktrace_common::{CallKind, Lost};
 
 use super::Result;
 use crate::{
+    context::arg,
     maps::count_lost,
     record::{enter, exit, record_alloc, release, target_tid},
 };
-
-#[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> core::result::Result<u64, ()> {
-    ctx.arg::<u64>(n).ok_or(())
-}
 
 /// `a * b`, or `u64::MAX` on overflow. Done in 32-bit halves: LLVM turns
 /// `checked_mul` (and a division check) into a 128-bit multiply, which BPF

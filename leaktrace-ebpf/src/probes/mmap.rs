@@ -18,8 +18,9 @@ use leaktrace_common::{AllocInfo, CallKind, Lost};
 
 use super::Result;
 use crate::{
+    context::{arg, stack_pointer},
     maps::{config, count_lost, MMAPS},
-    record::{current_epoch, enter, exit, in_flight, size_wanted, stack_pointer, target_tid},
+    record::{current_epoch, enter, exit, in_flight, size_wanted, target_tid},
     unwind::stack_id,
 };
 
@@ -29,11 +30,6 @@ const MAP_NORESERVE: u64 = 0x4000;
 const MAP_STACK: u64 = 0x20000;
 const MAP_FAILED: u64 = u64::MAX;
 const PAGE_SIZE: u64 = 4096;
-
-#[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> core::result::Result<u64, ()> {
-    ctx.arg::<u64>(n).ok_or(())
-}
 
 #[inline(always)]
 fn page_align(len: u64) -> u64 {

@@ -15,17 +15,13 @@ use leaktrace_common::{
 
 use super::Result;
 use crate::{
+    context::arg,
     maps::{count_lost, DETACH_ATTRS, PTHREADS, THREADS},
     record::{count_site, enter, exit, forget_thread, in_flight, target_tid, SiteEvent},
     unwind::stack_id,
 };
 
 const PTHREAD_CREATE_DETACHED: u32 = 1;
-
-#[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> core::result::Result<u64, ()> {
-    ctx.arg::<u64>(n).ok_or(())
-}
 
 /// int pthread_attr_setdetachstate(pthread_attr_t *attr, int detachstate);
 #[uprobe]
