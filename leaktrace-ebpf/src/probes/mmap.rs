@@ -78,6 +78,8 @@ fn note_thread_stack(ctx: &ProbeContext, tid: u32, len: u64) {
     }
 }
 
+/// Return of void *mmap(void *addr, size_t length, int prot, int flags, int fd,
+/// off_t offset): the new mapping, or MAP_FAILED.
 #[uretprobe]
 pub fn mmap_exit_mmap(ctx: RetProbeContext) -> u32 {
     let _ = try_mmap_exit_mmap(&ctx);
@@ -137,7 +139,9 @@ fn try_mmap_enter_mremap(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
-/// A tracked mapping keeps its stack and age when it moves or resizes.
+/// Return of void *mremap(void *old_address, size_t old_size, size_t new_size,
+/// int flags, ...): a tracked mapping keeps its stack and age when it moves
+/// or resizes.
 #[uretprobe]
 pub fn mmap_exit_mremap(ctx: RetProbeContext) -> u32 {
     let _ = try_mmap_exit_mremap(&ctx);

@@ -61,7 +61,9 @@ fn try_thread_enter_pthread_create(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
-/// The new thread's id is in `*thread`, its kernel tid came from the fork
+/// Return of int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+/// void *(*start_routine)(void *), void *arg): on success (0) the new
+/// thread's id is in `*thread`, its kernel tid came from the fork
 /// tracepoint, and the stack here starts at pthread_create's caller.
 #[uretprobe]
 pub fn thread_exit_pthread_create(ctx: RetProbeContext) -> u32 {
@@ -123,23 +125,12 @@ fn try_thread_enter_pthread_join(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
+/// Return of int pthread_join(pthread_t thread, void **retval), and of the
+/// other join variants: on success (0) the thread is gone for good.
 #[uretprobe]
 pub fn thread_exit_pthread_join(ctx: RetProbeContext) -> u32 {
     let _ = try_thread_exit_pthread_join(&ctx);
     0
-}
-
-/// The kernel tid of the thread a join or detach named, once it succeeded.
-#[inline(always)]
-fn named_thread(ctx: &RetProbeContext) -> core::result::Result<u32, ()> {
-    let tid = target_tid().ok_or(())?;
-    let pending = exit(ctx, tid).ok_or(())?;
-    let status: i32 = ctx.ret();
-    if status != 0 {
-        return Err(());
-    }
-    // SAFETY: copied out at once.
-    unsafe { PTHREADS.get(pending.arg) }.copied().ok_or(())
 }
 
 fn try_thread_exit_pthread_join(ctx: &RetProbeContext) -> Result {
@@ -163,6 +154,8 @@ fn try_thread_enter_pthread_detach(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
+/// Return of int pthread_detach(pthread_t thread): on success (0) the thread
+/// is forgotten once it exits, or now if it already has.
 #[uretprobe]
 pub fn thread_exit_pthread_detach(ctx: RetProbeContext) -> u32 {
     let _ = try_thread_exit_pthread_detach(&ctx);
@@ -181,4 +174,17 @@ fn try_thread_exit_pthread_detach(ctx: &RetProbeContext) -> Result {
         info.state |= THREAD_DETACHED;
     }
     Ok(())
+}
+
+/// The kernel tid of the thread a join or detach named, once it succeeded.
+#[inline(always)]
+fn named_thread(ctx: &RetProbeContext) -> core::result::Result<u32, ()> {
+    let tid = target_tid().ok_or(())?;
+    let pending = exit(ctx, tid).ok_or(())?;
+    let status: i32 = ctx.ret();
+    if status != 0 {
+        return Err(());
+    }
+    // SAFETY: copied out at once.
+    unsafe { PTHREADS.get(pending.arg) }.copied().ok_or(())
 }
