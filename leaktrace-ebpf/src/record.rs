@@ -8,6 +8,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
+use aya_log_ebpf::warn;
 use leaktrace_common::{
     is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
     ThreadSiteStats, YoungSlot, YOUNG_SLOTS,
@@ -16,7 +17,8 @@ use leaktrace_common::{
 use crate::{
     context::stack_pointer,
     maps::{
-        config, count_lost, ALLOCS, EEXIST, PENDING, PTHREADS, STACK_STATS, THREADS, THREAD_SITES,
+        config, count_lost, worth_logging, ALLOCS, EEXIST, PENDING, PTHREADS, STACK_STATS, THREADS,
+        THREAD_SITES,
     },
     unwind::stack_id,
 };
@@ -138,18 +140,24 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
         return;
     }
     let info = AllocInfo { size, stack_id: stack_id(ctx), epoch: current_epoch(&config) };
-    if let Err(err) = ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
-        if i64::from(err) != -EEXIST {
-            count_lost(Lost::AllocMapFull);
-            return;
+    let inserted = match ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
+        Ok(()) => true,
+        Err(err) if i64::from(err) == -EEXIST => {
+            // The address is live in our records: its free was missed (it
+            // happened in a way we do not probe). Replace the stale record.
+            forget(addr, &config);
+            ALLOCS.insert(addr, info, BPF_ANY.into()).is_ok()
         }
-        // The address is live in our records: its free was missed (it
-        // happened in a way we do not probe). Replace the stale record.
-        forget(addr, &config);
-        if ALLOCS.insert(addr, info, BPF_ANY.into()).is_err() {
-            count_lost(Lost::AllocMapFull);
-            return;
+        Err(_) => false,
+    };
+    if !inserted {
+        if worth_logging(count_lost(Lost::AllocMapFull)) {
+            warn!(
+                ctx,
+                "the allocation map is full: new allocations go untracked (--max-allocations)"
+            );
         }
+        return;
     }
     account(info, 1, &config);
 }
@@ -237,7 +245,10 @@ pub fn count_site(site: u32, event: SiteEvent) {
             let _ = THREAD_SITES.insert(site, ThreadSiteStats::default(), BPF_ANY.into());
             match THREAD_SITES.get_ptr_mut(site) {
                 Some(stats) => stats,
-                None => return count_lost(Lost::ThreadMapFull),
+                None => {
+                    count_lost(Lost::ThreadMapFull);
+                    return;
+                }
             }
         }
     };

@@ -24,6 +24,7 @@ use aya_ebpf::{
     helpers::{bpf_probe_read_user, generated::bpf_loop},
     EbpfContext,
 };
+use aya_log_ebpf::{debug, warn};
 use leaktrace_common::{
     CfaRule, Lost, RbpRule, StackEnd, UnwindMapping, UnwindRow, UserStack, MAPPING_FRAME_POINTERS,
     MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, UNWIND_CHUNK_ROWS,
@@ -32,7 +33,7 @@ use leaktrace_common::{
 use crate::{
     context::frame,
     maps::{
-        count_lost, EEXIST, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS,
+        count_lost, worth_logging, EEXIST, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS,
         UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
     },
     types::CachedAddress,
@@ -127,6 +128,19 @@ fn cut(walk: &mut Walk, end: StackEnd) -> i64 {
     STOP
 }
 
+/// End the walk at a rule it does not follow (a DWARF expression, another
+/// register), counted as a failure; logged with the address now and then.
+#[inline(always)]
+fn unsupported(walk: &mut Walk, addr: u64) -> i64 {
+    walk.end = StackEnd::Failed as u32;
+    if worth_logging(count_lost(Lost::UnwindFailed)) {
+        // A bpf_loop step has no program context to give; aya-log-ebpf
+        // 0.2.0 never reads the one it is given.
+        debug!(walk, "unwind: unsupported call-frame rule at {:x}, stack cut there", addr);
+    }
+    STOP
+}
+
 /// The id of the current user stack in `STACKS`, or `NO_STACK` (counted).
 /// Called from return probes, where the first frame is the allocator's
 /// caller, at the instruction after its call.
@@ -195,7 +209,9 @@ pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
         // Another CPU inserted it between our lookup and insert.
         Err(err) if i64::from(err) == -EEXIST => id,
         Err(_) => {
-            count_lost(Lost::StackCollision);
+            if worth_logging(count_lost(Lost::StackCollision)) {
+                warn!(ctx, "the stack map is full: new stacks go unrecorded (--max-stacks)");
+            }
             NO_STACK
         }
     }
@@ -257,6 +273,8 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
         return STOP;
     } else if row.cfa_rule == CfaRule::NoInfo as u8 {
         return cut(walk, StackEnd::NoInfo);
+    } else if row.cfa_rule == CfaRule::Unsupported as u8 {
+        return unsupported(walk, lookup);
     } else {
         return cut(walk, StackEnd::Failed);
     };
