@@ -1,14 +1,19 @@
 //! leaktrace's kernel programs: uprobes on the allocator API that keep every
 //! live allocation of the target and, per user stack, the bytes it holds.
+//!
+//! `probes/` holds the programs, one file per family of probed functions.
+//! The helpers under them import only from helpers further down, never up:
+//! `record` (the books) uses `unwind` (the stack walk), which uses `maps`
+//! (every map and the configuration), which uses `types` (what only the
+//! kernel side stores); `context` (arguments, registers) imports nothing.
 #![no_std]
 #![no_main]
 
-mod alloc;
-mod kernel;
+mod context;
 mod maps;
-mod mmap;
+mod probes;
 mod record;
-mod thread;
+mod types;
 mod unwind;
 
 #[cfg(not(test))]

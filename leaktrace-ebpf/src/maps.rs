@@ -14,7 +14,11 @@ use leaktrace_common::{
     DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, MAX_PENDING, MAX_THREADS, MAX_UNWIND_MAPPINGS,
 };
 
-use crate::unwind::CachedAddress;
+use crate::types::CachedAddress;
+
+/// What an insert with `BPF_NOEXIST` returns, negated, when the key is
+/// already present.
+pub const EEXIST: i64 = 17;
 
 #[unsafe(no_mangle)]
 pub static CONFIG: Global<Config> = Global::new(Config {
@@ -100,11 +104,26 @@ pub fn config() -> Config {
     CONFIG.load()
 }
 
+/// Count one lost event; returns the count of its kind on this CPU now (0
+/// if the counter could not be read).
 #[inline(always)]
-pub fn count_lost(reason: Lost) {
-    if let Some(counter) = LOST.get_ptr_mut(reason as u32) {
-        // SAFETY: the pointer comes from a successful lookup in a per-CPU
-        // array, valid for this program run and not shared with other CPUs.
-        unsafe { *counter += 1 };
+pub fn count_lost(reason: Lost) -> u64 {
+    let Some(counter) = LOST.get_ptr_mut(reason as u32) else {
+        return 0;
+    };
+    // SAFETY: the pointer comes from a successful lookup in a per-CPU array,
+    // valid for this program run and not shared with other CPUs.
+    unsafe {
+        *counter += 1;
+        *counter
     }
+}
+
+/// Whether a loss whose [`count_lost`] returned `count` is worth a log line:
+/// the 1st, 2nd, 4th, 8th... of its kind on a CPU, so that a map that stays
+/// full logs a few lines, not one per event.
+#[inline(always)]
+pub fn worth_logging(count: u64) -> bool {
+    // Not `is_power_of_two`: a population count is a long sequence in BPF.
+    count != 0 && count & count.wrapping_sub(1) == 0
 }

@@ -1,23 +1,27 @@
 //! Bookkeeping shared by the probe families: the target filter, calls in
-//! flight between entry and return, and the live-allocation records with
-//! their per-stack totals.
+//! flight between entry and return, the live-allocation records with their
+//! per-stack totals, and the threads' records with their per-site counts.
 
 use aya_ebpf::{
-    bindings::{pt_regs, BPF_ANY, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
+use aya_log_ebpf::warn;
 use leaktrace_common::{
-    is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, YoungSlot, YOUNG_SLOTS,
+    is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
+    ThreadSiteStats, YoungSlot, YOUNG_SLOTS,
 };
 
 use crate::{
-    maps::{config, count_lost, ALLOCS, PENDING, STACK_STATS},
+    context::stack_pointer,
+    maps::{
+        config, count_lost, worth_logging, ALLOCS, EEXIST, PENDING, PTHREADS, STACK_STATS, THREADS,
+        THREAD_SITES,
+    },
     unwind::stack_id,
 };
-
-const EEXIST: i64 = 17;
 
 /// `Pending::sp` of a thread with no call in flight.
 const IDLE: u64 = 0;
@@ -32,14 +36,6 @@ pub fn target_tid() -> Option<u32> {
     } else {
         None
     }
-}
-
-#[inline(always)]
-pub fn stack_pointer<C: EbpfContext>(ctx: &C) -> u64 {
-    let regs = ctx.as_ptr().cast::<pt_regs>();
-    // SAFETY: the context of a (u)probe program is the user pt_regs, which
-    // the verifier lets the program read directly.
-    unsafe { (*regs).rsp }
 }
 
 /// Remember an allocator call until its return probe. A call made while
@@ -144,18 +140,24 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
         return;
     }
     let info = AllocInfo { size, stack_id: stack_id(ctx), epoch: current_epoch(&config) };
-    if let Err(err) = ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
-        if i64::from(err) != -EEXIST {
-            count_lost(Lost::AllocMapFull);
-            return;
+    let inserted = match ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
+        Ok(()) => true,
+        Err(err) if i64::from(err) == -EEXIST => {
+            // The address is live in our records: its free was missed (it
+            // happened in a way we do not probe). Replace the stale record.
+            forget(addr, &config);
+            ALLOCS.insert(addr, info, BPF_ANY.into()).is_ok()
         }
-        // The address is live in our records: its free was missed (it
-        // happened in a way we do not probe). Replace the stale record.
-        forget(addr, &config);
-        if ALLOCS.insert(addr, info, BPF_ANY.into()).is_err() {
-            count_lost(Lost::AllocMapFull);
-            return;
+        Err(_) => false,
+    };
+    if !inserted {
+        if worth_logging(count_lost(Lost::AllocMapFull)) {
+            warn!(
+                ctx,
+                "the allocation map is full: new allocations go untracked (--max-allocations)"
+            );
         }
+        return;
     }
     account(info, 1, &config);
 }
@@ -224,4 +226,45 @@ fn account(info: AllocInfo, sign: i64, config: &Config) {
     }
     slot.bytes += bytes;
     slot.allocs += sign;
+}
+
+/// Which counter of a site's [`ThreadSiteStats`] to bump.
+#[derive(Clone, Copy)]
+pub enum SiteEvent {
+    Created,
+    Joined,
+    DetachedExited,
+}
+
+/// Bump one counter of a creating site, on this CPU.
+#[inline(always)]
+pub fn count_site(site: u32, event: SiteEvent) {
+    let stats = match THREAD_SITES.get_ptr_mut(site) {
+        Some(stats) => stats,
+        None => {
+            let _ = THREAD_SITES.insert(site, ThreadSiteStats::default(), BPF_ANY.into());
+            match THREAD_SITES.get_ptr_mut(site) {
+                Some(stats) => stats,
+                None => {
+                    count_lost(Lost::ThreadMapFull);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: a per-CPU value from a successful lookup; only this CPU writes it.
+    let stats = unsafe { &mut *stats };
+    match event {
+        SiteEvent::Created => stats.created += 1,
+        SiteEvent::Joined => stats.joined += 1,
+        SiteEvent::DetachedExited => stats.detached_exited += 1,
+    }
+}
+
+/// Forget a thread that is gone for good (joined, or detached and exited).
+#[inline(always)]
+pub fn forget_thread(tid: u32, info: &ThreadInfo, event: SiteEvent) {
+    let _ = THREADS.remove(tid);
+    let _ = PTHREADS.remove(info.pthread);
+    count_site(info.site, event);
 }

@@ -20,23 +20,23 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{pt_regs, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_probe_read_user, generated::bpf_loop},
-    macros::uprobe,
-    programs::ProbeContext,
     EbpfContext,
 };
+use aya_log_ebpf::{debug, warn};
 use leaktrace_common::{
     CfaRule, Lost, RbpRule, StackEnd, UnwindMapping, UnwindRow, UserStack, MAPPING_FRAME_POINTERS,
     MAX_FRAMES, MAX_UNWIND_MAPPINGS, NO_STACK, UNWIND_CHUNK_ROWS,
 };
 
 use crate::{
+    context::frame,
     maps::{
-        count_lost, LINK_MAP_CHANGES, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS,
+        count_lost, worth_logging, EEXIST, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS,
         UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
     },
-    record::target_tid,
+    types::CachedAddress,
 };
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -45,7 +45,6 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 const MAPPING_SEARCH_STEPS: u32 = 11;
 /// Enough halvings for 16 Mi rows in one object.
 const ROW_SEARCH_STEPS: u32 = 24;
-const EEXIST: i64 = 17;
 
 /// The rule of a function body built with frame pointers: the caller's
 /// frame starts 16 bytes above rbp, where rbp was pushed.
@@ -76,34 +75,19 @@ struct Resolved {
     kind: u32,
 }
 
-/// One slot of a CPU's [`UNWIND_CACHE`].
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct CachedAddress {
-    addr: u64,
-    /// The [`leaktrace_common::UnwindState`] it was resolved under.
-    state: u64,
-    row: UnwindRow,
-    kind: u32,
-    /// Over all of the above: a slot half written when this program was
-    /// preempted by another on the same CPU does not match.
-    check: u64,
-}
-
-impl CachedAddress {
-    #[inline(always)]
-    fn checksum(&self) -> u64 {
-        let row = u64::from(self.row.pc) | u64::from(self.row.cfa_offset as u32) << 32;
-        let rules = u64::from(self.row.rbp_offset as u16)
-            | u64::from(self.row.cfa_rule) << 16
-            | u64::from(self.row.rbp_rule) << 24
-            | u64::from(self.kind) << 32;
-        let mut hash = FNV_OFFSET;
-        for word in [self.addr, self.state, row, rules] {
-            hash = (hash ^ word).wrapping_mul(FNV_PRIME);
-        }
-        hash
+/// [`CachedAddress::check`]: FNV over the slot's other fields.
+#[inline(always)]
+fn checksum(slot: &CachedAddress) -> u64 {
+    let row = u64::from(slot.row.pc) | u64::from(slot.row.cfa_offset as u32) << 32;
+    let rules = u64::from(slot.row.rbp_offset as u16)
+        | u64::from(slot.row.cfa_rule) << 16
+        | u64::from(slot.row.rbp_rule) << 24
+        | u64::from(slot.kind) << 32;
+    let mut hash = FNV_OFFSET;
+    for word in [slot.addr, slot.state, row, rules] {
+        hash = (hash ^ word).wrapping_mul(FNV_PRIME);
     }
+    hash
 }
 
 /// `bpf_loop` callback results.
@@ -144,17 +128,17 @@ fn cut(walk: &mut Walk, end: StackEnd) -> i64 {
     STOP
 }
 
-/// `void _dl_debug_state(void)`: the dynamic linker calls it (r_brk, the
-/// debuggers' hook) after each change to the target's loaded objects
-/// (dlopen, dlclose, start-up). Wake the loader so that it publishes the new
-/// mappings' tables now rather than at its next poll.
-#[uprobe]
-pub fn linker_enter_dl_debug_state(_ctx: ProbeContext) -> u32 {
-    if target_tid().is_some() {
-        // A full buffer already holds a wake-up.
-        let _ = LINK_MAP_CHANGES.output::<u32>(&1, 0);
+/// End the walk at a rule it does not follow (a DWARF expression, another
+/// register), counted as a failure; logged with the address now and then.
+#[inline(always)]
+fn unsupported(walk: &mut Walk, addr: u64) -> i64 {
+    walk.end = StackEnd::Failed as u32;
+    if worth_logging(count_lost(Lost::UnwindFailed)) {
+        // A bpf_loop step has no program context to give; aya-log-ebpf
+        // 0.2.0 never reads the one it is given.
+        debug!(walk, "unwind: unsupported call-frame rule at {:x}, stack cut there", addr);
     }
-    0
+    STOP
 }
 
 /// The id of the current user stack in `STACKS`, or `NO_STACK` (counted).
@@ -162,10 +146,7 @@ pub fn linker_enter_dl_debug_state(_ctx: ProbeContext) -> u32 {
 /// caller, at the instruction after its call.
 #[inline(always)]
 pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
-    let regs = ctx.as_ptr().cast::<pt_regs>();
-    // SAFETY: the context of a (u)probe program is the user pt_regs, which
-    // the verifier lets the program read directly.
-    let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    let (ip, sp, bp) = frame(ctx);
     let state = UNWIND_STATE.get(0).copied().unwrap_or(0);
     let count = (state >> 32) as u32;
     let mut walk = Walk {
@@ -228,7 +209,9 @@ pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
         // Another CPU inserted it between our lookup and insert.
         Err(err) if i64::from(err) == -EEXIST => id,
         Err(_) => {
-            count_lost(Lost::StackCollision);
+            if worth_logging(count_lost(Lost::StackCollision)) {
+                warn!(ctx, "the stack map is full: new stacks go unrecorded (--max-stacks)");
+            }
             NO_STACK
         }
     }
@@ -290,6 +273,8 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
         return STOP;
     } else if row.cfa_rule == CfaRule::NoInfo as u8 {
         return cut(walk, StackEnd::NoInfo);
+    } else if row.cfa_rule == CfaRule::Unsupported as u8 {
+        return unsupported(walk, lookup);
     } else {
         return cut(walk, StackEnd::Failed);
     };
@@ -345,7 +330,7 @@ fn resolve(walk: &Walk, addr: u64) -> Resolved {
         // SAFETY: a pointer from a successful lookup in a per-CPU array,
         // valid for this program run; the checksum rejects a torn slot.
         let cached = unsafe { &*cached };
-        if cached.addr == addr && cached.state == walk.state && cached.check == cached.checksum() {
+        if cached.addr == addr && cached.state == walk.state && cached.check == checksum(cached) {
             return Resolved { row: cached.row, kind: cached.kind };
         }
     }
@@ -371,7 +356,7 @@ fn resolve(walk: &Walk, addr: u64) -> Resolved {
             kind: resolved.kind,
             check: 0,
         };
-        fresh.check = fresh.checksum();
+        fresh.check = checksum(&fresh);
         // SAFETY: as above; this CPU's slot.
         unsafe { *cached = fresh };
     }

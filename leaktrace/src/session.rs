@@ -91,6 +91,7 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         max_stacks: args.max_stacks,
         sample_rate: args.sample_rate,
         unwind_rows: args.unwind_rows,
+        kernel_log: args.verbose >= 2,
     })?;
     // The programs' log records (rare paths only), shown with -vv.
     let mut logger = match EbpfLogger::init(&mut ebpf) {

@@ -34,6 +34,9 @@ pub struct LoadOptions {
     pub sample_rate: u64,
     /// Capacity of the unwind tables, in rows.
     pub unwind_rows: u64,
+    /// Whether the programs log their rare paths (-vv). Off, the verifier
+    /// prunes the log calls: they cost nothing.
+    pub kernel_log: bool,
 }
 
 /// Load every program, configured for one target.
@@ -50,6 +53,7 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
     };
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_CONFIG, &config, true)
+        .override_global(aya_log::LEVEL, &kernel_log_level(options.kernel_log), false)
         .map_max_entries(MAP_ALLOCS, options.max_allocations)
         .map_max_entries(MAP_STACKS, options.max_stacks)
         .map_max_entries(MAP_STACK_STATS, options.max_stacks)
@@ -78,6 +82,16 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
             .with_context(|| format!("failed to load program {name}"))?;
     }
     Ok(ebpf)
+}
+
+/// aya-log-ebpf's level: calls at or below it are kept (log's order, Error
+/// 1 to Trace 5); 0 keeps none.
+fn kernel_log_level(on: bool) -> u8 {
+    if on {
+        log::Level::Debug as u8
+    } else {
+        0
+    }
 }
 
 /// Zero the lost-event counters once every probe is in: calls already under

@@ -12,17 +12,12 @@ use aya_ebpf::{
 };
 use leaktrace_common::{CallKind, Lost};
 
+use super::Result;
 use crate::{
+    context::arg,
     maps::count_lost,
     record::{enter, exit, record_alloc, release, target_tid},
 };
-
-type Result = core::result::Result<(), ()>;
-
-#[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> core::result::Result<u64, ()> {
-    ctx.arg::<u64>(n).ok_or(())
-}
 
 /// `a * b`, or `u64::MAX` on overflow. Done in 32-bit halves: LLVM turns
 /// `checked_mul` (and a division check) into a 128-bit multiply, which BPF
@@ -88,7 +83,8 @@ fn try_alloc_enter_memalign(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
-/// Return of every function that returns the new block or NULL.
+/// Return of void *malloc(size_t size), and of every function that returns
+/// the new block or NULL (calloc, memalign, operator new, ...).
 #[uretprobe]
 pub fn alloc_exit_malloc(ctx: RetProbeContext) -> u32 {
     let _ = try_alloc_exit_malloc(&ctx);
@@ -143,10 +139,11 @@ fn try_alloc_enter_rust_realloc(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
-/// Return of realloc and reallocarray: the record moves to the new block
-/// and is charged to this call's stack. realloc(NULL, n) allocates,
-/// realloc(p, 0) returning NULL frees, any other NULL is a failure that
-/// leaves the old block (and its record) alone.
+/// Return of void *realloc(void *ptr, size_t size), and of reallocarray and
+/// __rust_realloc: the record moves to the new block and is charged to this
+/// call's stack. realloc(NULL, n) allocates, realloc(p, 0) returning NULL
+/// frees, any other NULL is a failure that leaves the old block (and its
+/// record) alone.
 #[uretprobe]
 pub fn alloc_exit_realloc(ctx: RetProbeContext) -> u32 {
     let _ = try_alloc_exit_realloc(&ctx);
@@ -184,6 +181,8 @@ fn try_alloc_enter_posix_memalign(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
+/// Return of int posix_memalign(void **memptr, size_t alignment, size_t size):
+/// on success (0) the new block is in `*memptr`.
 #[uretprobe]
 pub fn alloc_exit_posix_memalign(ctx: RetProbeContext) -> u32 {
     let _ = try_alloc_exit_posix_memalign(&ctx);

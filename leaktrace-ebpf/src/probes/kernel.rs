@@ -3,17 +3,16 @@
 //! pthread_create in flight, sched_process_exit marks it exited.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, macros::tracepoint, programs::TracePointContext};
+use aya_log_ebpf::warn;
 use leaktrace_common::{
     CallKind, ThreadInfo, NO_STACK, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
 };
 
+use super::Result;
 use crate::{
     maps::{config, THREADS},
-    record::{forget_pending, in_flight, target_tid},
-    thread::{forget_thread, SiteEvent},
+    record::{forget_pending, forget_thread, in_flight, target_tid, SiteEvent},
 };
-
-type Result = core::result::Result<(), ()>;
 
 /// sched:sched_process_fork, in the parent: `child_pid` at the offset the
 /// loader read from the tracepoint's format file.
@@ -31,7 +30,12 @@ fn try_kernel_sched_process_fork(ctx: &TracePointContext) -> Result {
     }
     let offset = config().fork_child_pid_offset as usize;
     // SAFETY: reads the tracepoint record with bpf_probe_read_kernel.
-    let child: i32 = unsafe { ctx.read_at(offset) }.map_err(|_| ())?;
+    let read = unsafe { ctx.read_at::<i32>(offset) };
+    if !matches!(read, Ok(child) if child > 0) {
+        // The loader misread the record's layout from the format file.
+        warn!(ctx, "sched_process_fork: no thread id at child_pid's offset {}", offset);
+    }
+    let child = read.map_err(|_| ())?;
     pending.child = child as u32;
     let info = ThreadInfo { site: NO_STACK, ..ThreadInfo::default() };
     let _ = THREADS.insert(child as u32, info, BPF_NOEXIST.into());

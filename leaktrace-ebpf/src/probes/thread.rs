@@ -1,6 +1,6 @@
 //! Probes on the pthread API: who creates threads (the creating stack), and
 //! whether each is joined or detached. With the exit tracepoint in
-//! `kernel.rs` they tell threads piling up alive from threads that exited but
+//! `probes/kernel.rs` they tell threads piling up alive from threads that exited but
 //! were never joined (their stacks stay mapped).
 
 use aya_ebpf::{
@@ -10,61 +10,18 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    CallKind, Lost, ThreadInfo, ThreadSiteStats, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
+    CallKind, Lost, ThreadInfo, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
 };
 
+use super::Result;
 use crate::{
-    maps::{count_lost, DETACH_ATTRS, PTHREADS, THREADS, THREAD_SITES},
-    record::{enter, exit, in_flight, target_tid},
+    context::arg,
+    maps::{count_lost, DETACH_ATTRS, PTHREADS, THREADS},
+    record::{count_site, enter, exit, forget_thread, in_flight, target_tid, SiteEvent},
     unwind::stack_id,
 };
 
-type Result = core::result::Result<(), ()>;
-
 const PTHREAD_CREATE_DETACHED: u32 = 1;
-
-#[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> core::result::Result<u64, ()> {
-    ctx.arg::<u64>(n).ok_or(())
-}
-
-/// Which counter of a site's [`ThreadSiteStats`] to bump.
-#[derive(Clone, Copy)]
-pub enum SiteEvent {
-    Created,
-    Joined,
-    DetachedExited,
-}
-
-/// Bump one counter of a creating site, on this CPU.
-#[inline(always)]
-pub fn count_site(site: u32, event: SiteEvent) {
-    let stats = match THREAD_SITES.get_ptr_mut(site) {
-        Some(stats) => stats,
-        None => {
-            let _ = THREAD_SITES.insert(site, ThreadSiteStats::default(), BPF_ANY.into());
-            match THREAD_SITES.get_ptr_mut(site) {
-                Some(stats) => stats,
-                None => return count_lost(Lost::ThreadMapFull),
-            }
-        }
-    };
-    // SAFETY: a per-CPU value from a successful lookup; only this CPU writes it.
-    let stats = unsafe { &mut *stats };
-    match event {
-        SiteEvent::Created => stats.created += 1,
-        SiteEvent::Joined => stats.joined += 1,
-        SiteEvent::DetachedExited => stats.detached_exited += 1,
-    }
-}
-
-/// Forget a thread that is gone for good (joined, or detached and exited).
-#[inline(always)]
-pub fn forget_thread(tid: u32, info: &ThreadInfo, event: SiteEvent) {
-    let _ = THREADS.remove(tid);
-    let _ = PTHREADS.remove(info.pthread);
-    count_site(info.site, event);
-}
 
 /// int pthread_attr_setdetachstate(pthread_attr_t *attr, int detachstate);
 #[uprobe]
@@ -104,7 +61,9 @@ fn try_thread_enter_pthread_create(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
-/// The new thread's id is in `*thread`, its kernel tid came from the fork
+/// Return of int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+/// void *(*start_routine)(void *), void *arg): on success (0) the new
+/// thread's id is in `*thread`, its kernel tid came from the fork
 /// tracepoint, and the stack here starts at pthread_create's caller.
 #[uretprobe]
 pub fn thread_exit_pthread_create(ctx: RetProbeContext) -> u32 {
@@ -166,23 +125,12 @@ fn try_thread_enter_pthread_join(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
+/// Return of int pthread_join(pthread_t thread, void **retval), and of the
+/// other join variants: on success (0) the thread is gone for good.
 #[uretprobe]
 pub fn thread_exit_pthread_join(ctx: RetProbeContext) -> u32 {
     let _ = try_thread_exit_pthread_join(&ctx);
     0
-}
-
-/// The kernel tid of the thread a join or detach named, once it succeeded.
-#[inline(always)]
-fn named_thread(ctx: &RetProbeContext) -> core::result::Result<u32, ()> {
-    let tid = target_tid().ok_or(())?;
-    let pending = exit(ctx, tid).ok_or(())?;
-    let status: i32 = ctx.ret();
-    if status != 0 {
-        return Err(());
-    }
-    // SAFETY: copied out at once.
-    unsafe { PTHREADS.get(pending.arg) }.copied().ok_or(())
 }
 
 fn try_thread_exit_pthread_join(ctx: &RetProbeContext) -> Result {
@@ -206,6 +154,8 @@ fn try_thread_enter_pthread_detach(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
+/// Return of int pthread_detach(pthread_t thread): on success (0) the thread
+/// is forgotten once it exits, or now if it already has.
 #[uretprobe]
 pub fn thread_exit_pthread_detach(ctx: RetProbeContext) -> u32 {
     let _ = try_thread_exit_pthread_detach(&ctx);
@@ -224,4 +174,17 @@ fn try_thread_exit_pthread_detach(ctx: &RetProbeContext) -> Result {
         info.state |= THREAD_DETACHED;
     }
     Ok(())
+}
+
+/// The kernel tid of the thread a join or detach named, once it succeeded.
+#[inline(always)]
+fn named_thread(ctx: &RetProbeContext) -> core::result::Result<u32, ()> {
+    let tid = target_tid().ok_or(())?;
+    let pending = exit(ctx, tid).ok_or(())?;
+    let status: i32 = ctx.ret();
+    if status != 0 {
+        return Err(());
+    }
+    // SAFETY: copied out at once.
+    unsafe { PTHREADS.get(pending.arg) }.copied().ok_or(())
 }

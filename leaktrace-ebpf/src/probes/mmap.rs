@@ -16,13 +16,13 @@ use aya_ebpf::{
 };
 use leaktrace_common::{AllocInfo, CallKind, Lost};
 
+use super::Result;
 use crate::{
+    context::{arg, stack_pointer},
     maps::{config, count_lost, MMAPS},
-    record::{current_epoch, enter, exit, in_flight, size_wanted, stack_pointer, target_tid},
+    record::{current_epoch, enter, exit, in_flight, size_wanted, target_tid},
     unwind::stack_id,
 };
-
-type Result = core::result::Result<(), ()>;
 
 const PROT_NONE: u64 = 0;
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -30,11 +30,6 @@ const MAP_NORESERVE: u64 = 0x4000;
 const MAP_STACK: u64 = 0x20000;
 const MAP_FAILED: u64 = u64::MAX;
 const PAGE_SIZE: u64 = 4096;
-
-#[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> core::result::Result<u64, ()> {
-    ctx.arg::<u64>(n).ok_or(())
-}
 
 #[inline(always)]
 fn page_align(len: u64) -> u64 {
@@ -83,6 +78,8 @@ fn note_thread_stack(ctx: &ProbeContext, tid: u32, len: u64) {
     }
 }
 
+/// Return of void *mmap(void *addr, size_t length, int prot, int flags, int fd,
+/// off_t offset): the new mapping, or MAP_FAILED.
 #[uretprobe]
 pub fn mmap_exit_mmap(ctx: RetProbeContext) -> u32 {
     let _ = try_mmap_exit_mmap(&ctx);
@@ -142,7 +139,9 @@ fn try_mmap_enter_mremap(ctx: &ProbeContext) -> Result {
     Ok(())
 }
 
-/// A tracked mapping keeps its stack and age when it moves or resizes.
+/// Return of void *mremap(void *old_address, size_t old_size, size_t new_size,
+/// int flags, ...): a tracked mapping keeps its stack and age when it moves
+/// or resizes.
 #[uretprobe]
 pub fn mmap_exit_mremap(ctx: RetProbeContext) -> u32 {
     let _ = try_mmap_exit_mremap(&ctx);
