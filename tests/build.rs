@@ -147,11 +147,15 @@ fn build_unwind_fixtures(src: &Path, out: &Path) {
     .unwrap_or_else(|err| panic!("{err}"));
 }
 
+/// An allocator fixture: (source, output, compiler (None: gcc/g++), extra
+/// flags, the package it needs).
+type AllocatorFixture =
+    (&'static str, &'static str, Option<&'static str>, &'static [&'static str], &'static str);
+
 /// Programs whose allocator is not glibc's shared malloc: static glibc, static
 /// musl, and programs linked against jemalloc, tcmalloc and mimalloc.
 fn build_allocator_fixtures(src: &Path, out: &Path) {
-    let fixtures: &[(&str, &str, Option<&str>, &[&str], &str)] = &[
-        // (source, output, compiler (None: gcc/g++), extra flags, package)
+    let fixtures: &[AllocatorFixture] = &[
         ("static_glibc.c", "static_glibc", None, &["-static"], "libc6-dev (static libc.a)"),
         ("static_musl.c", "static_musl", Some("musl-gcc"), &["-static"], "musl-tools"),
         ("jemalloc_new.cpp", "jemalloc_new", None, &["-ljemalloc"], "libjemalloc-dev"),

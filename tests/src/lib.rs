@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+pub use leaktrace_report::{
+    is_runtime_symbol, read_reports, Frame, Lost, MemoryReport, ReadError, Report, StackEnd,
+    StackReport, ThreadSiteReport, Trend, Verdict, VerdictKind,
+};
 
 /// Directory holding the compiled fixtures (set by build.rs).
 pub const FIXTURE_DIR: &str = env!("FIXTURE_DIR");
@@ -199,7 +202,7 @@ pub struct Finished {
 
 impl Finished {
     /// Asserts a zero exit status and returns the JSON reports on stdout.
-    pub fn reports(&self) -> Vec<Value> {
+    pub fn reports(&self) -> Vec<Report> {
         assert!(
             self.status.success(),
             "leaktrace exited with {}; stderr:\n{}\nstdout:\n{}",
@@ -350,14 +353,14 @@ pub fn run_tracer(args: &[&str]) -> Finished {
 /// The usual test: start fixture `name`, trace it with
 /// `-p PID --json --top 1000 1 5` plus `extra`, let it run its workload once the
 /// probes are attached, and return the final report.
-pub fn trace_fixture(name: &str, args: &[&str], extra: &[&str]) -> Value {
+pub fn trace_fixture(name: &str, args: &[&str], extra: &[&str]) -> Report {
     let mut fixture = Fixture::start(name, args);
     trace_started(&mut fixture, extra)
 }
 
 /// Like [`trace_fixture`] for a fixture that is already started (and waiting
 /// for its go line).
-pub fn trace_started(fixture: &mut Fixture, extra: &[&str]) -> Value {
+pub fn trace_started(fixture: &mut Fixture, extra: &[&str]) -> Report {
     let name = fixture.name.clone();
     // Show every stack unless the test is about --top: assertions that
     // something is absent mean nothing if it was merely cut off.
@@ -381,99 +384,50 @@ pub fn trace_started(fixture: &mut Fixture, extra: &[&str]) -> Value {
     final_report(&reports).clone()
 }
 
-/// Parses every JSON line of leaktrace's stdout (lines starting with `{`;
-/// in -c mode the traced program shares stdout).
-pub fn reports(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .filter(|line| line.starts_with('{'))
-        .map(|line| {
-            serde_json::from_str(line)
-                .unwrap_or_else(|err| panic!("leaktrace printed invalid JSON ({err}): {line}"))
-        })
-        .collect()
+/// Reads every report of leaktrace's stdout (lines starting with `{`; in -c
+/// mode the traced program shares stdout), none if it printed none.
+pub fn reports(stdout: &str) -> Vec<Report> {
+    match read_reports(stdout.as_bytes()) {
+        Ok(reports) => reports,
+        Err(ReadError::Empty) => Vec::new(),
+        Err(err) => panic!("leaktrace printed what is not a report ({err}):\n{stdout}"),
+    }
 }
 
 /// The last report, checked to be marked final.
-pub fn final_report(reports: &[Value]) -> &Value {
+pub fn final_report(reports: &[Report]) -> &Report {
     let last = reports.last().expect("leaktrace printed no JSON report");
-    assert_eq!(last["final"], true, "last report is not marked final: {last}");
+    assert!(last.is_final, "last report is not marked final: {}", json(last));
     last
 }
 
-/// The report's stacks (empty if missing).
-pub fn stacks(report: &Value) -> &[Value] {
-    report["stacks"].as_array().map(Vec::as_slice).unwrap_or(&[])
+/// A report as one line of JSON, for failure messages.
+pub fn json(report: &Report) -> String {
+    serde_json::to_string(report).unwrap_or_else(|err| format!("(unprintable report: {err})"))
 }
 
-/// A stack's frames, innermost first.
-pub fn frames(stack: &Value) -> &[Value] {
-    stack["frames"].as_array().map(Vec::as_slice).unwrap_or(&[])
-}
-
-/// The symbol of a frame, if known.
-pub fn symbol(frame: &Value) -> Option<&str> {
-    frame["symbol"].as_str()
-}
-
-/// The symbol of a stack's first frame (the allocator's caller).
-pub fn first_symbol(stack: &Value) -> Option<&str> {
-    frames(stack).first().and_then(symbol)
-}
-
-/// Bytes outstanding in a stack.
-pub fn bytes(stack: &Value) -> u64 {
-    stack["bytes"].as_u64().unwrap_or_else(|| panic!("stack without bytes: {stack}"))
-}
-
-/// Allocations outstanding in a stack.
-pub fn allocations(stack: &Value) -> u64 {
-    stack["allocations"].as_u64().unwrap_or_else(|| panic!("stack without allocations: {stack}"))
-}
-
-/// Every stack whose first frame is the function `name`.
-pub fn stacks_by_first_frame<'a>(report: &'a Value, name: &str) -> Vec<&'a Value> {
-    stacks(report).iter().filter(|stack| first_symbol(stack) == Some(name)).collect()
+/// (bytes, allocations) summed over `stacks`.
+pub fn totals<'a>(stacks: impl IntoIterator<Item = &'a StackReport>) -> (u64, u64) {
+    stacks.into_iter().fold((0, 0), |(b, a), stack| (b + stack.bytes, a + stack.allocations))
 }
 
 /// The largest stack whose first frame is the function `name`.
-pub fn stack_by_first_frame<'a>(report: &'a Value, name: &str) -> Option<&'a Value> {
-    stacks_by_first_frame(report, name).into_iter().max_by_key(|stack| bytes(stack))
+pub fn stack_by_first_frame<'a>(report: &'a Report, name: &'a str) -> Option<&'a StackReport> {
+    report.stacks_by_first_frame(name).max_by_key(|stack| stack.bytes)
 }
 
-/// (bytes, allocations) summed over every stack whose first frame is `name`;
-/// a function that calls the allocator from several lines has several stacks.
-pub fn totals_by_first_frame(report: &Value, name: &str) -> (u64, u64) {
-    stacks_by_first_frame(report, name)
-        .iter()
-        .fold((0, 0), |(b, a), stack| (b + bytes(stack), a + allocations(stack)))
+/// Every stack whose first frame's symbol contains `part` (for demangled
+/// names with paths and generics, e.g. `rust_system::box_leak`).
+pub fn stacks_by_first_frame_containing<'a>(
+    report: &'a Report,
+    part: &'a str,
+) -> impl Iterator<Item = &'a StackReport> {
+    report.stacks.iter().filter(move |stack| stack.first_symbol().is_some_and(|s| s.contains(part)))
 }
 
-/// Every stack with a frame whose symbol contains all of `parts`.
-pub fn stacks_containing<'a>(report: &'a Value, parts: &[&str]) -> Vec<&'a Value> {
-    stacks(report)
-        .iter()
-        .filter(|stack| {
-            frames(stack)
-                .iter()
-                .filter_map(symbol)
-                .any(|sym| parts.iter().all(|part| sym.contains(part)))
-        })
-        .collect()
-}
-
-/// The largest stack with a frame whose symbol contains `part`.
-pub fn stack_containing<'a>(report: &'a Value, part: &str) -> Option<&'a Value> {
-    stacks_containing(report, &[part]).into_iter().max_by_key(|stack| bytes(stack))
-}
-
-/// Bytes summed over every stack with a frame whose symbol is `name`.
-pub fn bytes_mentioning(report: &Value, name: &str) -> u64 {
-    stacks(report)
-        .iter()
-        .filter(|stack| frames(stack).iter().any(|frame| symbol(frame) == Some(name)))
-        .map(bytes)
-        .sum()
+/// Whether one of `frames` has the symbol `name`.
+pub fn has_symbol(frames: &[Frame], name: &str) -> bool {
+    frames.iter().any(|frame| frame.symbol.as_deref() == Some(name))
 }
 
 /// Whether `actual` is within `percent` % of `expected`.
@@ -481,11 +435,16 @@ pub fn within(actual: u64, expected: u64, percent: u64) -> bool {
     actual.abs_diff(expected) * 100 <= expected * percent
 }
 
+/// Whether `actual` is within `percent` % of `expected`.
+pub fn within_f64(actual: f64, expected: f64, percent: f64) -> bool {
+    (actual - expected).abs() * 100.0 <= expected.abs() * percent
+}
+
 /// For fixtures that keep working until killed (READY right after go): start
 /// fixture `name`, trace it with `-p PID --json --top 1000 1 COUNT` (a report
 /// a second, so growth is seen over COUNT intervals), let it go as soon as the
 /// probes are attached, and return every report, the last one final.
-pub fn trace_over_time(name: &str, count: u32) -> Vec<Value> {
+pub fn trace_over_time(name: &str, count: u32) -> Vec<Report> {
     let mut fixture = Fixture::start(name, &[]);
     let mut tracer = Tracer::trace_pid(fixture.pid(), 1, count, &["--top", "1000"]);
     tracer.wait_attached();
@@ -496,139 +455,36 @@ pub fn trace_over_time(name: &str, count: u32) -> Vec<Value> {
     reports
 }
 
-/// The value at JSON `pointer` (e.g. "/memory/since_attach/heap_rss") as an
-/// i64, failing with the report if it is missing or not an integer.
-pub fn int_at(report: &Value, pointer: &str) -> i64 {
-    report
-        .pointer(pointer)
-        .and_then(Value::as_i64)
-        .unwrap_or_else(|| panic!("report has no integer at {pointer}: {report}"))
+/// The report's verdict, failing with the report if it has none.
+pub fn verdict(report: &Report) -> &Verdict {
+    report.verdict.as_ref().unwrap_or_else(|| panic!("report has no verdict: {}", json(report)))
 }
 
-/// The value at JSON `pointer` as an f64, failing with the report if it is
-/// missing or not a number.
-pub fn number_at(report: &Value, pointer: &str) -> f64 {
-    report
-        .pointer(pointer)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("report has no number at {pointer}: {report}"))
-}
-
-/// The verdict's kinds ("leak", "thread_leak", "retention", "no_leak").
-pub fn verdict_kinds(report: &Value) -> Vec<&str> {
-    report["verdict"]["kinds"]
-        .as_array()
-        .unwrap_or_else(|| panic!("report has no verdict.kinds: {report}"))
-        .iter()
-        .map(|kind| kind.as_str().unwrap_or_else(|| panic!("verdict kind {kind} is not a string")))
-        .collect()
-}
-
-/// The verdict's one-line text.
-pub fn verdict_text(report: &Value) -> &str {
-    report["verdict"]["text"]
-        .as_str()
-        .unwrap_or_else(|| panic!("report has no verdict.text: {report}"))
-}
-
-/// A stack's growth trend ("new", "growing", "plateau", "flat", "shrinking").
-pub fn trend(stack: &Value) -> &str {
-    stack["growth"]["trend"]
-        .as_str()
-        .unwrap_or_else(|| panic!("stack without growth.trend: {stack}"))
-}
-
-/// A stack's recent growth rate in bytes per second.
-pub fn bytes_per_second(stack: &Value) -> f64 {
-    stack["growth"]["bytes_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("stack without growth.bytes_per_second: {stack}"))
-}
-
-/// The report's pthread_create call sites (empty if missing).
-pub fn thread_sites(report: &Value) -> &[Value] {
-    report["threads"]["sites"].as_array().map(Vec::as_slice).unwrap_or(&[])
+/// The report's memory section, failing with the report if it has none.
+pub fn memory(report: &Report) -> &MemoryReport {
+    report.memory.as_ref().unwrap_or_else(|| panic!("report has no memory: {}", json(report)))
 }
 
 /// The thread site with a frame whose symbol is `name` and the most threads
 /// created there.
-pub fn thread_site_through<'a>(report: &'a Value, name: &str) -> Option<&'a Value> {
-    thread_sites(report)
+pub fn thread_site_through<'a>(report: &'a Report, name: &str) -> Option<&'a ThreadSiteReport> {
+    report
+        .threads
         .iter()
-        .filter(|site| frames(site).iter().any(|frame| symbol(frame) == Some(name)))
-        .max_by_key(|site| site_count(site, "created"))
+        .flat_map(|threads| &threads.sites)
+        .filter(|site| has_symbol(&site.frames, name))
+        .max_by_key(|site| site.counts.created)
 }
 
-/// An integer field of a thread site ("created", "alive", "exited_unjoined",
-/// "joined", "detached", "stack_bytes").
-pub fn site_count(site: &Value, field: &str) -> u64 {
-    site[field].as_u64().unwrap_or_else(|| panic!("thread site without {field}: {site}"))
-}
-
-/// Whether `actual` is within `percent` % of `expected`.
-pub fn within_f64(actual: f64, expected: f64, percent: f64) -> bool {
-    (actual - expected).abs() * 100.0 <= expected.abs() * percent
-}
-
-/// The report's `probed` list: which functions were probed in which object.
-pub fn probed(report: &Value) -> &[Value] {
-    report["probed"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_else(|| panic!("report has no `probed` list: {report}"))
-}
-
-/// The functions probed in the first object whose path satisfies `matches`.
-pub fn probed_in<'a>(report: &'a Value, matches: impl Fn(&str) -> bool) -> Option<Vec<&'a str>> {
-    probed(report).iter().find(|entry| entry["object"].as_str().is_some_and(&matches)).map(
-        |entry| {
-            entry["functions"]
-                .as_array()
-                .unwrap_or_else(|| panic!("probed object without functions: {entry}"))
-                .iter()
-                .filter_map(Value::as_str)
-                .collect()
-        },
-    )
-}
-
-/// Every stack whose first frame's symbol contains `part` (for demangled
-/// names with paths and generics, e.g. `rust_system::box_leak`).
-pub fn stacks_by_first_frame_containing<'a>(report: &'a Value, part: &str) -> Vec<&'a Value> {
-    stacks(report)
+/// The symbol of a stack's first frame outside the language runtime's
+/// allocation path, as the model's [`is_runtime_symbol`] tells it.
+pub fn first_user_symbol(stack: &StackReport) -> Option<&str> {
+    stack
+        .frames
         .iter()
-        .filter(|stack| first_symbol(stack).is_some_and(|sym| sym.contains(part)))
-        .collect()
-}
-
-/// Frames of the language runtime's allocation path, as the tracer skips
-/// them when naming a stack: Rust's alloc/core/std helpers (real frames in
-/// debug builds) and C++ operator new.
-const RUNTIME_PREFIXES: [&str; 8] =
-    ["alloc::", "core::", "std::", "<alloc::", "<core::", "<std::", "__rust", "operator new"];
-
-/// The symbol of a stack's first frame outside the language runtime.
-pub fn first_user_symbol(stack: &Value) -> Option<&str> {
-    frames(stack)
-        .iter()
-        .filter_map(symbol)
-        .find(|sym| !RUNTIME_PREFIXES.iter().any(|prefix| sym.starts_with(prefix)))
-}
-
-/// (bytes, allocations) summed over every stack whose first frame outside
-/// the language runtime contains `part`.
-pub fn totals_by_first_user_frame_containing(report: &Value, part: &str) -> (u64, u64) {
-    stacks(report)
-        .iter()
-        .filter(|stack| first_user_symbol(stack).is_some_and(|sym| sym.contains(part)))
-        .fold((0, 0), |(b, a), stack| (b + bytes(stack), a + allocations(stack)))
-}
-
-/// (bytes, allocations) summed over every stack whose first frame's symbol contains `part`.
-pub fn totals_by_first_frame_containing(report: &Value, part: &str) -> (u64, u64) {
-    stacks_by_first_frame_containing(report, part)
-        .iter()
-        .fold((0, 0), |(b, a), stack| (b + bytes(stack), a + allocations(stack)))
+        .filter(|frame| frame.symbol.is_some())
+        .find(|frame| !is_runtime_symbol(frame))
+        .and_then(|frame| frame.symbol.as_deref())
 }
 
 /// A scratch directory under the system temp dir, removed on drop.

@@ -4,32 +4,39 @@
 //! says which allocator functions were probed in which object.
 
 use leaktrace_tests::*;
-use serde_json::Value;
 
 /// Asserts that the leaks total (bytes, allocations) under first frame `function`.
-fn assert_leak(report: &Value, function: &str, expected: (u64, u64)) {
+fn assert_leak(report: &Report, function: &str, expected: (u64, u64)) {
     assert_eq!(
-        totals_by_first_frame(report, function),
+        totals(report.stacks_by_first_frame(function)),
         expected,
-        "leak at {function} should hold {} bytes in {} allocations: {report}",
+        "leak at {function} should hold {} bytes in {} allocations: {}",
         expected.0,
-        expected.1
+        expected.1,
+        json(report)
     );
 }
 
 /// Asserts that nothing is reported under first frame `function`, which freed all it allocated.
-fn assert_freed(report: &Value, function: &str) {
+fn assert_freed(report: &Report, function: &str) {
     assert!(
-        stacks_by_first_frame(report, function).is_empty(),
-        "{function} freed everything it allocated but is reported: {report}"
+        report.stacks_by_first_frame(function).next().is_none(),
+        "{function} freed everything it allocated but is reported: {}",
+        json(report)
     );
+}
+
+/// The functions probed in the first object whose path satisfies `matches`.
+fn probed_in(report: &Report, matches: impl Fn(&str) -> bool) -> Option<Vec<&str>> {
+    let probed = report.probed.iter().find(|probed| matches(&probed.object))?;
+    Some(probed.functions.iter().map(String::as_str).collect())
 }
 
 /// The functions probed in the object whose path contains `library`,
 /// failing with the report if it was not probed at all.
-fn probed_library<'a>(report: &'a Value, library: &str) -> Vec<&'a str> {
+fn probed_library<'a>(report: &'a Report, library: &str) -> Vec<&'a str> {
     probed_in(report, |object| object.contains(library))
-        .unwrap_or_else(|| panic!("no object matching {library} in `probed`: {report}"))
+        .unwrap_or_else(|| panic!("no object matching {library} in `probed`: {}", json(report)))
 }
 
 /// Check that a static glibc program's leak is found and its freed blocks are
@@ -41,12 +48,14 @@ fn static_glibc_leak_found_in_executable() {
     assert_freed(&report, "static_churn");
     let exe = std::fs::canonicalize(fixture_path("static_glibc")).unwrap();
     let exe = exe.to_str().unwrap();
-    let functions = probed_in(&report, |object| object == exe)
-        .unwrap_or_else(|| panic!("the static executable {exe} is not in `probed`: {report}"));
+    let functions = probed_in(&report, |object| object == exe).unwrap_or_else(|| {
+        panic!("the static executable {exe} is not in `probed`: {}", json(&report))
+    });
     for function in ["malloc", "free"] {
         assert!(
             functions.contains(&function),
-            "{function} not probed in the static executable {exe}: {report}"
+            "{function} not probed in the static executable {exe}: {}",
+            json(&report)
         );
     }
 }
@@ -68,23 +77,27 @@ fn jemalloc_operator_new_leak_counted() {
     let functions = probed_library(&report, "libjemalloc.so.2");
     assert!(
         functions.contains(&"_Znwm"),
-        "operator new (_Znwm) not probed in libjemalloc.so.2: {report}"
+        "operator new (_Znwm) not probed in libjemalloc.so.2: {}",
+        json(&report)
     );
     // C++ names are demangled with their parameter list: "jemalloc_leak()".
-    let (total, count) = totals_by_first_frame_containing(&report, "jemalloc_leak");
+    let (total, count) = totals(stacks_by_first_frame_containing(&report, "jemalloc_leak"));
     assert!(
         count > 0,
-        "leak at jemalloc_leak (through jemalloc's operator new) not reported: {report}"
+        "leak at jemalloc_leak (through jemalloc's operator new) not reported: {}",
+        json(&report)
     );
-    assert_eq!(count, 20, "jemalloc_leak should hold 20 Widgets: {report}");
+    assert_eq!(count, 20, "jemalloc_leak should hold 20 Widgets: {}", json(&report));
     // The requested size is exact; a tracer that reports usable sizes may round up a little.
     assert!(
         within(total, 20 * 512, 10),
-        "jemalloc_leak bytes {total} not within 10% of 10240: {report}"
+        "jemalloc_leak bytes {total} not within 10% of 10240: {}",
+        json(&report)
     );
     assert!(
-        stacks_by_first_frame_containing(&report, "churn").is_empty(),
-        "Widgets deleted again in churn() are reported: {report}"
+        stacks_by_first_frame_containing(&report, "churn").next().is_none(),
+        "Widgets deleted again in churn() are reported: {}",
+        json(&report)
     );
 }
 
@@ -94,7 +107,7 @@ fn tcmalloc_leak_counted() {
     let report = trace_fixture("tcmalloc_leak", &[], &[]);
     assert_leak(&report, "tc_leak", (32000, 10));
     let functions = probed_library(&report, "libtcmalloc.so");
-    assert!(functions.contains(&"malloc"), "malloc not probed in libtcmalloc: {report}");
+    assert!(functions.contains(&"malloc"), "malloc not probed in libtcmalloc: {}", json(&report));
 }
 
 /// Check that a leak through mimalloc's malloc is counted at its caller, with libmimalloc probed.
@@ -103,7 +116,7 @@ fn mimalloc_leak_counted() {
     let report = trace_fixture("mimalloc_leak", &[], &[]);
     assert_leak(&report, "mi_leak_fn", (33000, 10));
     let functions = probed_library(&report, "libmimalloc.so");
-    assert!(functions.contains(&"malloc"), "malloc not probed in libmimalloc: {report}");
+    assert!(functions.contains(&"malloc"), "malloc not probed in libmimalloc: {}", json(&report));
 }
 
 /// Check that Box leaks in a release-built Rust program whose #[global_allocator]
@@ -114,8 +127,9 @@ fn rust_global_allocator_leak_counted() {
     // Release code inlines the __rust_alloc shim: global_leak calls mimalloc's
     // mi_malloc_aligned (linked into the executable) directly.
     assert_eq!(
-        totals_by_first_frame_containing(&report, "global_leak"),
+        totals(stacks_by_first_frame_containing(&report, "global_leak")),
         (41000, 10),
-        "global_leak should hold 10 x 4100 bytes: {report}"
+        "global_leak should hold 10 x 4100 bytes: {}",
+        json(&report)
     );
 }

@@ -35,15 +35,17 @@ fn every_api_leak_counted_exactly_once() {
         // aligned_alloc and memalign share one address in glibc 2.36; a probe on
         // each would count the same call twice, hence the exact allocation count.
         assert_eq!(
-            totals_by_first_frame(&report, name),
+            totals(report.stacks_by_first_frame(name)),
             (size, 1),
-            "leak at {name} should be 1 allocation of {size} bytes: {report}"
+            "leak at {name} should be 1 allocation of {size} bytes: {}",
+            json(&report)
         );
     }
     for name in ABSENT {
         assert!(
-            stacks_by_first_frame(&report, name).is_empty(),
-            "{name} freed or failed all its allocations but is reported: {report}"
+            report.stacks_by_first_frame(name).next().is_none(),
+            "{name} freed or failed all its allocations but is reported: {}",
+            json(&report)
         );
     }
 }
@@ -54,14 +56,16 @@ fn size_filters_select_by_requested_size() {
     let report = trace_fixture("all_apis", &[], &["-z", "1004", "-Z", "1006"]);
     for name in ["leak_reallocarray", "leak_posix_memalign", "leak_memalign"] {
         assert!(
-            !stacks_by_first_frame(&report, name).is_empty(),
-            "leak at {name} (size within -z 1004 -Z 1006) not reported: {report}"
+            report.stacks_by_first_frame(name).next().is_some(),
+            "leak at {name} (size within -z 1004 -Z 1006) not reported: {}",
+            json(&report)
         );
     }
     for name in ["leak_malloc", "leak_calloc", "leak_valloc", "leak_pvalloc", "realloc_fail"] {
         assert!(
-            stacks_by_first_frame(&report, name).is_empty(),
-            "leak at {name} (size outside -z 1004 -Z 1006) reported: {report}"
+            report.stacks_by_first_frame(name).next().is_none(),
+            "leak at {name} (size outside -z 1004 -Z 1006) reported: {}",
+            json(&report)
         );
     }
 }
@@ -70,17 +74,24 @@ fn size_filters_select_by_requested_size() {
 #[test]
 fn top_limits_stacks() {
     let report = trace_fixture("all_apis", &[], &["--top", "3"]);
-    let sizes: Vec<u64> = stacks(&report).iter().map(bytes).collect();
-    assert!(!sizes.is_empty() && sizes.len() <= 3, "--top 3 gave {} stacks: {report}", sizes.len());
+    let sizes: Vec<u64> = report.stacks.iter().map(|stack| stack.bytes).collect();
+    assert!(
+        !sizes.is_empty() && sizes.len() <= 3,
+        "--top 3 gave {} stacks: {}",
+        sizes.len(),
+        json(&report)
+    );
     assert!(
         sizes.windows(2).all(|pair| pair[0] >= pair[1]),
-        "stacks not sorted by bytes, largest first: {report}"
+        "stacks not sorted by bytes, largest first: {}",
+        json(&report)
     );
     // The two mmap leaks (16384, 12288) are the largest in the fixture.
     assert_eq!(
-        first_symbol(&stacks(&report)[0]),
+        report.stacks[0].first_symbol(),
         Some("mmap_partial"),
-        "largest stack under --top 3 is not mmap_partial: {report}"
+        "largest stack under --top 3 is not mmap_partial: {}",
+        json(&report)
     );
 }
 
@@ -90,16 +101,14 @@ fn top_limits_stacks() {
 fn free_of_memory_from_before_attach_ignored() {
     let report = trace_fixture("preattach_free", &[], &[]);
     assert_eq!(
-        totals_by_first_frame(&report, "post_leak"),
+        totals(report.stacks_by_first_frame("post_leak")),
         (2000, 4),
-        "post_leak should hold 4 x 500 bytes: {report}"
+        "post_leak should hold 4 x 500 bytes: {}",
+        json(&report)
     );
-    assert_eq!(report["totals"]["bytes"], 2000, "totals should be post_leak's alone: {report}");
-    let lost: u64 = report["lost"]
-        .as_object()
-        .map(|lost| lost.values().filter_map(|n| n.as_u64()).sum())
-        .unwrap_or(u64::MAX);
-    assert_eq!(lost, 0, "frees of untracked memory counted as lost events: {report}");
+    assert_eq!(report.totals.bytes, 2000, "totals should be post_leak's alone: {}", json(&report));
+    let lost: u64 = report.lost.values().sum();
+    assert_eq!(lost, 0, "frees of untracked memory counted as lost events: {}", json(&report));
 }
 
 /// Check that -s 4 tracks about one allocation in four and scales the
@@ -108,11 +117,11 @@ fn free_of_memory_from_before_attach_ignored() {
 #[test]
 fn sampling_scales_estimates() {
     let report = trace_fixture("args_leak", &["2000", "100"], &["-s", "4"]);
-    assert_eq!(report["sample_rate"], 4, "report does not say it is sampled: {report}");
-    let (bytes, allocations) = totals_by_first_frame(&report, "arg_leak");
+    assert_eq!(report.sample_rate, 4, "report does not say it is sampled: {}", json(&report));
+    let (bytes, allocations) = totals(report.stacks_by_first_frame("arg_leak"));
     assert!(
         within(allocations, 2000, 15) && within(bytes, 200_000, 15),
-        "arg_leak estimated at {bytes} bytes in {allocations} allocations, not 200000 in 2000 within 15%: {report}"
+        "arg_leak estimated at {bytes} bytes in {allocations} allocations, not 200000 in 2000 within 15%: {}", json(&report)
     );
-    assert_eq!(bytes % 4, 0, "sampled bytes are not scaled by 4: {report}");
+    assert_eq!(bytes % 4, 0, "sampled bytes are not scaled by 4: {}", json(&report));
 }

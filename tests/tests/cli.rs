@@ -11,11 +11,12 @@ fn command_with_arguments_traced_until_exit() {
     let finished = run_tracer(&["--json", "-c", &cmd, "1"]);
     let reports = finished.reports();
     let report = final_report(&reports);
-    assert_eq!(report["exited"], true, "final report does not say the command exited: {report}");
+    assert!(report.exited, "final report does not say the command exited: {}", json(report));
     assert_eq!(
-        totals_by_first_frame(report, "arg_leak"),
+        totals(report.stacks_by_first_frame("arg_leak")),
         (2100, 7),
-        "arg_leak should hold 7 x 300 bytes: {report}"
+        "arg_leak should hold 7 x 300 bytes: {}",
+        json(report)
     );
 }
 
@@ -46,9 +47,10 @@ fn signal_ends_tracing_with_final_report() {
         let reports = tracer.finish().reports();
         let report = final_report(&reports);
         assert_eq!(
-            totals_by_first_frame(report, "arg_leak"),
+            totals(report.stacks_by_first_frame("arg_leak")),
             (4000, 4),
-            "after signal {signal}, arg_leak should hold 4 x 1000 bytes: {report}"
+            "after signal {signal}, arg_leak should hold 4 x 1000 bytes: {}",
+            json(report)
         );
     }
 }
@@ -60,9 +62,10 @@ fn duration_ends_tracing() {
     let reports = tracer.finish().reports();
     let report = final_report(&reports);
     assert_eq!(
-        totals_by_first_frame(report, "arg_leak"),
+        totals(report.stacks_by_first_frame("arg_leak")),
         (4000, 4),
-        "arg_leak should hold 4 x 1000 bytes: {report}"
+        "arg_leak should hold 4 x 1000 bytes: {}",
+        json(report)
     );
 }
 

@@ -16,28 +16,44 @@ fn steady_leak_growing_at_its_rate() {
     let reports = trace_over_time("steady_leak", REPORTS);
     let report = final_report(&reports);
     let stack = stack_by_first_frame(report, "steady_leak_step")
-        .unwrap_or_else(|| panic!("leak at steady_leak_step not reported: {report}"));
-    assert_eq!(trend(stack), "growing", "steady_leak_step should be growing: {report}");
-    let rate = bytes_per_second(stack);
+        .unwrap_or_else(|| panic!("leak at steady_leak_step not reported: {}", json(report)));
+    let growth =
+        stack.growth.unwrap_or_else(|| panic!("steady_leak_step has no growth: {}", json(report)));
+    assert_eq!(
+        growth.trend,
+        Trend::Growing,
+        "steady_leak_step should be growing: {}",
+        json(report)
+    );
+    let rate = growth.bytes_per_second;
     assert!(
         within_f64(rate, 10240.0, 20.0),
-        "steady_leak_step grows at {rate} B/s, not within 20% of 10240: {report}"
+        "steady_leak_step grows at {rate} B/s, not within 20% of 10240: {}",
+        json(report)
     );
     assert!(
-        stacks_by_first_frame(report, "steady_churn").is_empty(),
-        "freed churn at steady_churn reported: {report}"
+        report.stacks_by_first_frame("steady_churn").next().is_none(),
+        "freed churn at steady_churn reported: {}",
+        json(report)
     );
-    let kinds = verdict_kinds(report);
-    assert!(kinds.contains(&"leak"), "verdict kinds {kinds:?} lack leak: {report}");
-    let text = verdict_text(report);
+    let verdict = verdict(report);
+    let kinds = &verdict.kinds;
+    assert!(
+        kinds.contains(&VerdictKind::Leak),
+        "verdict kinds {kinds:?} lack leak: {}",
+        json(report)
+    );
+    let text = &verdict.text;
     assert!(
         text.contains("steady_leak_step"),
-        "verdict {text:?} does not name steady_leak_step: {report}"
+        "verdict {text:?} does not name steady_leak_step: {}",
+        json(report)
     );
-    let total = number_at(report, "/verdict/leak_bytes_per_second");
+    let total = verdict.leak_bytes_per_second;
     assert!(
         within_f64(total, 10240.0, 20.0),
-        "verdict.leak_bytes_per_second is {total}, not within 20% of 10240: {report}"
+        "verdict.leak_bytes_per_second is {total}, not within 20% of 10240: {}",
+        json(report)
     );
 }
 
@@ -48,25 +64,31 @@ fn filled_cache_is_plateau_not_leak() {
     let reports = trace_over_time("cache_plateau", REPORTS);
     let report = final_report(&reports);
     let stack = stack_by_first_frame(report, "cache_insert")
-        .unwrap_or_else(|| panic!("cache entries at cache_insert not reported: {report}"));
+        .unwrap_or_else(|| panic!("cache entries at cache_insert not reported: {}", json(report)));
+    let growth =
+        stack.growth.unwrap_or_else(|| panic!("cache_insert has no growth: {}", json(report)));
     assert_eq!(
-        trend(stack),
-        "plateau",
-        "the full cache at cache_insert should be a plateau: {report}"
+        growth.trend,
+        Trend::Plateau,
+        "the full cache at cache_insert should be a plateau: {}",
+        json(report)
     );
     assert!(
-        within(bytes(stack), 256 * 4 * KIB, 10),
-        "cache_insert holds {} bytes, not within 10% of the 1 MiB cache: {report}",
-        bytes(stack)
+        within(stack.bytes, 256 * 4 * KIB, 10),
+        "cache_insert holds {} bytes, not within 10% of the 1 MiB cache: {}",
+        stack.bytes,
+        json(report)
     );
     assert!(
-        stacks_by_first_frame(report, "cache_lookup").is_empty(),
-        "freed lookup buffers at cache_lookup reported: {report}"
+        report.stacks_by_first_frame("cache_lookup").next().is_none(),
+        "freed lookup buffers at cache_lookup reported: {}",
+        json(report)
     );
-    let kinds = verdict_kinds(report);
+    let kinds = &verdict(report).kinds;
     assert!(
-        !kinds.contains(&"leak"),
-        "a cache that stopped growing judged a leak ({kinds:?}): {report}"
+        !kinds.contains(&VerdictKind::Leak),
+        "a cache that stopped growing judged a leak ({kinds:?}): {}",
+        json(report)
     );
 }
 
@@ -75,8 +97,13 @@ fn filled_cache_is_plateau_not_leak() {
 fn stable_working_set_is_no_leak() {
     let reports = trace_over_time("stable", REPORTS);
     let report = final_report(&reports);
-    let kinds = verdict_kinds(report);
-    assert_eq!(kinds, ["no_leak"], "a stable working set judged {kinds:?}: {report}");
+    let kinds = &verdict(report).kinds;
+    assert_eq!(
+        kinds,
+        &[VerdictKind::NoLeak],
+        "a stable working set judged {kinds:?}: {}",
+        json(report)
+    );
 }
 
 /// Check that heap RSS climbing while live bytes stay flat (glibc arenas that
@@ -85,17 +112,27 @@ fn stable_working_set_is_no_leak() {
 fn arena_growth_with_flat_live_bytes_is_retention() {
     let reports = trace_over_time("arena_retention", REPORTS);
     let report = final_report(&reports);
-    let kinds = verdict_kinds(report);
-    assert!(kinds.contains(&"retention"), "verdict kinds {kinds:?} lack retention: {report}");
-    assert!(!kinds.contains(&"leak"), "freed memory judged a leak ({kinds:?}): {report}");
-    let heap_rss = int_at(report, "/memory/since_attach/heap_rss");
+    let kinds = &verdict(report).kinds;
+    assert!(
+        kinds.contains(&VerdictKind::Retention),
+        "verdict kinds {kinds:?} lack retention: {}",
+        json(report)
+    );
+    assert!(
+        !kinds.contains(&VerdictKind::Leak),
+        "freed memory judged a leak ({kinds:?}): {}",
+        json(report)
+    );
+    let heap_rss = memory(report).since_attach.heap_rss;
     assert!(
         heap_rss > 20 * MIB as i64,
-        "heap RSS grew by {heap_rss} bytes since attach, expected more than 20 MiB: {report}"
+        "heap RSS grew by {heap_rss} bytes since attach, expected more than 20 MiB: {}",
+        json(report)
     );
-    let live = int_at(report, "/totals/bytes");
+    let live = report.totals.bytes;
     assert!(
-        live < 2 * MIB as i64,
-        "{live} bytes live in malloc, expected under 2 MiB (only the pins stay): {report}"
+        live < 2 * MIB,
+        "{live} bytes live in malloc, expected under 2 MiB (only the pins stay): {}",
+        json(report)
     );
 }

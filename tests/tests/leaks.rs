@@ -9,30 +9,40 @@ use std::time::Duration;
 #[test]
 fn calloc_leak_in_thread_named_and_churn_absent() {
     let report = trace_fixture("leak_calloc", &[], &[]);
-    let top = stacks(&report).first().unwrap_or_else(|| panic!("no stacks reported: {report}"));
+    let top =
+        report.stacks.first().unwrap_or_else(|| panic!("no stacks reported: {}", json(&report)));
     assert_eq!(
-        first_symbol(top),
+        top.first_symbol(),
         Some("leak_helper"),
-        "largest stack does not start at leak_helper: {report}"
+        "largest stack does not start at leak_helper: {}",
+        json(&report)
     );
     assert!(
-        frames(top).iter().skip(1).any(|frame| symbol(frame) == Some("worker_step")),
-        "worker_step missing from the leak_helper stack: {report}"
+        top.frames.iter().skip(1).any(|frame| frame.symbol.as_deref() == Some("worker_step")),
+        "worker_step missing from the leak_helper stack: {}",
+        json(&report)
     );
-    let first = &frames(top)[0];
+    let first = &top.frames[0];
     assert!(
-        first["file"].as_str().is_some_and(|file| file.ends_with("leak_calloc.c")),
-        "leak_helper frame does not name leak_calloc.c: {report}"
+        first.file.as_deref().is_some_and(|file| file.ends_with("leak_calloc.c")),
+        "leak_helper frame does not name leak_calloc.c: {}",
+        json(&report)
     );
-    assert!(first["line"].as_u64().is_some(), "leak_helper frame has no line: {report}");
+    assert!(first.line.is_some(), "leak_helper frame has no line: {}", json(&report));
     assert!(
-        within(bytes(top), 200 * 1024, 10),
-        "leak_helper bytes {} not within 10% of 204800: {report}",
-        bytes(top)
+        within(top.bytes, 200 * 1024, 10),
+        "leak_helper bytes {} not within 10% of 204800: {}",
+        top.bytes,
+        json(&report)
     );
     for churn in ["churn_same_thread", "churn_cross_thread_alloc"] {
-        let left = bytes_mentioning(&report, churn);
-        assert!(left < 4096, "{left} bytes reported under freed-memory churn {churn}: {report}");
+        let mentioning = report.stacks.iter().filter(|stack| has_symbol(&stack.frames, churn));
+        let left: u64 = mentioning.map(|stack| stack.bytes).sum();
+        assert!(
+            left < 4096,
+            "{left} bytes reported under freed-memory churn {churn}: {}",
+            json(&report)
+        );
     }
 }
 
@@ -41,13 +51,15 @@ fn calloc_leak_in_thread_named_and_churn_absent() {
 fn realloc_chain_keeps_only_final_block() {
     let report = trace_fixture("realloc_chain", &[], &[]);
     assert_eq!(
-        totals_by_first_frame(&report, "grow_buffer"),
+        totals(report.stacks_by_first_frame("grow_buffer")),
         (65536, 1),
-        "grow_buffer should hold exactly its final 65536-byte block: {report}"
+        "grow_buffer should hold exactly its final 65536-byte block: {}",
+        json(&report)
     );
     assert!(
-        stacks_by_first_frame(&report, "grow_and_free").is_empty(),
-        "freed realloc chain grow_and_free reported: {report}"
+        report.stacks_by_first_frame("grow_and_free").next().is_none(),
+        "freed realloc chain grow_and_free reported: {}",
+        json(&report)
     );
 }
 
@@ -56,20 +68,23 @@ fn realloc_chain_keeps_only_final_block() {
 fn big_malloc_counted_once() {
     let report = trace_fixture("big_malloc", &[], &[]);
     assert_eq!(
-        totals_by_first_frame(&report, "big_leak"),
+        totals(report.stacks_by_first_frame("big_leak")),
         (3 * 1024 * 1024, 3),
-        "big_leak should hold 3 x 1 MiB: {report}"
+        "big_leak should hold 3 x 1 MiB: {}",
+        json(&report)
     );
-    let from_libc = stacks(&report).iter().find(|stack| {
-        bytes(stack) >= 1024 * 1024
-            && frames(stack)
+    let from_libc = report.stacks.iter().find(|stack| {
+        stack.bytes >= 1024 * 1024
+            && stack
+                .frames
                 .first()
-                .and_then(|frame| frame["module"].as_str())
+                .and_then(|frame| frame.module.as_deref())
                 .is_some_and(|module| module.contains("libc.so"))
     });
     assert!(
         from_libc.is_none(),
-        "malloc's internal mmap reported as a separate leak from libc: {report}"
+        "malloc's internal mmap reported as a separate leak from libc: {}",
+        json(&report)
     );
 }
 
@@ -78,15 +93,17 @@ fn big_malloc_counted_once() {
 fn shared_library_leak_named() {
     let report = trace_fixture("uses_lib", &[], &[]);
     let stack = stack_by_first_frame(&report, "lib_leak")
-        .unwrap_or_else(|| panic!("leak at lib_leak not reported: {report}"));
+        .unwrap_or_else(|| panic!("leak at lib_leak not reported: {}", json(&report)));
     assert!(
-        frames(stack)[0]["module"].as_str().is_some_and(|module| module.ends_with("libleaky.so")),
-        "lib_leak frame does not name libleaky.so as its module: {report}"
+        stack.frames[0].module.as_deref().is_some_and(|module| module.ends_with("libleaky.so")),
+        "lib_leak frame does not name libleaky.so as its module: {}",
+        json(&report)
     );
     assert_eq!(
-        totals_by_first_frame(&report, "lib_leak"),
+        totals(report.stacks_by_first_frame("lib_leak")),
         (20480, 10),
-        "lib_leak should hold 10 x 2048 bytes: {report}"
+        "lib_leak should hold 10 x 2048 bytes: {}",
+        json(&report)
     );
 }
 
@@ -94,19 +111,31 @@ fn shared_library_leak_named() {
 #[test]
 fn cpp_template_leak_demangled() {
     let report = trace_fixture("cpp_leak", &[], &[]);
-    let found = stacks_containing(&report, &["Registry<", "make"]);
-    let total: u64 = found.iter().map(|stack| bytes(stack)).sum();
+    let found: Vec<&StackReport> = report
+        .stacks
+        .iter()
+        .filter(|stack| {
+            stack
+                .frames
+                .iter()
+                .filter_map(|frame| frame.symbol.as_deref())
+                .any(|symbol| symbol.contains("Registry<") && symbol.contains("make"))
+        })
+        .collect();
+    let total: u64 = found.iter().map(|stack| stack.bytes).sum();
     // operator new in libstdc++ keeps no frame pointer, so a plain frame-pointer
     // walk from malloc skips the frame of its caller, Registry<Widget>::make:
     // the tracer has to recover it.
     assert!(
         !found.is_empty(),
         "no frame names Registry<...>::make (demangled; its frame sits under \
-         operator new, which has no frame pointer): {report}"
+         operator new, which has no frame pointer): {}",
+        json(&report)
     );
     assert!(
         within(total, 50 * 256, 10),
-        "Registry<...>::make bytes {total} not within 10% of 12800: {report}"
+        "Registry<...>::make bytes {total} not within 10% of 12800: {}",
+        json(&report)
     );
 }
 
@@ -123,10 +152,11 @@ fn target_exit_ends_tracing() {
     assert!(status.success(), "fixture exits_midway failed: {status}");
     let reports = tracer.finish().reports();
     let report = final_report(&reports);
-    assert_eq!(report["exited"], true, "final report does not say the target exited: {report}");
+    assert!(report.exited, "final report does not say the target exited: {}", json(report));
     assert_eq!(
-        totals_by_first_frame(report, "exit_leak"),
+        totals(report.stacks_by_first_frame("exit_leak")),
         (20480, 5),
-        "exit_leak should hold 5 x 4096 bytes: {report}"
+        "exit_leak should hold 5 x 4096 bytes: {}",
+        json(report)
     );
 }

@@ -49,8 +49,9 @@ fn leak_reported_in_private_mount_namespace() {
 
     let report = trace_started(&mut fixture, &[]);
     assert_eq!(
-        totals_by_first_frame(&report, "ns_leak"),
+        totals(report.stacks_by_first_frame("ns_leak")),
         (18000, 12),
-        "ns_leak should hold 12 x 1500 bytes: {report}"
+        "ns_leak should hold 12 x 1500 bytes: {}",
+        json(&report)
     );
 }

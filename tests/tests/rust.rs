@@ -4,7 +4,6 @@
 //! build), under demangled names, for both legacy and v0 symbol mangling.
 
 use leaktrace_tests::*;
-use serde_json::Value;
 
 /// Whether `symbol` still looks mangled: a legacy `_ZN...17h<16 hex>E` name or
 /// a v0 `_R...` name.
@@ -18,25 +17,33 @@ fn looks_mangled(symbol: &str) -> bool {
     symbol.starts_with("_ZN") || symbol.starts_with("_R") || legacy_hash
 }
 
+/// Every stack whose first frame outside the standard library's allocation
+/// helpers contains `function`.
+fn leaking_at<'a>(report: &'a Report, function: &'a str) -> impl Iterator<Item = &'a StackReport> {
+    report
+        .stacks
+        .iter()
+        .filter(move |stack| first_user_symbol(stack).is_some_and(|sym| sym.contains(function)))
+}
+
 /// Checks the report of one build of fixtures/rust_system.rs.
 fn check_rust_system(name: &str) {
     let report = trace_fixture(name, &[], &[]);
     for (function, expected) in [("box_leak", (40000, 10)), ("forget_vec", (50000, 10))] {
         assert_eq!(
-            totals_by_first_user_frame_containing(&report, function),
+            totals(leaking_at(&report, function)),
             expected,
-            "{name}: {function} should hold {} bytes in {} allocations: {report}",
+            "{name}: {function} should hold {} bytes in {} allocations: {}",
             expected.0,
-            expected.1
+            expected.1,
+            json(&report)
         );
-        let leaking = stacks(&report)
-            .iter()
-            .filter(|stack| first_user_symbol(stack).is_some_and(|sym| sym.contains(function)));
-        for stack in leaking {
-            for symbol in frames(stack).iter().filter_map(symbol) {
+        for stack in leaking_at(&report, function) {
+            for symbol in stack.frames.iter().filter_map(|frame| frame.symbol.as_deref()) {
                 assert!(
                     !looks_mangled(symbol),
-                    "{name}: symbol {symbol:?} in the {function} stack is not demangled: {report}"
+                    "{name}: symbol {symbol:?} in the {function} stack is not demangled: {}",
+                    json(&report)
                 );
             }
         }
@@ -44,17 +51,15 @@ fn check_rust_system(name: &str) {
     // A Vec<u64> pushed to 1000 elements ends in one 1024 x 8-byte block; the
     // smaller blocks it grew through were freed by __rust_realloc.
     assert_eq!(
-        totals_by_first_user_frame_containing(&report, "grow_forever"),
+        totals(leaking_at(&report, "grow_forever")),
         (8192, 1),
-        "{name}: grow_forever should hold its final 8192-byte block: {report}"
+        "{name}: grow_forever should hold its final 8192-byte block: {}",
+        json(&report)
     );
-    let leaked_in_std = stacks(&report)
-        .iter()
-        .filter(|stack| first_symbol(stack).is_some_and(|sym| sym.contains("__rust_alloc")))
-        .collect::<Vec<&Value>>();
     assert!(
-        leaked_in_std.is_empty(),
-        "{name}: stacks start at the __rust_alloc shim instead of its caller: {report}"
+        stacks_by_first_frame_containing(&report, "__rust_alloc").next().is_none(),
+        "{name}: stacks start at the __rust_alloc shim instead of its caller: {}",
+        json(&report)
     );
 }
 

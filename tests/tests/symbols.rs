@@ -4,7 +4,6 @@
 //! and --sysroot copies of them.
 
 use leaktrace_tests::*;
-use serde_json::Value;
 use std::{fs, path::Path, process::Command, time::Duration};
 
 /// Where the namespace fixtures run from: a tmpfs mounted on /mnt inside the
@@ -13,21 +12,23 @@ const NS_ONLY_PROG: &str = "/mnt/ns-only/prog";
 
 /// Asserts that the largest stack starting at `function` names `file` and a line,
 /// and that `function`'s stacks total (bytes, allocations).
-fn assert_leak_with_line(report: &Value, function: &str, file: &str, expected: (u64, u64)) {
+fn assert_leak_with_line(report: &Report, function: &str, file: &str, expected: (u64, u64)) {
     let stack = stack_by_first_frame(report, function)
-        .unwrap_or_else(|| panic!("leak at {function} not reported: {report}"));
-    let first = &frames(stack)[0];
+        .unwrap_or_else(|| panic!("leak at {function} not reported: {}", json(report)));
+    let first = &stack.frames[0];
     assert!(
-        first["file"].as_str().is_some_and(|name| name.ends_with(file)),
-        "{function} frame does not name {file}: {report}"
+        first.file.as_deref().is_some_and(|name| name.ends_with(file)),
+        "{function} frame does not name {file}: {}",
+        json(report)
     );
-    assert!(first["line"].as_u64().is_some(), "{function} frame has no line: {report}");
+    assert!(first.line.is_some(), "{function} frame has no line: {}", json(report));
     assert_eq!(
-        totals_by_first_frame(report, function),
+        totals(report.stacks_by_first_frame(function)),
         expected,
-        "{function} should hold {} bytes in {} allocations: {report}",
+        "{function} should hold {} bytes in {} allocations: {}",
         expected.0,
-        expected.1
+        expected.1,
+        json(report)
     );
 }
 
@@ -52,26 +53,28 @@ fn stripped_pie_symbolized_through_build_id() {
 #[test]
 fn stripped_binary_frame_has_module_and_offset() {
     let report = trace_fixture("nosyms_leak", &[], &[]);
-    let ours: Vec<&Value> = stacks(&report)
+    let ours: Vec<&StackReport> = report
+        .stacks
         .iter()
         .filter(|stack| {
-            frames(stack)
+            stack
+                .frames
                 .first()
-                .and_then(|frame| frame["module"].as_str())
+                .and_then(|frame| frame.module.as_deref())
                 .is_some_and(|module| module.ends_with("nosyms_leak"))
         })
         .collect();
-    let total =
-        ours.iter().fold((0, 0), |(b, a), stack| (b + bytes(stack), a + allocations(stack)));
+    let total = totals(ours.iter().copied());
     assert_eq!(
         total,
         (38000, 10),
-        "stacks starting in module nosyms_leak should hold 10 x 3800 bytes: {report}"
+        "stacks starting in module nosyms_leak should hold 10 x 3800 bytes: {}",
+        json(&report)
     );
     for stack in ours {
-        let first = &frames(stack)[0];
-        assert!(first["symbol"].is_null(), "stripped frame has a symbol: {report}");
-        assert!(first["offset"].is_u64(), "stripped frame has no numeric offset: {report}");
+        let first = &stack.frames[0];
+        assert!(first.symbol.is_none(), "stripped frame has a symbol: {}", json(&report));
+        assert!(first.offset.is_some(), "stripped frame has no numeric offset: {}", json(&report));
     }
 }
 
@@ -80,9 +83,10 @@ fn stripped_binary_frame_has_module_and_offset() {
 fn stripped_binary_symbolized_from_dynsym() {
     let report = trace_fixture("dynsym_leak", &[], &[]);
     assert_eq!(
-        totals_by_first_frame(&report, "dyn_leak"),
+        totals(report.stacks_by_first_frame("dyn_leak")),
         (39000, 10),
-        "dyn_leak (in .dynsym only) should hold 10 x 3900 bytes: {report}"
+        "dyn_leak (in .dynsym only) should hold 10 x 3900 bytes: {}",
+        json(&report)
     );
 }
 
@@ -118,9 +122,10 @@ fn binary_only_in_target_mount_namespace_symbolized() {
     let mut fixture = start_in_private_mnt("mntns_leak");
     let report = trace_started(&mut fixture, &[]);
     assert_eq!(
-        totals_by_first_frame(&report, "mntns_leak"),
+        totals(report.stacks_by_first_frame("mntns_leak")),
         (37000, 10),
-        "mntns_leak should hold 10 x 3700 bytes: {report}"
+        "mntns_leak should hold 10 x 3700 bytes: {}",
+        json(&report)
     );
 }
 
@@ -153,10 +158,11 @@ fn exited_target_symbolized_from_sysroot() {
     assert!(status.success(), "fixture sysroot_leak failed: {status}");
     let reports = tracer.finish().reports();
     let report = final_report(&reports);
-    assert_eq!(report["exited"], true, "final report does not say the target exited: {report}");
+    assert!(report.exited, "final report does not say the target exited: {}", json(report));
     assert_eq!(
-        totals_by_first_frame(report, "sysroot_leak"),
+        totals(report.stacks_by_first_frame("sysroot_leak")),
         (18000, 5),
-        "sysroot_leak should hold 5 x 3600 bytes: {report}"
+        "sysroot_leak should hold 5 x 3600 bytes: {}",
+        json(report)
     );
 }

@@ -13,23 +13,31 @@ fn unjoined_threads_reported_at_creation_site() {
     let reports = trace_over_time("threads_unjoined", REPORTS);
     let report = final_report(&reports);
     let site = thread_site_through(report, "spawn_worker")
-        .unwrap_or_else(|| panic!("no thread site through spawn_worker: {report}"));
-    let unjoined = site_count(site, "exited_unjoined");
+        .unwrap_or_else(|| panic!("no thread site through spawn_worker: {}", json(report)));
+    let unjoined = site.counts.exited_unjoined;
     assert!(
         unjoined >= 10,
-        "{unjoined} threads exited unjoined at spawn_worker, expected 10 or more (10 a second): {report}"
+        "{unjoined} threads exited unjoined at spawn_worker, expected 10 or more (10 a second): {}",
+        json(report)
     );
-    assert_eq!(site_count(site, "joined"), 0, "spawn_worker never joins a thread: {report}");
+    assert_eq!(site.counts.joined, 0, "spawn_worker never joins a thread: {}", json(report));
     assert!(
-        site_count(site, "stack_bytes") > 0,
-        "unjoined threads keep their stacks, yet spawn_worker's site has no stack_bytes: {report}"
+        site.counts.stack_bytes > 0,
+        "unjoined threads keep their stacks, yet spawn_worker's site has no stack_bytes: {}",
+        json(report)
     );
-    let kinds = verdict_kinds(report);
-    assert!(kinds.contains(&"thread_leak"), "verdict kinds {kinds:?} lack thread_leak: {report}");
-    let text = verdict_text(report);
+    let verdict = verdict(report);
+    let kinds = &verdict.kinds;
+    assert!(
+        kinds.contains(&VerdictKind::ThreadLeak),
+        "verdict kinds {kinds:?} lack thread_leak: {}",
+        json(report)
+    );
+    let text = &verdict.text;
     assert!(
         text.contains("spawn_worker"),
-        "verdict {text:?} does not name the creation site spawn_worker: {report}"
+        "verdict {text:?} does not name the creation site spawn_worker: {}",
+        json(report)
     );
 }
 
@@ -40,33 +48,45 @@ fn blocked_threads_counted_alive_and_growing() {
     let reports = trace_over_time("threads_blocked", REPORTS);
     let report = final_report(&reports);
     let site = thread_site_through(report, "start_blocked_worker")
-        .unwrap_or_else(|| panic!("no thread site through start_blocked_worker: {report}"));
-    let (created, alive) = (site_count(site, "created"), site_count(site, "alive"));
+        .unwrap_or_else(|| panic!("no thread site through start_blocked_worker: {}", json(report)));
+    let (created, alive) = (site.counts.created, site.counts.alive);
     assert!(
         alive >= 10,
-        "{alive} threads alive at start_blocked_worker, expected 10 or more (10 a second): {report}"
+        "{alive} threads alive at start_blocked_worker, expected 10 or more (10 a second): {}",
+        json(report)
     );
-    assert_eq!(alive, created, "no thread from start_blocked_worker ever exits: {report}");
+    assert_eq!(alive, created, "no thread from start_blocked_worker ever exits: {}", json(report));
     assert_eq!(
-        site_count(site, "exited_unjoined"),
+        site.counts.exited_unjoined,
         0,
-        "no thread from start_blocked_worker ever exits: {report}"
+        "no thread from start_blocked_worker ever exits: {}",
+        json(report)
     );
     assert_eq!(
-        site["trend"].as_str(),
-        Some("growing"),
-        "start_blocked_worker's threads should be growing: {report}"
+        site.trend,
+        Trend::Growing,
+        "start_blocked_worker's threads should be growing: {}",
+        json(report)
     );
-    let first = int_at(&reports[0], "/memory/threads");
-    let last = int_at(report, "/memory/threads");
+    let first = memory(&reports[0]).picture.threads;
+    let last = memory(report).picture.threads;
     assert!(
         last >= first + 10,
-        "memory.threads went from {first} to {last}, expected 10 or more new threads: {report}"
+        "memory.threads went from {first} to {last}, expected 10 or more new threads: {}",
+        json(report)
     );
-    let since = int_at(report, "/memory/since_attach/threads");
-    assert!(since >= 10, "memory.since_attach.threads is {since}, expected 10 or more: {report}");
-    let kinds = verdict_kinds(report);
-    assert!(kinds.contains(&"thread_leak"), "verdict kinds {kinds:?} lack thread_leak: {report}");
+    let since = memory(report).since_attach.threads;
+    assert!(
+        since >= 10,
+        "memory.since_attach.threads is {since}, expected 10 or more: {}",
+        json(report)
+    );
+    let kinds = &verdict(report).kinds;
+    assert!(
+        kinds.contains(&VerdictKind::ThreadLeak),
+        "verdict kinds {kinds:?} lack thread_leak: {}",
+        json(report)
+    );
 }
 
 /// Check that a thread's record of calls in flight goes when the thread
@@ -76,12 +96,14 @@ fn blocked_threads_counted_alive_and_growing() {
 fn short_lived_threads_do_not_exhaust_call_records() {
     let threads = u64::from(leaktrace_common::MAX_PENDING) + 4_096;
     let report = trace_fixture("thread_churn", &[&threads.to_string()], &[]);
-    let (bytes, allocations) = totals_by_first_frame(&report, "leak_in_thread");
+    let (bytes, allocations) = totals(report.stacks_by_first_frame("leak_in_thread"));
     assert_eq!(
-        allocations, threads,
-        "{threads} threads leaked one block each from leak_in_thread: {report}"
+        allocations,
+        threads,
+        "{threads} threads leaked one block each from leak_in_thread: {}",
+        json(&report)
     );
-    assert_eq!(bytes, threads * 24, "each block is 24 bytes: {report}");
-    let lost = report["lost"]["pending_map_full"].as_u64().unwrap_or(0);
-    assert_eq!(lost, 0, "no call record may be lost: {report}");
+    assert_eq!(bytes, threads * 24, "each block is 24 bytes: {}", json(&report));
+    let lost = report.lost.get(&Lost::PendingMapFull).copied().unwrap_or(0);
+    assert_eq!(lost, 0, "no call record may be lost: {}", json(&report));
 }

@@ -7,7 +7,6 @@
 //! information ends the stack cleanly and is counted as lost.
 
 use leaktrace_tests::*;
-use serde_json::Value;
 use std::{ops::Range, path::Path, process::Command};
 
 /// How a frame's symbol is matched: C names exactly, demangled C++ and Rust
@@ -31,25 +30,25 @@ impl Name {
 /// A stack's frames that are calls of their own, innermost first. Inlined
 /// frames share the address of the frame after them (a return address in a
 /// caller may fall in code inlined there, e.g. black_box), so they are left out.
-fn calls(stack: &Value) -> Vec<&Value> {
-    frames(stack).iter().filter(|frame| frame["inlined"] != true).collect()
+fn calls(frames: &[Frame]) -> Vec<&Frame> {
+    frames.iter().filter(|frame| !frame.inlined).collect()
 }
 
 /// The symbols of a stack's calls, "?" for a frame without one, for messages.
-fn call_names(stack: &Value) -> Vec<&str> {
-    calls(stack).into_iter().map(|frame| symbol(frame).unwrap_or("?")).collect()
+fn call_names(frames: &[Frame]) -> Vec<&str> {
+    calls(frames).into_iter().map(|frame| frame.symbol.as_deref().unwrap_or("?")).collect()
 }
 
 /// Where `chain` (innermost first) begins in the stack's calls: the first
 /// call matching chain[0], followed at once by calls matching the rest, in order.
-fn chain_start(stack: &Value, chain: &[Name]) -> Result<usize, String> {
-    let calls = calls(stack);
+fn chain_start(frames: &[Frame], chain: &[Name]) -> Result<usize, String> {
+    let calls = calls(frames);
     let start = calls
         .iter()
-        .position(|frame| chain[0].matches(symbol(frame)))
+        .position(|frame| chain[0].matches(frame.symbol.as_deref()))
         .ok_or_else(|| format!("no frame {:?}", chain[0]))?;
     for (i, name) in chain.iter().enumerate().skip(1) {
-        if !calls.get(start + i).is_some_and(|frame| name.matches(symbol(frame))) {
+        if !calls.get(start + i).is_some_and(|frame| name.matches(frame.symbol.as_deref())) {
             return Err(format!("frame {} after {:?} is not {name:?}", start + i, chain[0]));
         }
     }
@@ -59,56 +58,71 @@ fn chain_start(stack: &Value, chain: &[Name]) -> Result<usize, String> {
 /// Every stack of the report that calls through `chain[0]`, each asserted to
 /// show the whole chain as consecutive calls, with their (bytes, allocations)
 /// total. Returns the stacks and where the chain begins in each.
-fn chain_stacks<'a>(report: &'a Value, chain: &[Name]) -> (Vec<(&'a Value, usize)>, (u64, u64)) {
-    let through: Vec<&Value> = stacks(report)
+fn chain_stacks<'a>(
+    report: &'a Report,
+    chain: &[Name],
+) -> (Vec<(&'a StackReport, usize)>, (u64, u64)) {
+    let through: Vec<&StackReport> = report
+        .stacks
         .iter()
-        .filter(|stack| calls(stack).iter().any(|frame| chain[0].matches(symbol(frame))))
+        .filter(|stack| {
+            calls(&stack.frames).iter().any(|frame| chain[0].matches(frame.symbol.as_deref()))
+        })
         .collect();
-    assert!(!through.is_empty(), "no stack has a frame {:?}: {report}", chain[0]);
+    assert!(!through.is_empty(), "no stack has a frame {:?}: {}", chain[0], json(report));
     let mut found = Vec::new();
     for stack in through {
-        match chain_start(stack, chain) {
+        match chain_start(&stack.frames, chain) {
             Ok(start) => found.push((stack, start)),
             Err(why) => panic!(
-                "a stack through {:?} lacks the chain {chain:?} ({why}); its calls are {:?}: {report}",
+                "a stack through {:?} lacks the chain {chain:?} ({why}); its calls are {:?}: {}",
                 chain[0],
-                call_names(stack)
+                call_names(&stack.frames),
+                json(report)
             ),
         }
     }
-    let total =
-        found.iter().fold((0, 0), |(b, a), (stack, _)| (b + bytes(stack), a + allocations(stack)));
+    let total = totals(found.iter().map(|&(stack, _)| stack));
     (found, total)
 }
 
 /// Asserts that every call before `start` (the frames the chain's first
 /// function called into) lies in a module whose path contains `library`, that
 /// there is at least one, and that one's symbol contains `name`.
-fn assert_called_into(report: &Value, stack: &Value, start: usize, library: &str, name: &str) {
-    let inside = &calls(stack)[..start];
+fn assert_called_into(
+    report: &Report,
+    stack: &StackReport,
+    start: usize,
+    library: &str,
+    name: &str,
+) {
+    let inside = &calls(&stack.frames)[..start];
     assert!(
         !inside.is_empty(),
-        "the stack has no {library} frame before its first own frame; calls {:?}: {report}",
-        call_names(stack)
+        "the stack has no {library} frame before its first own frame; calls {:?}: {}",
+        call_names(&stack.frames),
+        json(report)
     );
     for frame in inside {
         assert!(
-            frame["module"].as_str().is_some_and(|module| module.contains(library)),
-            "frame {frame} before the program's own frames is not in {library}; calls {:?}: {report}",
-            call_names(stack)
+            frame.module.as_deref().is_some_and(|module| module.contains(library)),
+            "frame {frame:?} before the program's own frames is not in {library}; calls {:?}: {}",
+            call_names(&stack.frames),
+            json(report)
         );
     }
     assert!(
-        inside.iter().filter_map(|frame| symbol(frame)).any(|sym| sym.contains(name)),
-        "no {library} frame names {name}; calls {:?}: {report}",
-        call_names(stack)
+        inside.iter().filter_map(|frame| frame.symbol.as_deref()).any(|sym| sym.contains(name)),
+        "no {library} frame names {name}; calls {:?}: {}",
+        call_names(&stack.frames),
+        json(report)
     );
 }
 
 /// Asserts that `report`, of a build of unwind_chain.c, shows its leak as
 /// leak_leaf -> leak_middle -> leak_outer -> main, walked to the outermost
 /// frame, with its exact bytes.
-fn assert_leak_chain(report: &Value) {
+fn assert_leak_chain(report: &Report) {
     let chain =
         [Name::Is("leak_leaf"), Name::Is("leak_middle"), Name::Is("leak_outer"), Name::Is("main")];
     let (found, total) = chain_stacks(report, &chain);
@@ -116,15 +130,18 @@ fn assert_leak_chain(report: &Value) {
         assert_eq!(
             start,
             0,
-            "leak_leaf is not the first frame (malloc's caller); calls {:?}: {report}",
-            call_names(stack)
+            "leak_leaf is not the first frame (malloc's caller); calls {:?}: {}",
+            call_names(&stack.frames),
+            json(report)
         );
         assert_eq!(
-            stack["stack_end"], "complete",
-            "a stack walked up to _start should say it is complete: {report}"
+            stack.stack_end,
+            StackEnd::Complete,
+            "a stack walked up to _start should say it is complete: {}",
+            json(report)
         );
     }
-    assert_eq!(total, (43210, 10), "leak_leaf should hold 10 x 4321 bytes: {report}");
+    assert_eq!(total, (43210, 10), "leak_leaf should hold 10 x 4321 bytes: {}", json(report));
 }
 
 /// Check that a C leak made two calls below main in -O2 code without frame
@@ -146,19 +163,26 @@ fn cpp_template_leak_without_frame_pointers_unwound_to_main() {
     for (stack, start) in found {
         assert!(
             first_user_symbol(stack).is_some_and(|sym| sym.contains("Pool<Block>::grow")),
-            "the first frame outside operator new is not Pool<Block>::grow; calls {:?}: {report}",
-            call_names(stack)
+            "the first frame outside operator new is not Pool<Block>::grow; calls {:?}: {}",
+            call_names(&stack.frames),
+            json(&report)
         );
         // Stacks are taken at operator new's return (so it is not a frame) or
         // inside it, in libstdc++; nothing else may come before grow.
-        for frame in &calls(stack)[..start] {
+        for frame in &calls(&stack.frames)[..start] {
             assert!(
-                frame["module"].as_str().is_some_and(|module| module.contains("libstdc++")),
-                "frame {frame} before Pool<Block>::grow is not operator new in libstdc++: {report}"
+                frame.module.as_deref().is_some_and(|module| module.contains("libstdc++")),
+                "frame {frame:?} before Pool<Block>::grow is not operator new in libstdc++: {}",
+                json(&report)
             );
         }
     }
-    assert_eq!(total, (6400, 20), "Pool<Block>::grow should hold 20 x 320 bytes: {report}");
+    assert_eq!(
+        total,
+        (6400, 20),
+        "Pool<Block>::grow should hold 20 x 320 bytes: {}",
+        json(&report)
+    );
 }
 
 /// Check that blocks allocated inside libc, by strdup and by asprintf, called
@@ -172,13 +196,23 @@ fn libc_allocations_unwound_through_libc_to_main() {
     for (stack, start) in found {
         assert_called_into(&report, stack, start, "libc.so", "strdup");
     }
-    assert_eq!(total, (640, 10), "leak_dup should hold 10 strdup'ed 64-byte strings: {report}");
+    assert_eq!(
+        total,
+        (640, 10),
+        "leak_dup should hold 10 strdup'ed 64-byte strings: {}",
+        json(&report)
+    );
 
     let (found, total) = chain_stacks(&report, &[Name::Is("leak_fmt"), Name::Is("main")]);
     for (stack, start) in found {
         assert_called_into(&report, stack, start, "libc.so", "asprintf");
     }
-    assert_eq!(total, (280, 10), "leak_fmt should hold 10 asprintf'ed 28-byte strings: {report}");
+    assert_eq!(
+        total,
+        (280, 10),
+        "leak_fmt should hold 10 asprintf'ed 28-byte strings: {}",
+        json(&report)
+    );
 }
 
 /// Check that Rust leaks at opt-level 2 without frame pointers, through Vec
@@ -197,14 +231,18 @@ fn rust_leaks_without_frame_pointers_unwound_to_main() {
         for (stack, _) in found {
             assert!(
                 first_user_symbol(stack).is_some_and(|sym| sym.contains(leaking)),
-                "the first frame outside the standard library is not {leaking}; calls {:?}: {report}",
-                call_names(stack)
+                "the first frame outside the standard library is not {leaking}; calls {:?}: {}",
+                call_names(&stack.frames),
+                json(&report)
             );
         }
         assert_eq!(
-            total, expected,
-            "{function} should hold {} bytes in {} allocations: {report}",
-            expected.0, expected.1
+            total,
+            expected,
+            "{function} should hold {} bytes in {} allocations: {}",
+            expected.0,
+            expected.1,
+            json(&report)
         );
     }
 }
@@ -215,20 +253,20 @@ fn rust_leaks_without_frame_pointers_unwound_to_main() {
 fn thread_site_without_frame_pointers_unwound_to_main() {
     let report = trace_fixture("unwind_thread", &[], &[]);
     let site = thread_site_through(&report, "spawn_thread")
-        .unwrap_or_else(|| panic!("no thread site through spawn_thread: {report}"));
+        .unwrap_or_else(|| panic!("no thread site through spawn_thread: {}", json(&report)));
     let chain = [Name::Is("spawn_thread"), Name::Is("start_threads"), Name::Is("main")];
-    match chain_start(site, &chain) {
+    match chain_start(&site.frames, &chain) {
         Ok(0) => {}
         Ok(start) => panic!(
-            "spawn_thread is frame {start}, not the first (pthread_create's caller); calls {:?}: {report}",
-            call_names(site)
+            "spawn_thread is frame {start}, not the first (pthread_create's caller); calls {:?}: {}",
+            call_names(&site.frames), json(&report)
         ),
         Err(why) => panic!(
-            "the spawn_thread site lacks the chain {chain:?} ({why}); its calls are {:?}: {report}",
-            call_names(site)
+            "the spawn_thread site lacks the chain {chain:?} ({why}); its calls are {:?}: {}",
+            call_names(&site.frames), json(&report)
         ),
     }
-    assert_eq!(site_count(site, "created"), 3, "spawn_thread creates 3 threads: {report}");
+    assert_eq!(site.counts.created, 3, "spawn_thread creates 3 threads: {}", json(&report));
 }
 
 /// The address ranges of the FDEs in `binary`'s .eh_frame and .debug_frame.
@@ -287,32 +325,34 @@ fn frame_without_unwind_info_ends_stack_cleanly() {
     );
 
     let report = trace_fixture("unwind_nocfi", &[], &[]);
-    let through: Vec<&Value> = stacks(&report)
-        .iter()
-        .filter(|stack| frames(stack).iter().any(|frame| symbol(frame) == Some("leak_leaf")))
-        .collect();
-    assert!(!through.is_empty(), "no stack through leak_leaf: {report}");
+    let through: Vec<&StackReport> =
+        report.stacks.iter().filter(|stack| has_symbol(&stack.frames, "leak_leaf")).collect();
+    assert!(!through.is_empty(), "no stack through leak_leaf: {}", json(&report));
     for stack in &through {
-        let names: Vec<Option<&str>> = frames(stack).iter().map(symbol).collect();
+        let names: Vec<Option<&str>> =
+            stack.frames.iter().map(|frame| frame.symbol.as_deref()).collect();
         assert_eq!(
             names,
             [Some("leak_leaf"), Some("nocfi_caller")],
             "the stack through leak_leaf should be exactly leak_leaf, nocfi_caller \
-             (nocfi_caller has no call-frame information): {report}"
+             (nocfi_caller has no call-frame information): {}",
+            json(&report)
         );
         assert_eq!(
-            stack["stack_end"], "no_unwind_info",
-            "the stack cut at nocfi_caller should say why: {report}"
+            stack.stack_end,
+            StackEnd::NoInfo,
+            "the stack cut at nocfi_caller should say why: {}",
+            json(&report)
         );
     }
-    let total =
-        through.iter().fold((0, 0), |(b, a), stack| (b + bytes(stack), a + allocations(stack)));
-    assert_eq!(total, (23450, 10), "leak_leaf should hold 10 x 2345 bytes: {report}");
-    let no_info = report["lost"]["unwind_no_info"].as_u64();
+    let total = totals(through.iter().copied());
+    assert_eq!(total, (23450, 10), "leak_leaf should hold 10 x 2345 bytes: {}", json(&report));
+    let no_info = report.lost.get(&Lost::UnwindNoInfo).copied();
     assert!(
         no_info.is_some_and(|count| count > 0),
         "lost.unwind_no_info is {no_info:?}, expected a count above 0 for the stacks cut at \
-         nocfi_caller: {report}"
+         nocfi_caller: {}",
+        json(&report)
     );
 }
 
@@ -346,19 +386,27 @@ fn dlopen_library_loaded_after_attach_unwound() {
         assert_eq!(
             start,
             0,
-            "plugin_leaf is not the first frame (malloc's caller); calls {:?}: {report}",
-            call_names(stack)
+            "plugin_leaf is not the first frame (malloc's caller); calls {:?}: {}",
+            call_names(&stack.frames),
+            json(&report)
         );
-        for frame in &calls(stack)[..3] {
+        for frame in &calls(&stack.frames)[..3] {
             assert!(
-                frame["module"]
-                    .as_str()
+                frame
+                    .module
+                    .as_deref()
                     .is_some_and(|module| module.ends_with("libdlopen_plugin.so")),
-                "frame {frame} does not name libdlopen_plugin.so as its module: {report}"
+                "frame {frame:?} does not name libdlopen_plugin.so as its module: {}",
+                json(&report)
             );
         }
     }
-    assert_eq!(total, (64200, 20), "plugin_leaf should hold 2 rounds of 10 x 3210 bytes: {report}");
+    assert_eq!(
+        total,
+        (64200, 20),
+        "plugin_leaf should hold 2 rounds of 10 x 3210 bytes: {}",
+        json(&report)
+    );
 }
 
 /// The ELF file type of `binary` ("EXEC", "DYN", ...), from `readelf -h`.

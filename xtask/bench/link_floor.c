@@ -3,8 +3,8 @@
  *
  * Attaches an empty BPF program (`return 0`) to malloc's entry and return
  * and to free, at the file offsets leaktrace itself uses (the bench reads
- * them from `leaktrace --floor -v`), for process PID only, then prints
- * "attached" and waits for SIGINT or SIGTERM.
+ * them from the `probed` list of a `leaktrace --floor --json` report), for
+ * process PID only, then prints "attached" and waits for SIGINT or SIGTERM.
  *
  * KIND:
  *   perf     perf-event uprobes with the program attached by ioctl: the links

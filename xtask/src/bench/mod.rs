@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _};
+use leaktrace_report::{read_reports, Report};
 
 mod live;
 mod process;
@@ -21,6 +22,8 @@ use process::*;
 pub(super) const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a tracer may take to print its last output and exit after SIGINT.
 pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a first one-second report may take once the probes are attached.
+pub(super) const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Far longer than any run, so no periodic report lands inside the timed loop.
 pub(super) const TRACE_INTERVAL: &str = "3600";
 /// bpftrace says "Attaching N probes..." before it has attached them and has
@@ -323,57 +326,49 @@ pub(super) struct LinkFloor {
 }
 
 impl LinkFloor {
-    /// Builds link_floor and reads leaktrace's attach points from
-    /// `leaktrace --floor -v` on one run of `workload`.
+    /// Builds link_floor and reads leaktrace's attach points from the first
+    /// report of `leaktrace --floor --json` on one run of `workload`.
     fn prepare(leaktrace: &Path, workload: &Path) -> anyhow::Result<Self> {
         let source = workspace_root().join("xtask/bench/link_floor.c");
         let bin = compile_c(&source, "link_floor", &C_FLAGS)?;
         let mut run = Workload::start(workload, &["1".to_owned(), "1".to_owned()])?;
-        let (mut library, mut malloc, mut free) = (None, None, None);
         let mut cmd = Command::new(leaktrace);
-        cmd.args(["-p", &run.pid.to_string(), TRACE_INTERVAL, "--floor", "-v"]);
+        // One report, a second after attaching: its `probed` list says where
+        // each probe went.
+        cmd.args(["-p", &run.pid.to_string(), "--floor", "--json", "1", "1"]);
         let mut tracer = Tracer::spawn("leaktrace", &mut cmd)?;
-        // -v names each probe's offset before the `attached` line.
-        tracer.wait_for("`attached to pid`", ATTACH_TIMEOUT, |line| {
-            malloc = malloc.or_else(|| probe_offset(&line.text, "malloc"));
-            free = free.or_else(|| probe_offset(&line.text, "free"));
-            if library.is_none() {
-                library = first_probed_object(&line.text);
-            }
-            !line.from_stdout && line.text.contains("attached to pid")
+        let report = tracer.wait_for("a JSON report", ATTACH_TIMEOUT + REPORT_TIMEOUT, |line| {
+            line.from_stdout && line.text.starts_with('{')
         })?;
         tracer.stop()?;
         run.go()?;
         run.read_value("ns_per_pair")?;
         run.wait()?;
-        let missing = || {
-            anyhow::anyhow!(
-                "`leaktrace --floor -v` did not name the library and the malloc and free probe offsets"
-            )
-        };
-        Ok(Self {
-            bin,
-            library: library.ok_or_else(missing)?,
-            malloc: malloc.ok_or_else(missing)?,
-            free: free.ok_or_else(missing)?,
-        })
+        let report = read_reports(report.text.as_bytes())
+            .context("`leaktrace --floor --json` printed what is not a report")?
+            .remove(0);
+        let (library, malloc, free) = attach_points(&report)?;
+        Ok(Self { bin, library, malloc, free })
     }
 }
 
-/// The file offset in a `-v` line such as
-/// `[INFO  leaktrace::session] free: probe 3 bytes past entry (file offset 0x98ef3), ...`.
-fn probe_offset(line: &str, symbol: &str) -> Option<u64> {
-    let rest = line.split_once(&format!("] {symbol}: probe "))?.1;
-    let hex = rest.split_once("(file offset 0x")?.1.split_once(')')?.0;
-    u64::from_str_radix(hex, 16).ok()
-}
-
-/// The first object of `leaktrace: attached to pid N: functions probed: 20 in PATH, ...`.
-fn first_probed_object(line: &str) -> Option<String> {
-    let rest = line.split_once("functions probed: ")?.1;
-    let path = rest.split_once(" in ")?.1;
-    let end = path.find([',', ';']).unwrap_or(path.len());
-    Some(path[..end].to_owned())
+/// The object and the file offsets of malloc's and free's entry probes in
+/// `report`. The object is the path as the target names it: the workload runs
+/// in our mount namespace, so link_floor opens the same file by it.
+fn attach_points(report: &Report) -> anyhow::Result<(String, u64, u64)> {
+    let probe = |symbol: &str| {
+        report.probe(symbol).with_context(|| {
+            format!("leaktrace's report places no probe on {symbol} (`probed[].probes` is missing or lacks it)")
+        })
+    };
+    let ((object, malloc), (free_object, free)) = (probe("malloc")?, probe("free")?);
+    ensure!(
+        object.object == free_object.object,
+        "malloc is probed in {} but free in {}: link_floor attaches to one library",
+        object.object,
+        free_object.object
+    );
+    Ok((object.object.clone(), malloc.offset, free.offset))
 }
 
 /// The C flags of both workloads.
@@ -508,19 +503,48 @@ impl Summary {
 mod tests {
     use super::*;
 
-    /// Check that leaktrace's -v and --program-stats lines are read back.
+    /// A report line as `leaktrace --json` writes it, with `probed` as given.
+    fn report_line(probed: &str) -> String {
+        format!(
+            r#"{{"type":"report","schema":1,"final":true,"time":"2026-11-30T06:00:00Z","pid":7,"exited":false,"older_ms":500,"totals":{{"bytes":0,"allocations":0}},"stack_count":0,"stacks":[],"lost":{{"alloc_map_full":0}},"probed":{probed},"sample_rate":1}}"#
+        )
+    }
+
+    /// Check that malloc's and free's placement is read from a report's
+    /// `probed` list, past objects without them and aliases.
     #[test]
-    fn leaktrace_lines() {
-        let free = "[INFO  leaktrace::session] free: probe 3 bytes past entry (file offset 0x98ef3), past an instruction the kernel would single-step";
-        assert_eq!(probe_offset(free, "free"), Some(0x98ef3));
-        assert_eq!(probe_offset(free, "malloc"), None);
-        let malloc = "[INFO  leaktrace::session] malloc: probe at entry (file offset 0x98930)";
-        assert_eq!(probe_offset(malloc, "malloc"), Some(0x98930));
-        let attached = "leaktrace: attached to pid 7: functions probed: 20 in /usr/lib/x86_64-linux-gnu/libc.so.6, 1 in /usr/lib/ld.so; Ctrl-C to stop";
-        assert_eq!(
-            first_probed_object(attached).as_deref(),
-            Some("/usr/lib/x86_64-linux-gnu/libc.so.6")
+    fn attach_points_from_report() {
+        let line = report_line(
+            r#"[{"object":"/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2","functions":["__tls_get_addr"],"probes":[{"symbol":"__tls_get_addr","offset":4096,"skipped":0}]},
+                {"object":"/usr/lib/x86_64-linux-gnu/libc.so.6","functions":["malloc","free","memalign","aligned_alloc"],"probes":[
+                    {"symbol":"malloc","offset":624944,"skipped":0},
+                    {"symbol":"free","offset":626419,"skipped":3},
+                    {"symbol":"memalign","offset":630000,"skipped":0},
+                    {"symbol":"aligned_alloc","offset":630000,"skipped":0,"alias_of":"memalign"}]}]"#
+                .replace(char::is_whitespace, "")
+                .as_str(),
         );
+        let report = read_reports(line.as_bytes()).expect("a report").remove(0);
+        let (library, malloc, free) = attach_points(&report).expect("malloc and free placed");
+        assert_eq!(library, "/usr/lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!((malloc, free), (0x98930, 0x98ef3));
+    }
+
+    /// Check that a report without probe placements (a leaktrace that
+    /// predates `probed[].probes`) is an error naming what is missing.
+    #[test]
+    fn attach_points_missing() {
+        let line = report_line(
+            r#"[{"object":"/usr/lib/x86_64-linux-gnu/libc.so.6","functions":["malloc","free"]}]"#,
+        );
+        let report = read_reports(line.as_bytes()).expect("a report").remove(0);
+        let err = attach_points(&report).expect_err("no placements");
+        assert!(err.to_string().contains("malloc"), "{err}");
+    }
+
+    /// Check that leaktrace's --program-stats lines are read back.
+    #[test]
+    fn program_stats_lines() {
         let program =
             program_time("leaktrace: program alloc_exit_malloc: 200000 runs, 452 ns mean")
                 .expect("a program line");
