@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _};
+use leaktrace_report::Report;
 
 use super::*;
 
@@ -91,7 +92,7 @@ pub(super) fn measure_live_set(leaktrace: &Path, live: u64) -> anyhow::Result<Li
         if !line.from_stdout {
             return false;
         }
-        let Some(count) = json_u64(&line.text, "totals", "allocations") else {
+        let Some(count) = report_of(&line.text).map(|report| report.totals.allocations) else {
             return false;
         };
         let steady = count > 0 && last == Some(count);
@@ -114,7 +115,7 @@ pub(super) fn measure_live_set(leaktrace: &Path, live: u64) -> anyhow::Result<Li
     let map_memory = bpf_map_memory(pid)?;
     let interrupted = tracer.interrupt()?;
     let last_report = tracer.wait_for("its final report", STOP_TIMEOUT, |line| {
-        line.from_stdout && line.text.contains("\"final\":true")
+        line.from_stdout && report_of(&line.text).is_some_and(|report| report.is_final)
     })?;
     let peak_rss_after = peak_rss(pid).ok();
     let final_report = last_report.at.saturating_duration_since(interrupted);
@@ -122,10 +123,10 @@ pub(super) fn measure_live_set(leaktrace: &Path, live: u64) -> anyhow::Result<Li
     run.wait()?;
 
     let text = &last_report.text;
-    let tracked = json_u64(text, "totals", "allocations")
-        .with_context(|| format!("no totals.allocations in leaktrace's final report: {text}"))?;
-    let lost = json_lost(text)
-        .with_context(|| format!("no lost counters in leaktrace's final report: {text}"))?;
+    let report = report_of(text)
+        .with_context(|| format!("leaktrace's final report does not read back: {text}"))?;
+    let tracked = report.totals.allocations;
+    let lost = report.lost.values().sum();
     Ok(LiveSet {
         live,
         tracked,
@@ -201,30 +202,9 @@ pub(super) fn parse_map_memlock(fdinfo: &str) -> Option<u64> {
     field("memlock")?.parse().ok()
 }
 
-/// The number at `"section":{... "key":N` in one of leaktrace's JSON lines.
-/// serde_json writes them compact, and xtask has no JSON parser of its own.
-pub(super) fn json_u64(line: &str, section: &str, key: &str) -> Option<u64> {
-    let object = json_object(line, section)?;
-    let rest = object.split(&format!("\"{key}\":")).nth(1)?;
-    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-    rest[..digits].parse().ok()
-}
-
-/// The sum of the counters in the `"lost":{"reason":N,...}` object.
-pub(super) fn json_lost(line: &str) -> Option<u64> {
-    let object = json_object(line, "lost")?;
-    object
-        .split(',')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| pair.rsplit_once(':')?.1.trim().parse::<u64>().ok())
-        .sum()
-}
-
-/// The inside of the flat object `"key":{...}` in `line`.
-pub(super) fn json_object<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let start = line.find(&format!("\"{key}\":{{"))? + key.len() + 4;
-    let end = start + line[start..].find('}')?;
-    Some(&line[start..end])
+/// A line of leaktrace's `--json` output read back as the report model.
+fn report_of(line: &str) -> Option<Report> {
+    line.starts_with('{').then(|| serde_json::from_str(line).ok()).flatten()
 }
 
 /// `n` with thousands separators: 1,000,000.
@@ -254,15 +234,15 @@ pub(super) fn kernel_release() -> String {
 mod tests {
     use super::*;
 
-    /// Check that totals and lost counters are read from a compact JSON report.
+    /// Check that a report line reads back as the model, and other lines do not.
     #[test]
-    fn report_fields() {
-        let line = r#"{"type":"report","final":true,"pid":7,"older_ms":500,"totals":{"bytes":136000000,"allocations":1000000},"stack_count":1,"stacks":[{"bytes":1,"allocations":9}],"lost":{"map_full":3,"stack_collision":0}}"#;
-        assert_eq!(json_u64(line, "totals", "allocations"), Some(1_000_000));
-        assert_eq!(json_u64(line, "totals", "bytes"), Some(136_000_000));
-        assert_eq!(json_lost(line), Some(3));
-        assert_eq!(json_lost(r#"{"lost":{}}"#), Some(0));
-        assert_eq!(json_u64(r#"{"lost":{}}"#, "totals", "allocations"), None);
+    fn report_lines() {
+        let line = r#"{"type":"report","final":true,"time":"2026-11-22T06:40:03Z","pid":7,"exited":false,"older_ms":500,"totals":{"bytes":136000000,"allocations":1000000},"stack_count":0,"stacks":[],"lost":{"alloc_map_full":3,"stack_map_full_or_collision":1}}"#;
+        let report = report_of(line).expect("a report");
+        assert_eq!(report.totals.allocations, 1_000_000);
+        assert!(report.is_final);
+        assert_eq!(report.lost.values().sum::<u64>(), 4);
+        assert!(report_of("leaktrace: attached to pid 7").is_none());
     }
 
     /// Check that utime and stime are found even when the name holds ") ".
