@@ -40,6 +40,8 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("stable.c", "stable"),
     ("mntns_leak.c", "mntns_leak"),
     ("sysroot_leak.c", "sysroot_leak"),
+    ("ring_replaced.c", "ring_replaced"),
+    ("threads_attrs.c", "threads_attrs"),
 ];
 
 /// Flags of the unwinding fixtures: optimized code without frame pointers,

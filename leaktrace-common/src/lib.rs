@@ -28,6 +28,20 @@ pub const MAP_UNWIND_STATE: &str = "UNWIND_STATE";
 pub const MAP_PENDING: &str = "PENDING";
 /// Per-CPU counters of lost events, indexed by [`Lost`].
 pub const MAP_LOST: &str = "LOST";
+/// Per-CPU counters of frees of blocks the programs never saw allocated
+/// (allocated before attach): [`PREATTACH_COUNT`] and [`PREATTACH_BYTES`].
+pub const MAP_PREATTACH_FREES: &str = "PREATTACH_FREES";
+/// Index of the count of such frees in [`MAP_PREATTACH_FREES`].
+pub const PREATTACH_COUNT: u32 = 0;
+/// Index of their bytes, where the allocator's chunk header tells them
+/// ([`CONFIG_GLIBC_CHUNKS`]).
+pub const PREATTACH_BYTES: u32 = 1;
+/// [`Config::flags`]: the allocator is glibc's, whose chunk header (the 8
+/// bytes before a block) holds the chunk's size.
+pub const CONFIG_GLIBC_CHUNKS: u32 = 1;
+/// [`Config::flags`]: pthread_create is glibc's, whose `pthread_attr_t`
+/// holds its flags (bit 0: detached) at offset 8 and the stack size at 32.
+pub const CONFIG_GLIBC_PTHREAD: u32 = 2;
 /// Whether the heap block at `addr` is one of the 1 in `rate` tracked.
 /// Blocks are 16-byte aligned, so the low bits are dropped and the rest
 /// mixed (Fibonacci hashing) before taking the bucket.
@@ -232,7 +246,8 @@ pub const YOUNG_EPOCHS: u32 = 4;
 pub struct Config {
     /// Only events of this process (tgid) are recorded.
     pub tgid: u32,
-    pub _pad: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
     /// Length of an age epoch in ns; 0 disables young-allocation tracking.
     pub epoch_ns: u64,
     /// Allocations smaller than this are not recorded.

@@ -23,7 +23,7 @@ pub const EEXIST: i64 = 17;
 #[unsafe(no_mangle)]
 pub static CONFIG: Global<Config> = Global::new(Config {
     tgid: 0,
-    _pad: 0,
+    flags: 0,
     epoch_ns: 0,
     min_size: 0,
     max_size: u64::MAX,
@@ -99,6 +99,10 @@ pub static DETACH_ATTRS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(102
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(Lost::COUNT, 0);
 
+/// Frees of blocks allocated before attach: count and bytes.
+#[map]
+pub static PREATTACH_FREES: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
 #[inline(always)]
 pub fn config() -> Config {
     CONFIG.load()
@@ -116,6 +120,15 @@ pub fn count_lost(reason: Lost) -> u64 {
     unsafe {
         *counter += 1;
         *counter
+    }
+}
+
+/// Add `value` to slot `index` of [`PREATTACH_FREES`] on this CPU.
+#[inline(always)]
+pub fn count_preattach(index: u32, value: u64) {
+    if let Some(counter) = PREATTACH_FREES.get_ptr_mut(index) {
+        // SAFETY: as in count_lost: a per-CPU slot, this run's alone.
+        unsafe { *counter += value };
     }
 }
 

@@ -4,21 +4,21 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use leaktrace_common::{
     is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
-    ThreadSiteStats, YoungSlot, YOUNG_SLOTS,
+    ThreadSiteStats, YoungSlot, CONFIG_GLIBC_CHUNKS, PREATTACH_BYTES, PREATTACH_COUNT, YOUNG_SLOTS,
 };
 
 use crate::{
     context::stack_pointer,
     maps::{
-        config, count_lost, worth_logging, ALLOCS, EEXIST, PENDING, PTHREADS, STACK_STATS, THREADS,
-        THREAD_SITES,
+        config, count_lost, count_preattach, worth_logging, ALLOCS, EEXIST, PENDING, PTHREADS,
+        STACK_STATS, THREADS, THREAD_SITES,
     },
     unwind::stack_id,
 };
@@ -145,7 +145,7 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
         Err(err) if i64::from(err) == -EEXIST => {
             // The address is live in our records: its free was missed (it
             // happened in a way we do not probe). Replace the stale record.
-            forget(addr, &config);
+            let _ = forget(addr, &config);
             ALLOCS.insert(addr, info, BPF_ANY.into()).is_ok()
         }
         Err(_) => false,
@@ -163,27 +163,64 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
 }
 
 /// Forget the heap allocation at `addr`, if we recorded it. Frees of memory
-/// allocated before attach, or filtered out, find nothing and are ignored.
+/// allocated before attach find nothing, and are counted; with a size filter
+/// a block may also have been filtered out, so nothing is counted then.
 #[inline(always)]
 pub fn release(addr: u64) {
     let config = config();
-    if is_sampled(addr, config.sample_rate) {
-        forget(addr, &config);
+    if addr != 0
+        && is_sampled(addr, config.sample_rate)
+        && !forget(addr, &config)
+        && config.min_size == 0
+        && config.max_size == u64::MAX
+    {
+        count_replaced(addr, &config);
     }
 }
 
+/// Whether a record of `addr` was found.
 #[inline(always)]
-fn forget(addr: u64, config: &Config) {
+fn forget(addr: u64, config: &Config) -> bool {
     // SAFETY: copied out at once; a racing free of the same address on
     // another thread is a double free in the target, and at worst makes
     // both of us subtract it.
     let Some(info) = (unsafe { ALLOCS.get(addr) }).copied() else {
-        return;
+        return false;
     };
     if ALLOCS.remove(addr).is_ok() {
         account(info, -1, config);
     }
+    true
 }
+
+/// A block this program never saw allocated is freed: it was allocated
+/// before attach (or its allocation was lost, which is counted apart). A
+/// structure filled before attach and being replaced (a ring, a pool, an
+/// LRU) frees such blocks while its new members pile up in the books; the
+/// analysis weighs one against the other. glibc's chunk header, the 8 bytes
+/// before the block, gives its size: a chunk size with 3 flag bits, the
+/// header itself (and the footer of an mmapped chunk) not usable.
+#[inline(always)]
+fn count_replaced(addr: u64, config: &Config) {
+    count_preattach(PREATTACH_COUNT, 1);
+    if config.flags & CONFIG_GLIBC_CHUNKS == 0 {
+        return;
+    }
+    // SAFETY: a read of the target's memory, which the helper checks.
+    let Ok(header) = (unsafe { bpf_probe_read_user((addr - 8) as *const u64) }) else {
+        return;
+    };
+    let chunk = header & !7;
+    let overhead = if header & IS_MMAPPED != 0 { 16 } else { 8 };
+    if chunk > overhead && chunk < MAX_CHUNK {
+        count_preattach(PREATTACH_BYTES, chunk - overhead);
+    }
+}
+
+/// glibc's flag for a chunk served by its own mmap.
+const IS_MMAPPED: u64 = 2;
+/// A chunk size past this is not a header.
+const MAX_CHUNK: u64 = 1 << 40;
 
 /// Add (`sign` 1) or remove (`sign` -1) an allocation from its stack's totals
 /// on this CPU.

@@ -60,6 +60,9 @@ pub struct Report {
     pub memory: Option<MemoryReport>,
     #[serde(default)]
     pub verdict: Option<Verdict>,
+    /// Frees since attach of memory allocated before it.
+    #[serde(default)]
+    pub freed_before_attach: Option<PreattachFrees>,
     /// What was probed in which object.
     #[serde(default)]
     pub probed: Vec<ProbedObject>,
@@ -126,12 +129,39 @@ pub struct Growth {
     pub trend: Trend,
 }
 
+/// Frees since attach of blocks allocated before it: a structure filled
+/// before attach (a ring, a pool, an LRU) being replaced. Its new members
+/// pile up in the books while these free its old ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PreattachFrees {
+    /// Blocks freed since attach that were allocated before it.
+    pub count: u64,
+    /// Their bytes, when the allocator tells them (glibc's chunk headers).
+    pub bytes: Option<u64>,
+    /// The recent rate of such frees.
+    pub count_per_second: f64,
+    pub bytes_per_second: Option<f64>,
+}
+
 /// Threads in the process and where they were created.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ThreadsReport {
     /// Threads in the process now.
     pub live: u64,
     pub sites: Vec<ThreadSiteReport>,
+    /// Threads alive now that were not created through pthread_create
+    /// since attach (before it, mostly), besides the main thread.
+    #[serde(default)]
+    pub before_attach: ThreadsBeforeAttach,
+}
+
+/// Threads whose creating site is unknown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadsBeforeAttach {
+    pub alive: u64,
+    /// Their stacks' size, guard included: the mapping around each one's
+    /// stack pointer, or the default stack size for a thread caught running.
+    pub stack_bytes: u64,
 }
 
 /// The threads created at one pthread_create call site since attach.

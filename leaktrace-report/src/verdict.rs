@@ -13,6 +13,9 @@ pub enum VerdictKind {
     ThreadLeak,
     /// Heap RSS rising while live bytes are flat.
     Retention,
+    /// Growth matched by frees of memory allocated before attach: a
+    /// structure being replaced, not judged until the replacement ends.
+    Replacing,
     NoLeak,
 }
 
@@ -42,6 +45,15 @@ pub enum Finding {
     ThreadLeak { unjoined: Option<ThreadFinding>, piling_up: Option<ThreadFinding> },
     /// The allocator keeps freed memory.
     Retention { live_bytes: u64, heap_rss: u64 },
+    /// Call sites growing as fast as memory allocated before attach is
+    /// freed: a structure filled before attach being replaced.
+    Replacing {
+        /// Growing call sites whose growth the replacement explains.
+        sites: usize,
+        /// Frees of memory allocated before attach, per second.
+        count_per_second: f64,
+        bytes_per_second: Option<f64>,
+    },
     /// Nothing grows, though too few reports to call a trend.
     NoLeakYet { outstanding: u64, reports_needed: usize },
     /// Nothing grows.
@@ -54,6 +66,7 @@ impl Finding {
             Finding::Leak { .. } => VerdictKind::Leak,
             Finding::ThreadLeak { .. } => VerdictKind::ThreadLeak,
             Finding::Retention { .. } => VerdictKind::Retention,
+            Finding::Replacing { .. } => VerdictKind::Replacing,
             Finding::NoLeakYet { .. } | Finding::NoLeak { .. } => VerdictKind::NoLeak,
         }
     }

@@ -77,6 +77,15 @@ enum End {
 async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     let pid = target.pid;
     let objects = objects_to_probe(target, args.obj.as_deref())?;
+    let plan = attach::plan(
+        &objects,
+        &attach::AttachOptions {
+            pid,
+            symbol_prefix: args.symbol_prefix.as_deref(),
+            allocator: args.obj.as_deref(),
+        },
+    )
+    .map_err(|err| attach_error(err, target))?;
 
     // Epochs of a quarter of --older: every allocation younger than --older
     // is left out, and none older than 1.25x --older.
@@ -91,6 +100,8 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         max_stacks: args.max_stacks,
         sample_rate: args.sample_rate,
         unwind_rows: args.unwind_rows,
+        glibc_allocator: plan.glibc_allocator,
+        glibc_pthread: plan.glibc_pthread,
         kernel_log: args.verbose >= 2,
     })?;
     // The programs' log records (rare paths only), shown with -vv.
@@ -125,16 +136,7 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("map {MAP_LINK_MAP_CHANGES} missing from the eBPF object"))?;
     let mut link_changes = watch(RingBuf::try_from(link_changes)?)
         .context("failed to watch the dynamic linker's hook")?;
-    let probed = attach::attach_all(
-        &mut ebpf,
-        &objects,
-        &attach::AttachOptions {
-            pid,
-            symbol_prefix: args.symbol_prefix.as_deref(),
-            allocator: args.obj.as_deref(),
-        },
-    )
-    .map_err(|err| attach_error(err, target))?;
+    let probed = attach::attach_all(&mut ebpf, &plan).map_err(|err| attach_error(err, target))?;
     attach::attach_tracepoints(&mut ebpf)?;
     attach::reset_lost(&mut ebpf)?;
     let summary: Vec<String> = probed
@@ -157,6 +159,7 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             debug_dirs: args.debug_dirs.clone(),
             sysroot: args.sysroot.clone(),
             baseline_now: target.program().is_none(),
+            glibc_allocator: plan.glibc_allocator,
         },
     );
     target.release()?;

@@ -14,8 +14,8 @@ use std::{
 };
 
 pub use leaktrace_report::{
-    is_runtime_symbol, read_reports, Frame, Lost, MemoryReport, ReadError, Report, StackEnd,
-    StackReport, ThreadSiteReport, Trend, Verdict, VerdictKind,
+    is_runtime_symbol, read_reports, Finding, Frame, Lost, MemoryReport, ReadError, Report,
+    StackEnd, StackReport, ThreadSiteReport, ThreadsBeforeAttach, Trend, Verdict, VerdictKind,
 };
 
 /// Directory holding the compiled fixtures (set by build.rs).

@@ -95,8 +95,9 @@ fn top_limits_stacks() {
     );
 }
 
-/// Check that frees of memory allocated before attach are ignored: nothing
-/// is lost or subtracted, and only the leak made after attach is reported.
+/// Check that frees of memory allocated before attach are ignored in the
+/// books (nothing lost or subtracted, only the leak made after attach is
+/// reported) and counted apart, with glibc's usable size of each block.
 #[test]
 fn free_of_memory_from_before_attach_ignored() {
     let report = trace_fixture("preattach_free", &[], &[]);
@@ -109,6 +110,16 @@ fn free_of_memory_from_before_attach_ignored() {
     assert_eq!(report.totals.bytes, 2000, "totals should be post_leak's alone: {}", json(&report));
     let lost: u64 = report.lost.values().sum();
     assert_eq!(lost, 0, "frees of untracked memory counted as lost events: {}", json(&report));
+    let freed = report.freed_before_attach.unwrap_or_else(|| {
+        panic!("the 100 frees of pre-attach blocks are not counted: {}", json(&report))
+    });
+    // A 777-byte request is an 800-byte glibc chunk with 792 usable bytes.
+    assert_eq!(
+        (freed.count, freed.bytes),
+        (100, Some(100 * 792)),
+        "100 pre-attach blocks of 777 bytes freed: {}",
+        json(&report)
+    );
 }
 
 /// Check that -s 4 tracks about one allocation in four and scales the

@@ -136,3 +136,51 @@ fn arena_growth_with_flat_live_bytes_is_retention() {
         json(report)
     );
 }
+
+/// Check that a ring filled before attach and replaced member by member is
+/// not called a leak while its old members are being freed, that the frees
+/// of pre-attach memory are counted with their bytes, and that a true leak
+/// beside it is still the one leak named, in every report of 10 s.
+#[test]
+fn ring_replacing_preattach_memory_is_not_a_leak() {
+    let reports = trace_over_time("ring_replaced", 10);
+    for report in &reports {
+        let verdict = verdict(report);
+        for finding in &verdict.findings {
+            if let Finding::Leak { sites, top, .. } = finding {
+                assert!(
+                    *sites == 1 && top.starts_with("leak_steady"),
+                    "a leak verdict other than leak_steady alone ({finding:?}): {}",
+                    json(report)
+                );
+            }
+        }
+    }
+    let report = final_report(&reports);
+    let verdict = verdict(report);
+    assert_eq!(
+        verdict.kinds,
+        [VerdictKind::Leak, VerdictKind::Replacing],
+        "10 s in, leak_steady leaks and ring_put replaces: {}",
+        json(report)
+    );
+    let freed = report
+        .freed_before_attach
+        .unwrap_or_else(|| panic!("no frees of pre-attach memory counted: {}", json(report)));
+    // 200 a second over about 10 s.
+    assert!(freed.count >= 1000, "only {} pre-attach frees counted: {}", freed.count, json(report));
+    assert!(
+        within_f64(freed.count_per_second, 200.0, 25.0),
+        "pre-attach frees at {} a second, not about 200: {}",
+        freed.count_per_second,
+        json(report)
+    );
+    // glibc's usable size of a 256-byte request is 264 bytes.
+    let bytes = freed.bytes.unwrap_or_else(|| panic!("glibc chunk sizes unread: {}", json(report)));
+    assert!(
+        (256 * freed.count..=280 * freed.count).contains(&bytes),
+        "{bytes} bytes for {} frees of 256-byte blocks: {}",
+        freed.count,
+        json(report)
+    );
+}

@@ -107,3 +107,44 @@ fn short_lived_threads_do_not_exhaust_call_records() {
     let lost = report.lost.get(&Lost::PendingMapFull).copied().unwrap_or(0);
     assert_eq!(lost, 0, "no call record may be lost: {}", json(&report));
 }
+
+/// Check thread attributes set up before attach: threads created detached
+/// through one are detached, not a thread leak; threads on glibc's cached
+/// stacks are counted at their real stack size (256 KiB and the guard page,
+/// not the 8 MiB default); and the threads alive since before attach are
+/// counted with their stacks (128 KiB and the guard page each).
+#[test]
+fn thread_attributes_from_before_attach() {
+    const GUARD: u64 = 4096;
+    let report = trace_fixture("threads_attrs", &[], &[]);
+    let detached = thread_site_through(&report, "spawn_detached")
+        .unwrap_or_else(|| panic!("no thread site through spawn_detached: {}", json(&report)));
+    assert_eq!(
+        (detached.counts.created, detached.counts.detached, detached.counts.exited_unjoined),
+        (12, 12, 0),
+        "12 threads created detached through an attribute: {}",
+        json(&report)
+    );
+    let verdict = verdict(&report);
+    assert!(
+        !verdict.kinds.contains(&VerdictKind::ThreadLeak),
+        "detached threads judged a thread leak: {}",
+        json(&report)
+    );
+    let small = thread_site_through(&report, "spawn_small")
+        .unwrap_or_else(|| panic!("no thread site through spawn_small: {}", json(&report)));
+    assert_eq!(small.counts.alive, 28, "28 threads blocked at spawn_small: {}", json(&report));
+    assert_eq!(
+        small.counts.stack_bytes,
+        28 * (256 * 1024 + GUARD),
+        "28 stacks of 256 KiB and a guard page: {}",
+        json(&report)
+    );
+    let threads = report.threads.as_ref().expect("a threads section");
+    assert_eq!(
+        threads.before_attach,
+        ThreadsBeforeAttach { alive: 5, stack_bytes: 5 * (128 * 1024 + GUARD) },
+        "5 threads of 128 KiB stacks from before attach: {}",
+        json(&report)
+    );
+}

@@ -10,18 +10,27 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use leaktrace_common::{
-    CallKind, Lost, ThreadInfo, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
+    CallKind, Lost, ThreadInfo, CONFIG_GLIBC_PTHREAD, THREAD_DETACHED, THREAD_EXITED,
+    THREAD_REGISTERED,
 };
 
 use super::Result;
 use crate::{
     context::arg,
-    maps::{count_lost, DETACH_ATTRS, PTHREADS, THREADS},
+    maps::{config, count_lost, DETACH_ATTRS, PTHREADS, THREADS},
     record::{count_site, enter, exit, forget_thread, in_flight, target_tid, SiteEvent},
     unwind::stack_id,
 };
 
 const PTHREAD_CREATE_DETACHED: u32 = 1;
+/// glibc's `struct pthread_attr`: `int flags` at 8 (ATTR_FLAG_DETACHSTATE
+/// is bit 0), `size_t guardsize` at 16 and `size_t stacksize` at 32 (0: the
+/// default). glibc maps the stack size and the guard together.
+const GLIBC_ATTR_FLAGS: u64 = 8;
+const GLIBC_ATTR_DETACHED: u32 = 1;
+const GLIBC_ATTR_GUARDSIZE: u64 = 16;
+const GLIBC_ATTR_STACKSIZE: u64 = 32;
+const PAGE: u64 = 4096;
 
 /// int pthread_attr_setdetachstate(pthread_attr_t *attr, int detachstate);
 #[uprobe]
@@ -46,19 +55,44 @@ pub fn thread_enter_pthread_create(ctx: ProbeContext) -> u32 {
 
 fn try_thread_enter_pthread_create(ctx: &ProbeContext) -> Result {
     let tid = target_tid().ok_or(())?;
-    if !enter(ctx, tid, CallKind::ThreadCreate, 0, arg(ctx, 0)?) {
+    let attr = arg(ctx, 1)?;
+    // The attribute says it, whenever it was set up: before attach too.
+    let (mut detached, stack_size) = match attr {
+        0 => (false, 0),
+        _ if config().flags & CONFIG_GLIBC_PTHREAD != 0 => glibc_attr(attr),
+        _ => (false, 0),
+    };
+    // SAFETY: copied out at once.
+    detached |= attr != 0
+        && unsafe { DETACH_ATTRS.get(attr) }.is_some_and(|&state| state == PTHREAD_CREATE_DETACHED);
+    // A stack glibc takes from its cache is not mapped again: the size comes
+    // from the attribute, or (the default) from the nested mmap if any.
+    if !enter(ctx, tid, CallKind::ThreadCreate, stack_size, arg(ctx, 0)?) {
         return Ok(());
     }
-    let attr = arg(ctx, 1)?;
-    // SAFETY: copied out at once.
-    let detached = attr != 0
-        && unsafe { DETACH_ATTRS.get(attr) }.is_some_and(|&state| state == PTHREAD_CREATE_DETACHED);
     if detached {
         if let Some(pending) = in_flight(tid) {
             pending.flags = THREAD_DETACHED;
         }
     }
     Ok(())
+}
+
+/// (detached, stack size) from a glibc `pthread_attr_t`.
+#[inline(always)]
+fn glibc_attr(attr: u64) -> (bool, u64) {
+    // SAFETY: reads of the target's memory, which the helper checks.
+    let flags = unsafe { bpf_probe_read_user((attr + GLIBC_ATTR_FLAGS) as *const u32) };
+    let size = unsafe { bpf_probe_read_user((attr + GLIBC_ATTR_STACKSIZE) as *const u64) };
+    let guard = unsafe { bpf_probe_read_user((attr + GLIBC_ATTR_GUARDSIZE) as *const u64) };
+    let size = match size {
+        Ok(size) if size > 0 => {
+            let round = |bytes: u64| (bytes + PAGE - 1) & !(PAGE - 1);
+            round(size) + round(guard.unwrap_or(0))
+        }
+        _ => 0,
+    };
+    (flags.is_ok_and(|flags| flags & GLIBC_ATTR_DETACHED != 0), size)
 }
 
 /// Return of int pthread_create(pthread_t *thread, const pthread_attr_t *attr,

@@ -10,17 +10,19 @@ use std::{collections::HashSet, path::PathBuf, time::Instant};
 use aya::Ebpf;
 use leaktrace_common::{StackEnd, NO_STACK};
 use leaktrace_report::{
-    site_label, Frame, MemoryReport, ProbedObject, RecordKind, Report, StackReport,
-    ThreadSiteReport, ThreadsReport, Totals, Trend, SCHEMA,
+    site_label, Frame, MemoryReport, PreattachFrees, ProbedObject, RecordKind, Report, StackReport,
+    ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals, Trend, SCHEMA,
 };
 
 use crate::{
-    collect::{collect_threads, user_stack, Collector, Snapshot, StackUsage, ThreadSite},
+    collect::{
+        collect_threads, known_threads, user_stack, Collector, Snapshot, StackUsage, ThreadSite,
+    },
     proc::{self, memory::MemoryReader, ExecMapping},
     symbolize::Symbolizer,
 };
 use growth::History;
-use verdict::{GrowingSite, RetentionEvidence, ThreadSiteEvidence};
+use verdict::{GrowingSite, Replacement, RetentionEvidence, ThreadSiteEvidence};
 
 /// Byte changes below this are noise for a call site.
 const STACK_TOLERANCE: f64 = 256.0;
@@ -42,6 +44,9 @@ pub struct ReportOptions {
     pub debug_dirs: Vec<PathBuf>,
     /// Copies of the target's binaries.
     pub sysroot: Option<PathBuf>,
+    /// The one allocator is glibc's, whose chunk headers give the bytes of
+    /// frees of pre-attach memory.
+    pub glibc_allocator: bool,
     /// Whether the target runs its own program yet (a `-c` child may still
     /// be exec'ing): the memory baseline is read now, or at the first report.
     pub baseline_now: bool,
@@ -53,6 +58,11 @@ pub struct Analyzer {
     options: ReportOptions,
     started: Instant,
     stacks: History<u32>,
+    /// Outstanding allocations per stack, to weigh against pre-attach frees.
+    stack_allocations: History<u32>,
+    /// Frees of pre-attach memory so far: count, and bytes.
+    preattach_count: History<()>,
+    preattach_bytes: History<()>,
     thread_sites: History<u32>,
     heap_rss: History<()>,
     live_bytes: History<()>,
@@ -61,11 +71,13 @@ pub struct Analyzer {
     memory: MemoryReader,
     default_stack: u64,
     reports: usize,
+    glibc_allocator: bool,
 }
 
 impl Analyzer {
     pub fn new(collector: Collector, options: ReportOptions) -> Self {
         let pid = options.pid;
+        let glibc_allocator = options.glibc_allocator;
         let mut memory = MemoryReader::new(pid);
         // The picture at attach, for "since attach"; also the reader's first
         // walk of smaps.
@@ -79,10 +91,14 @@ impl Analyzer {
             options,
             started: Instant::now(),
             stacks: History::new(STACK_TOLERANCE),
+            stack_allocations: History::new(0.5),
+            preattach_count: History::new(0.5),
+            preattach_bytes: History::new(STACK_TOLERANCE),
             thread_sites: History::new(0.5),
             heap_rss: History::new(HEAP_TOLERANCE),
             live_bytes: History::new(LIVE_TOLERANCE),
             reports: 0,
+            glibc_allocator,
         }
     }
 
@@ -105,6 +121,19 @@ impl Analyzer {
         let snapshot = self.collector.collect(ebpf, mapped.as_deref())?;
         self.stacks.record(t, snapshot.stacks.iter().map(|s| (s.stack_id, s.bytes as f64)));
         self.live_bytes.record(t, [((), snapshot.total_bytes() as f64)]);
+        self.stack_allocations
+            .record(t, snapshot.stacks.iter().map(|s| (s.stack_id, s.allocations as f64)));
+        let (freed_count, freed_bytes) = snapshot.preattach_frees;
+        self.preattach_count.record(t, [((), freed_count as f64)]);
+        self.preattach_bytes.record(t, [((), freed_bytes as f64)]);
+        let bytes_known = self.glibc_allocator;
+        let rate = |history: &History<()>| history.growth(()).map_or(0.0, |g| g.bytes_per_second);
+        let freed_before_attach = (freed_count > 0).then(|| PreattachFrees {
+            count: freed_count,
+            bytes: bytes_known.then_some(freed_bytes),
+            count_per_second: rate(&self.preattach_count).max(0.0),
+            bytes_per_second: bytes_known.then(|| rate(&self.preattach_bytes).max(0.0)),
+        });
 
         // The growing sites, fastest first, for the verdict and the report.
         let mut growing: Vec<(StackUsage, f64)> = snapshot
@@ -123,8 +152,16 @@ impl Analyzer {
             .map(|(usage, rate)| GrowingSite {
                 label: site_label(&self.frames(ebpf, usage.stack_id, alive)),
                 bytes_per_second: *rate,
+                allocations_per_second: self
+                    .stack_allocations
+                    .growth(usage.stack_id)
+                    .map_or(0.0, |g| g.bytes_per_second),
             })
             .collect();
+        let replacement = freed_before_attach.map(|frees| Replacement {
+            count_per_second: frees.count_per_second,
+            bytes_per_second: frees.bytes_per_second,
+        });
 
         let threads = self.threads(ebpf, t, alive)?;
         let thread_evidence: Vec<ThreadSiteEvidence> = threads
@@ -151,6 +188,7 @@ impl Analyzer {
         });
         let verdict = verdict::decide(
             &growing_sites,
+            replacement.as_ref(),
             &thread_evidence,
             retention.as_ref(),
             snapshot.total_bytes(),
@@ -178,6 +216,7 @@ impl Analyzer {
             threads: Some(threads),
             memory,
             verdict: Some(verdict),
+            freed_before_attach,
             probed: self.options.probed.clone(),
             sample_rate: self.collector.sample_rate,
         })
@@ -224,7 +263,17 @@ impl Analyzer {
                 .iter()
                 .map(|site| (site.site, (site.counts.alive + site.counts.exited_unjoined) as f64)),
         );
-        let live = proc::thread_count(self.options.pid).unwrap_or(0);
+        let pid = self.options.pid;
+        let tasks = if alive { proc::task_ids(pid).unwrap_or_default() } else { Vec::new() };
+        let live = tasks.len() as u64;
+        let known = known_threads(ebpf)?;
+        let maps = if alive { proc::maps(pid).unwrap_or_default() } else { Vec::new() };
+        let mut before_attach = ThreadsBeforeAttach::default();
+        for &tid in tasks.iter().filter(|&&tid| tid != pid && !known.contains(&tid)) {
+            before_attach.alive += 1;
+            before_attach.stack_bytes +=
+                proc::thread_stack_size(pid, tid, &maps).unwrap_or(self.default_stack);
+        }
         let sites = sites
             .iter()
             .map(|site| {
@@ -237,7 +286,7 @@ impl Analyzer {
                 }
             })
             .collect();
-        Ok(ThreadsReport { live, sites })
+        Ok(ThreadsReport { live, sites, before_attach })
     }
 
     fn frames(&mut self, ebpf: &Ebpf, stack_id: u32, alive: bool) -> Vec<Frame> {

@@ -17,7 +17,23 @@ pub struct GrowingSite {
     /// "function (file:line)".
     pub label: String,
     pub bytes_per_second: f64,
+    /// Its outstanding allocations' recent rate.
+    pub allocations_per_second: f64,
 }
+
+/// Memory allocated before attach, being freed now.
+pub struct Replacement {
+    pub count_per_second: f64,
+    pub bytes_per_second: Option<f64>,
+}
+
+/// How much faster than the frees of pre-attach memory the sites they
+/// explain may grow, with a floor of a block a second: both rates are
+/// slopes over the same few reports, and a ring replaced member by member
+/// matches to within a few percent.
+const REPLACEMENT_SLACK: f64 = 0.15;
+/// Growing sites searched exhaustively for the set the replacement explains.
+const MAX_EXHAUSTIVE: usize = 16;
 
 /// One pthread_create call site.
 pub struct ThreadSiteEvidence {
@@ -43,17 +59,33 @@ pub const REPORTS_FOR_TREND: usize = 3;
 /// Weigh the evidence of the `reports` so far. `growing` is sorted fastest first.
 pub fn decide(
     growing: &[GrowingSite],
+    replacement: Option<&Replacement>,
     threads: &[ThreadSiteEvidence],
     retention: Option<&RetentionEvidence>,
     live_bytes: u64,
     reports: usize,
 ) -> Verdict {
     let mut findings = Vec::new();
+    let explained = replacement
+        .map_or_else(Vec::new, |replacement| explained_by(growing, replacement.count_per_second));
+    let growing: Vec<&GrowingSite> = growing
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !explained.contains(i))
+        .map(|(_, s)| s)
+        .collect();
     if let Some(top) = growing.first() {
         findings.push(Finding::Leak {
             sites: growing.len(),
             bytes_per_second: growing.iter().map(|site| site.bytes_per_second).sum(),
             top: top.label.clone(),
+        });
+    }
+    if let (Some(replacement), false) = (replacement, explained.is_empty()) {
+        findings.push(Finding::Replacing {
+            sites: explained.len(),
+            count_per_second: replacement.count_per_second,
+            bytes_per_second: replacement.bytes_per_second,
         });
     }
     findings.extend(thread_finding(threads));
@@ -75,6 +107,40 @@ pub fn decide(
         });
     }
     Verdict::new(findings)
+}
+
+/// The growing sites (indices) whose outstanding allocations rise no faster
+/// together than blocks allocated before attach are freed: the largest such
+/// set, since a replaced structure's new members are all the frees explain.
+/// A real leak beside it keeps its own pace and stays out of the set unless
+/// it is smaller than the slack.
+fn explained_by(growing: &[GrowingSite], frees_per_second: f64) -> Vec<usize> {
+    if frees_per_second <= 0.0 || growing.is_empty() {
+        return Vec::new();
+    }
+    let budget = frees_per_second * (1.0 + REPLACEMENT_SLACK) + 1.0;
+    let rate = |i: usize| growing[i].allocations_per_second.max(0.0);
+    if growing.len() > MAX_EXHAUSTIVE {
+        // Greedy, slowest first: many small sites fill the budget.
+        let mut order: Vec<usize> = (0..growing.len()).collect();
+        order.sort_by(|&a, &b| rate(a).total_cmp(&rate(b)));
+        let mut sum = 0.0;
+        return order
+            .into_iter()
+            .take_while(|&i| {
+                sum += rate(i);
+                sum <= budget
+            })
+            .collect();
+    }
+    let mut best = (0.0, 0u32);
+    for mask in 1..(1u32 << growing.len()) {
+        let sum: f64 = (0..growing.len()).filter(|i| mask & (1 << i) != 0).map(rate).sum();
+        if sum <= budget && sum > best.0 {
+            best = (sum, mask);
+        }
+    }
+    (0..growing.len()).filter(|i| best.1 & (1 << i) != 0).collect()
 }
 
 fn thread_finding(threads: &[ThreadSiteEvidence]) -> Option<Finding> {
@@ -105,13 +171,18 @@ mod tests {
     use super::*;
 
     fn site(label: &str, rate: f64) -> GrowingSite {
-        GrowingSite { label: label.into(), bytes_per_second: rate }
+        GrowingSite {
+            label: label.into(),
+            bytes_per_second: rate,
+            allocations_per_second: rate / 100.0,
+        }
     }
 
     /// Check that growing sites make a leak verdict naming the fastest.
     #[test]
     fn leak() {
-        let verdict = decide(&[site("fib (app.c:12)", 8192.0), site("b", 2048.0)], &[], None, 1, 5);
+        let verdict =
+            decide(&[site("fib (app.c:12)", 8192.0), site("b", 2048.0)], None, &[], None, 1, 5);
         assert_eq!(verdict.kinds, [VerdictKind::Leak]);
         assert_eq!(
             verdict.findings,
@@ -130,7 +201,7 @@ mod tests {
             piling_up: true,
             stack_bytes: 96 << 20,
         }];
-        let verdict = decide(&[], &threads, None, 0, 5);
+        let verdict = decide(&[], None, &threads, None, 0, 5);
         assert_eq!(verdict.kinds, [VerdictKind::ThreadLeak]);
         let expected = ThreadFinding {
             threads: 12,
@@ -152,12 +223,47 @@ mod tests {
             heap_rss_trend: Trend::Growing,
             live_trend: Trend::Flat,
         };
-        let verdict = decide(&[], &[], Some(&evidence), 2 << 20, 5);
+        let verdict = decide(&[], None, &[], Some(&evidence), 2 << 20, 5);
         assert_eq!(verdict.kinds, [VerdictKind::Retention]);
         assert_eq!(
             verdict.findings,
             [Finding::Retention { live_bytes: 2 << 20, heap_rss: 180 << 20 }]
         );
+    }
+
+    /// Check that sites growing as fast as pre-attach memory is freed are
+    /// replacement, while a leak beside them keeps its own pace and stays one.
+    #[test]
+    fn replacement_explains_its_pace() {
+        let ring = GrowingSite {
+            label: "ring_put (ring.c:40)".into(),
+            bytes_per_second: 51200.0,
+            allocations_per_second: 200.0,
+        };
+        let leak = GrowingSite {
+            label: "leak (ring.c:60)".into(),
+            bytes_per_second: 25600.0,
+            allocations_per_second: 50.0,
+        };
+        let frees = Replacement { count_per_second: 196.0, bytes_per_second: Some(50000.0) };
+        let verdict = decide(&[ring, leak], Some(&frees), &[], None, 1, 5);
+        assert_eq!(verdict.kinds, [VerdictKind::Leak, VerdictKind::Replacing]);
+        assert!(
+            matches!(&verdict.findings[0], Finding::Leak { sites: 1, top, .. } if top == "leak (ring.c:60)"),
+            "{:?}",
+            verdict.findings
+        );
+        assert_eq!(verdict.leak_bytes_per_second, 25600.0);
+        let ring_alone = [GrowingSite {
+            label: "ring_put".into(),
+            bytes_per_second: 51200.0,
+            allocations_per_second: 200.0,
+        }];
+        let verdict = decide(&ring_alone, Some(&frees), &[], None, 1, 5);
+        assert_eq!(verdict.kinds, [VerdictKind::Replacing]);
+        let no_frees = Replacement { count_per_second: 0.0, bytes_per_second: None };
+        let verdict = decide(&ring_alone, Some(&no_frees), &[], None, 1, 5);
+        assert_eq!(verdict.kinds, [VerdictKind::Leak]);
     }
 
     /// Check that two causes are both stated, and that nothing means no leak.
@@ -170,12 +276,12 @@ mod tests {
             piling_up: true,
             stack_bytes: 40 << 20,
         }];
-        let verdict = decide(&[site("a", 1.0)], &threads, None, 1, 5);
+        let verdict = decide(&[site("a", 1.0)], None, &threads, None, 1, 5);
         assert_eq!(verdict.kinds, [VerdictKind::Leak, VerdictKind::ThreadLeak]);
-        let verdict = decide(&[], &[], None, 4096, 5);
+        let verdict = decide(&[], None, &[], None, 4096, 5);
         assert_eq!(verdict.kinds, [VerdictKind::NoLeak]);
         assert_eq!(verdict.findings, [Finding::NoLeak { outstanding: 4096 }]);
-        let verdict = decide(&[], &[], None, 4096, 2);
+        let verdict = decide(&[], None, &[], None, 4096, 2);
         assert_eq!(verdict.kinds, [VerdictKind::NoLeak]);
         assert_eq!(
             verdict.findings,

@@ -13,15 +13,15 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use leaktrace_common::{
-    Config, Lost, GLOBAL_CONFIG, MAP_ALLOCS, MAP_LOST, MAP_STACKS, MAP_STACK_STATS,
-    MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
+    Config, Lost, CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, GLOBAL_CONFIG, MAP_ALLOCS, MAP_LOST,
+    MAP_STACKS, MAP_STACK_STATS, MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
 };
 
 use probes::ALL_SETS;
 pub use tracepoints::attach_tracepoints;
 use tracepoints::{fork_child_pid_offset, tracepoint, TRACEPOINTS};
 use uprobes::program;
-pub use uprobes::{attach_all, AttachOptions};
+pub use uprobes::{attach_all, plan, AttachOptions};
 
 /// What the programs are told at load time.
 pub struct LoadOptions {
@@ -34,6 +34,10 @@ pub struct LoadOptions {
     pub sample_rate: u64,
     /// Capacity of the unwind tables, in rows.
     pub unwind_rows: u64,
+    /// The one allocator is glibc's (see `uprobes::Plan::glibc_allocator`).
+    pub glibc_allocator: bool,
+    /// pthread_create is glibc's (see `uprobes::Plan::glibc_pthread`).
+    pub glibc_pthread: bool,
     /// Whether the programs log their rare paths (-vv). Off, the verifier
     /// prunes the log calls: they cost nothing.
     pub kernel_log: bool,
@@ -43,7 +47,8 @@ pub struct LoadOptions {
 pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
     let config = Config {
         tgid: options.tgid,
-        _pad: 0,
+        flags: if options.glibc_allocator { CONFIG_GLIBC_CHUNKS } else { 0 }
+            | if options.glibc_pthread { CONFIG_GLIBC_PTHREAD } else { 0 },
         epoch_ns: options.epoch_ns,
         min_size: options.min_size,
         max_size: options.max_size,

@@ -30,19 +30,36 @@ pub struct AttachOptions<'a> {
     pub allocator: Option<&'a Path>,
 }
 
-/// Probe every object for what it defines: the C allocator API where
+/// What to probe in one object.
+pub struct ObjectPlan {
+    object: Object,
+    functions: HashMap<String, Function>,
+    /// Each probe set with the prefix its symbols carry.
+    sets: Vec<(&'static [ProbeSpec], String)>,
+}
+
+/// What to probe where, decided from the objects alone, before the programs
+/// are loaded (their configuration depends on it).
+pub struct Plan {
+    pub pid: u32,
+    pub objects: Vec<ObjectPlan>,
+    /// The one allocator is glibc's: its chunk headers give block sizes.
+    pub glibc_allocator: bool,
+    /// pthread_create is glibc's: its attributes can be read.
+    pub glibc_pthread: bool,
+}
+
+/// Look at every object for what it defines: the C allocator API where
 /// malloc and free are (the executable of a static program, libc, jemalloc,
 /// tcmalloc, mimalloc), operator new where it is, operator delete in
 /// allocators, Rust's allocator shims, and the pthread API once.
-pub fn attach_all(
-    ebpf: &mut Ebpf,
-    objects: &[Object],
-    options: &AttachOptions<'_>,
-) -> anyhow::Result<Vec<ProbedObject>> {
-    let mut probed = Vec::new();
+pub fn plan(objects: &[Object], options: &AttachOptions<'_>) -> anyhow::Result<Plan> {
+    let mut planned = Vec::new();
     let mut threads_done = false;
     let mut linker_done = false;
     let mut allocators = 0;
+    let mut glibc_allocators = 0;
+    let mut glibc_pthread = false;
     for object in objects {
         let elf = match ElfFile::open(&object.open) {
             Ok(elf) => elf,
@@ -65,51 +82,85 @@ pub fn attach_all(
         };
         let name =
             object.shown.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut sets: Vec<(&[ProbeSpec], &str)> = Vec::new();
+        let mut sets: Vec<(&'static [ProbeSpec], String)> = Vec::new();
         if is_allocator {
             let prefix = allocator_prefix.unwrap_or(user_prefix);
             if !defines(&format!("{prefix}malloc")) {
                 bail!("no allocator found: {} defines no {prefix}malloc", object.shown.display());
             }
             allocators += 1;
-            sets.push((ALLOCATOR_PROBES, prefix));
+            if prefix.is_empty() && !elf.functions(is_glibc_malloc).is_empty() {
+                glibc_allocators += 1;
+            }
+            sets.push((ALLOCATOR_PROBES, prefix.to_string()));
             if !name.starts_with("libstdc++") {
-                sets.push((CXX_DELETE_PROBES, ""));
+                sets.push((CXX_DELETE_PROBES, String::new()));
             }
         }
         // The linker keeps only the mimalloc functions a program calls.
         let mimalloc = MIMALLOC_PROBES.iter().any(|spec| defines(spec.symbol));
         if mimalloc && options.allocator.is_none() {
             allocators += 1;
-            sets.push((MIMALLOC_PROBES, ""));
+            sets.push((MIMALLOC_PROBES, String::new()));
         }
-        sets.push((CXX_NEW_PROBES, ""));
-        sets.push((RUST_PROBES, ""));
+        sets.push((CXX_NEW_PROBES, String::new()));
+        sets.push((RUST_PROBES, String::new()));
         if !threads_done && defines("pthread_create") && !name.starts_with("ld-") {
             threads_done = true;
-            sets.push((THREAD_PROBES, ""));
+            // glibc before 2.34 kept the pthread API in libpthread.
+            glibc_pthread =
+                name.starts_with("libpthread") || !elf.functions(is_glibc_malloc).is_empty();
+            sets.push((THREAD_PROBES, String::new()));
         }
         if !linker_done && defines("_dl_debug_state") {
             linker_done = true;
-            sets.push((LINKER_PROBES, ""));
+            sets.push((LINKER_PROBES, String::new()));
         }
-        let mut probes = Vec::new();
-        for (set, prefix) in sets {
-            attach_set(ebpf, &object.open, options.pid, set, &functions, prefix, &mut probes)?;
-        }
-        if !probes.is_empty() {
-            probed.push(ProbedObject {
-                object: object.shown.display().to_string(),
-                functions: probes.iter().map(|p| p.symbol.clone()).collect(),
-                probes,
-            });
-        }
+        planned.push(ObjectPlan { object: object.clone(), functions, sets });
     }
     if allocators == 0 {
         bail!(
             "no allocator found in process {}: no mapped object defines malloc (use --obj PATH or --symbol-prefix)",
             options.pid
         );
+    }
+    Ok(Plan {
+        pid: options.pid,
+        objects: planned,
+        glibc_allocator: allocators == 1 && glibc_allocators == 1,
+        glibc_pthread,
+    })
+}
+
+/// glibc's own name for its malloc, in libc.so.6 and in static programs
+/// alike; jemalloc, tcmalloc, mimalloc and musl have none.
+fn is_glibc_malloc(name: &str) -> Option<String> {
+    (name == "__libc_malloc").then(|| name.to_string())
+}
+
+/// Attach what `plan` says, for its process only.
+pub fn attach_all(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<ProbedObject>> {
+    let mut probed = Vec::new();
+    for object in &plan.objects {
+        let mut probes = Vec::new();
+        for (set, prefix) in &object.sets {
+            attach_set(
+                ebpf,
+                &object.object.open,
+                plan.pid,
+                set,
+                &object.functions,
+                prefix,
+                &mut probes,
+            )?;
+        }
+        if !probes.is_empty() {
+            probed.push(ProbedObject {
+                object: object.object.shown.display().to_string(),
+                functions: probes.iter().map(|p| p.symbol.clone()).collect(),
+                probes,
+            });
+        }
     }
     Ok(probed)
 }

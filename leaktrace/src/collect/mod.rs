@@ -2,7 +2,7 @@
 //! per stack, older than `--older`, the lost-event counters, the threads per
 //! creating site, and the addresses of a stack.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{anyhow, Context as _};
 use aya::{
@@ -11,8 +11,9 @@ use aya::{
 };
 use leaktrace_common::{
     AllocInfo, Lost, StackEnd, StackStats, ThreadInfo, ThreadSiteStats, UserStack, MAP_LOST,
-    MAP_MMAPS, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, THREAD_DETACHED,
-    THREAD_EXITED, THREAD_REGISTERED, YOUNG_EPOCHS,
+    MAP_MMAPS, MAP_PREATTACH_FREES, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES,
+    PREATTACH_BYTES, PREATTACH_COUNT, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
+    YOUNG_EPOCHS,
 };
 use leaktrace_report::ThreadCounts;
 
@@ -31,6 +32,9 @@ pub struct Snapshot {
     pub stacks: Vec<StackUsage>,
     /// Lost-event counters, in `Lost::ALL` order.
     pub lost: Vec<(Lost, u64)>,
+    /// Frees since attach of blocks allocated before it: (count, bytes),
+    /// scaled like the heap figures.
+    pub preattach_frees: (u64, u64),
 }
 
 impl Snapshot {
@@ -117,7 +121,14 @@ impl Collector {
                 (reason, count)
             })
             .collect();
-        Ok(Snapshot { stacks, lost })
+        let preattach: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map(ebpf, MAP_PREATTACH_FREES)?)?;
+        let slot = |index: u32| -> u64 {
+            preattach.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+        };
+        let preattach_frees =
+            (slot(PREATTACH_COUNT) * self.sample_rate, slot(PREATTACH_BYTES) * self.sample_rate);
+        Ok(Snapshot { stacks, lost, preattach_frees })
     }
 
     fn now_epoch(&self) -> u32 {
@@ -191,6 +202,14 @@ pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<Th
             .then(b.counts.created.cmp(&a.counts.created))
     });
     Ok(sites)
+}
+
+/// The kernel ids of the threads the programs know of: created since
+/// attach through pthread_create (or being created).
+pub fn known_threads(ebpf: &Ebpf) -> anyhow::Result<HashSet<u32>> {
+    let threads: BpfHashMap<&MapData, u32, ThreadInfo> =
+        BpfHashMap::try_from(map(ebpf, MAP_THREADS)?)?;
+    threads.keys().map(|key| key.context("failed to read the threads")).collect()
 }
 
 /// The instruction pointers of a stack, innermost first, and why it ends.

@@ -104,6 +104,46 @@ pub fn thread_count(pid: u32) -> Result<u64> {
     Ok(threads)
 }
 
+/// The kernel ids of `pid`'s threads.
+pub fn task_ids(pid: u32) -> Result<Vec<u32>> {
+    let tasks =
+        process(pid)?.tasks().with_context(|| format!("failed to list /proc/{pid}/task"))?;
+    Ok(tasks.filter_map(|task| task.ok()).map(|task| task.tid as u32).collect())
+}
+
+/// The size of the stack thread `tid` of `pid` runs on, its guard page
+/// included: the mapping around its stack pointer, read from
+/// /proc/PID/task/TID/syscall while the thread is blocked (`None` while it
+/// runs, or on the main thread's `[stack]`).
+pub fn thread_stack_size(pid: u32, tid: u32, maps: &[MemoryMap]) -> Option<u64> {
+    let syscall = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    let sp = stack_pointer_of(&syscall)?;
+    let at = maps.iter().position(|map| map.address.0 <= sp && sp < map.address.1)?;
+    let map = &maps[at];
+    if map.pathname == MMapPath::Stack {
+        return None;
+    }
+    let mut size = map.address.1 - map.address.0;
+    // glibc and musl keep a PROT_NONE guard just below.
+    if let Some(guard) = at.checked_sub(1).map(|below| &maps[below]) {
+        if guard.address.1 == map.address.0 && guard.perms == MMPermissions::PRIVATE {
+            size += guard.address.1 - guard.address.0;
+        }
+    }
+    Some(size)
+}
+
+/// The stack pointer in a /proc/PID/task/TID/syscall line: "NR args... SP
+/// PC", or "-1 SP PC" when blocked outside a system call, or "running".
+fn stack_pointer_of(syscall: &str) -> Option<u64> {
+    let fields: Vec<&str> = syscall.split_whitespace().collect();
+    if fields.len() < 3 {
+        return None;
+    }
+    let sp = fields[fields.len() - 2];
+    u64::from_str_radix(sp.strip_prefix("0x").unwrap_or(sp), 16).ok()
+}
+
 /// The soft RLIMIT_STACK of `pid`: glibc's default thread stack size.
 pub fn stack_limit(pid: u32) -> Option<u64> {
     let limits = process(pid).ok()?.limits().ok()?;
@@ -126,4 +166,43 @@ pub fn through_root(pid: u32, path: &Path) -> PathBuf {
 /// very file mapped, in any mount namespace, deleted or replaced since.
 pub fn map_file(pid: u32, start: u64, end: u64) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Check that the stack pointer is read from each shape of a syscall line.
+    #[test]
+    fn syscall_stack_pointer() {
+        let blocked = "202 0x7f0 0x80 0x0 0x0 0x0 0x0 0x7f1234567e40 0x7f12345abcd0\n";
+        assert_eq!(stack_pointer_of(blocked), Some(0x7f12_3456_7e40));
+        assert_eq!(stack_pointer_of("-1 0x7ffd0000f000 0x401000\n"), Some(0x7ffd_0000_f000));
+        assert_eq!(stack_pointer_of("running\n"), None);
+    }
+
+    /// Check that a thread of this test process, blocked, is found on a
+    /// stack of the size it asked for, guard included.
+    #[test]
+    fn blocked_thread_stack() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .stack_size(1 << 20)
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+                let _ = rx.recv();
+            })
+            .unwrap();
+        let tid = tid_rx.recv().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let pid = std::process::id();
+        let size = thread_stack_size(pid, tid, &maps(pid).unwrap());
+        drop(tx);
+        thread.join().unwrap();
+        // Rust adds glibc's guard and rounds to pages.
+        let size = size.expect("a blocked thread's stack is found");
+        assert!((1 << 20..=(1 << 20) + (64 << 10)).contains(&size), "{size}");
+    }
 }

@@ -56,6 +56,20 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
     if let Some(memory) = &report.memory {
         write_memory(&memory.picture, &memory.since_attach, out)?;
     }
+    if let Some(freed) = &report.freed_before_attach {
+        let (bytes, rate) = match (freed.bytes, freed.bytes_per_second) {
+            (Some(bytes), Some(rate)) => (
+                format!(" ({})", human_bytes(bytes)),
+                format!(" ({}/s)", human_bytes(rate.max(0.0) as u64)),
+            ),
+            _ => (String::new(), String::new()),
+        };
+        writeln!(
+            out,
+            "\tAllocated before attach and freed since: {} blocks{bytes}, {:.0} a second{rate}.",
+            freed.count, freed.count_per_second
+        )?;
+    }
     // Stacks cut short lose frames, not bytes: said apart.
     let is_cut = |reason: Lost| {
         matches!(reason, Lost::UnwindNoInfo | Lost::UnwindFailed | Lost::UnwindDepth)
@@ -105,12 +119,26 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
 }
 
 fn write_threads(threads: &ThreadsReport, out: &mut impl Write) -> io::Result<()> {
+    let before = &threads.before_attach;
+    let before = if before.alive > 0 {
+        format!(
+            "; {} alive from before attach ({} of stacks, creating site unknown)",
+            before.alive,
+            human_bytes(before.stack_bytes)
+        )
+    } else {
+        String::new()
+    };
     if threads.sites.is_empty() {
-        return writeln!(out, "\tThreads: {} live, none created since attach.", threads.live);
+        return writeln!(
+            out,
+            "\tThreads: {} live{before}, none created since attach.",
+            threads.live
+        );
     }
     writeln!(
         out,
-        "\tThreads: {} live; created since attach at {} call sites:",
+        "\tThreads: {} live{before}; created since attach at {} call sites:",
         threads.live,
         threads.sites.len()
     )?;
@@ -209,6 +237,20 @@ fn finding_text(finding: &Finding) -> String {
             human_bytes(*live_bytes),
             human_bytes(*heap_rss)
         ),
+        Finding::Replacing { sites, count_per_second, bytes_per_second } => {
+            let freed = match bytes_per_second {
+                Some(bytes) => format!(
+                    "{}/s of it freed ({count_per_second:.0} blocks/s)",
+                    human_bytes(bytes.max(0.0) as u64)
+                ),
+                None => format!("{count_per_second:.0} blocks/s of it freed"),
+            };
+            let noun = if *sites == 1 { "call site grows" } else { "call sites grow" };
+            format!(
+                "still replacing memory allocated before attach: {freed}; {sites} {noun} at that pace, \
+                 not called a leak until the replacement ends"
+            )
+        }
         Finding::NoLeakYet { outstanding, reports_needed } => format!(
             "no leak seen yet: a trend needs {reports_needed} reports ({} outstanding)",
             human_bytes(*outstanding)
