@@ -42,6 +42,10 @@ pub struct Report {
     /// RFC 3339, to the second.
     pub time: String,
     pub pid: u32,
+    /// The target's PID inside its own PID namespace (a container's), when
+    /// that is not leaktrace's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_in_namespace: Option<u32>,
     /// The target exited during tracing.
     pub exited: bool,
     /// Allocations younger than this are left out.

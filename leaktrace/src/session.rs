@@ -168,7 +168,8 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
                 is_final: bool,
                 exited: bool|
      -> anyhow::Result<()> {
-        let mut report = analyzer.report(&ebpf, unwinder.mappings(), is_final, exited)?;
+        let mut report =
+            analyzer.report(&ebpf, unwinder.mappings(), unwinder.file_paths(), is_final, exited)?;
         report::finish(&mut report);
         let mut out = io::stdout().lock();
         if args.json {

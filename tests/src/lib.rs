@@ -131,6 +131,24 @@ impl Fixture {
         fixture
     }
 
+    /// Starts a fixture through `command`, which runs it as the first process
+    /// of a new PID namespace (`unshare -p -f --kill-child ...`): it prints
+    /// `PID 1`, and its PID here is that of the one child of the command.
+    /// Returns the fixture and its PID inside its namespace.
+    pub fn spawn_in_pid_namespace(name: &str, command: Command) -> (Self, u32) {
+        let mut fixture = Self::spawn(name, command);
+        let inner = fixture.pid;
+        let outer = fixture.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
+            .unwrap_or_else(|err| panic!("failed to read the children of {outer}: {err}"));
+        fixture.pid = children
+            .split_whitespace()
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("{name}'s launcher {outer} has no child: {children:?}"));
+        (fixture, inner)
+    }
+
     /// The fixture's process ID, as it printed it.
     pub fn pid(&self) -> u32 {
         self.pid

@@ -55,3 +55,126 @@ fn leak_reported_in_private_mount_namespace() {
         json(&report)
     );
 }
+
+/// Copies `binary` to `root`/prog with the libraries it loads (at the same
+/// paths under `root`): a root file system holding that program alone.
+fn make_root(root: &Path, binary: &Path) {
+    fs::create_dir_all(root).unwrap();
+    fs::copy(binary, root.join("prog")).unwrap();
+    let ldd = Command::new("ldd").arg(binary).output().expect("run ldd");
+    let listing = String::from_utf8_lossy(&ldd.stdout);
+    for library in listing.split_whitespace().filter(|word| word.starts_with('/')) {
+        let inside = root.join(library.trim_start_matches('/'));
+        fs::create_dir_all(inside.parent().unwrap()).unwrap();
+        fs::copy(library, &inside).unwrap_or_else(|err| panic!("copy {library}: {err}"));
+    }
+}
+
+/// Asserts the final report of mntns_leak run in a root of its own: its
+/// leak named, with its bytes.
+fn assert_root_leak(report: &Report) {
+    assert_eq!(
+        totals(report.stacks_by_first_frame("mntns_leak")),
+        (37000, 10),
+        "mntns_leak should hold 10 x 3700 bytes: {}",
+        json(report)
+    );
+}
+
+/// Check that a target in a plain chroot is traced with -p alone: its maps
+/// name its files by host paths under the chroot, which /proc/PID/root
+/// would put the directory in twice.
+#[test]
+fn chroot_target_traced() {
+    require_root();
+    let scratch = ScratchDir::new("chroot");
+    make_root(&scratch.0, &fixture_path("mntns_leak"));
+    let mut command = Command::new("chroot");
+    command.arg(&scratch.0).arg("/prog");
+    let mut fixture = Fixture::spawn("mntns_leak", command);
+    let report = trace_started(&mut fixture, &[]);
+    assert_root_leak(&report);
+}
+
+/// Check that a target whose root is a tmpfs mounted in its own mount
+/// namespace, on a directory that is empty on the host, entered with
+/// chroot, is traced with -p alone.
+#[test]
+fn private_tmpfs_root_traced() {
+    require_root();
+    let scratch = ScratchDir::new("tmpfs-root");
+    let source = scratch.0.join("source");
+    let root = scratch.0.join("root");
+    make_root(&source, &fixture_path("mntns_leak"));
+    fs::create_dir_all(&root).unwrap();
+    let mut command = Command::new("unshare");
+    command
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs none "$1" && cp -a "$0/." "$1/" && exec chroot "$1" /prog"#)
+        .arg(&source)
+        .arg(&root);
+    let mut fixture = Fixture::spawn("mntns_leak", command);
+    assert!(
+        fs::read_dir(&root).unwrap().next().is_none(),
+        "{} is not empty on the host; the tmpfs escaped the namespace",
+        root.display()
+    );
+    let report = trace_started(&mut fixture, &[]);
+    assert_root_leak(&report);
+}
+
+/// Check a root set up the way a container runtime does it: an overlayfs
+/// (the program and its libraries below, a tmpfs above) mounted in a new
+/// mount namespace, pivot_root into it, in a new PID namespace. leaktrace
+/// runs on the host with the host PID, -p alone, and the report also
+/// gives the PID inside the container.
+#[test]
+fn container_root_with_pid_namespace_traced() {
+    require_root();
+    let scratch = ScratchDir::new("container");
+    let lower = scratch.0.join("lower");
+    let (upper, root) = (scratch.0.join("upper"), scratch.0.join("root"));
+    make_root(&lower, &fixture_path("mntns_leak"));
+    fs::create_dir_all(&upper).unwrap();
+    fs::create_dir_all(&root).unwrap();
+    let mut command = Command::new("unshare");
+    command
+        .args(["-m", "-p", "-f", "--kill-child", "--propagation", "private", "sh", "-c"])
+        .arg(concat!(
+            r#"mount -t tmpfs none "$1" && mkdir "$1/upper" "$1/work" && "#,
+            r#"mount -t overlay overlay -o "lowerdir=$0,upperdir=$1/upper,workdir=$1/work" "$2" && "#,
+            r#"cd "$2" && mkdir old && pivot_root . old && exec /prog"#
+        ))
+        .arg(&lower)
+        .arg(&upper)
+        .arg(&root);
+    let (mut fixture, inner) = Fixture::spawn_in_pid_namespace("mntns_leak", command);
+    assert_eq!(inner, 1, "the program is not the first process of its PID namespace");
+    let report = trace_started(&mut fixture, &[]);
+    assert_root_leak(&report);
+    assert_eq!(
+        report.pid_in_namespace,
+        Some(1),
+        "the report does not give the PID inside the container: {}",
+        json(&report)
+    );
+}
+
+/// Check that a target whose executable (a static program, its allocator
+/// inside) was deleted after it started is traced with -p alone.
+#[test]
+fn deleted_static_executable_traced() {
+    require_root();
+    let scratch = ScratchDir::new("deleted");
+    let copy = scratch.0.join("static_glibc");
+    fs::copy(fixture_path("static_glibc"), &copy).unwrap();
+    let mut fixture = Fixture::spawn("static_glibc", Command::new(&copy));
+    fs::remove_file(&copy).unwrap();
+    let report = trace_started(&mut fixture, &[]);
+    assert_eq!(
+        totals(report.stacks_by_first_frame("static_leak")),
+        (30000, 10),
+        "static_leak should hold 10 x 3000 bytes: {}",
+        json(&report)
+    );
+}

@@ -5,7 +5,11 @@
 pub mod growth;
 pub mod verdict;
 
-use std::{collections::HashSet, path::PathBuf, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    time::Instant,
+};
 
 use aya::Ebpf;
 use leaktrace_common::{StackEnd, NO_STACK};
@@ -72,6 +76,8 @@ pub struct Analyzer {
     default_stack: u64,
     reports: usize,
     glibc_allocator: bool,
+    /// Read at attach: it stays once the target has exited.
+    pid_in_namespace: Option<u32>,
 }
 
 impl Analyzer {
@@ -99,6 +105,7 @@ impl Analyzer {
             live_bytes: History::new(LIVE_TOLERANCE),
             reports: 0,
             glibc_allocator,
+            pid_in_namespace: proc::pid_in_namespace(pid),
         }
     }
 
@@ -108,6 +115,7 @@ impl Analyzer {
         &mut self,
         ebpf: &Ebpf,
         mappings: &[ExecMapping],
+        files: HashMap<(u64, u64), PathBuf>,
         is_final: bool,
         exited: bool,
     ) -> anyhow::Result<Report> {
@@ -115,7 +123,7 @@ impl Analyzer {
         let pid = self.options.pid;
         let t = self.started.elapsed().as_secs_f64();
         self.reports += 1;
-        self.symbolizer.set_mappings(mappings);
+        self.symbolizer.set_mappings(mappings, files);
         let mapped =
             if alive { proc::maps(pid).ok().map(|maps| proc::ranges(&maps)) } else { None };
         let snapshot = self.collector.collect(ebpf, mapped.as_deref())?;
@@ -204,6 +212,7 @@ impl Analyzer {
             is_final,
             time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             pid,
+            pid_in_namespace: self.pid_in_namespace,
             exited,
             older_ms: self.options.older_ms,
             totals: Totals {

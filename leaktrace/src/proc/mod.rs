@@ -12,7 +12,10 @@ pub fn sample_picture() -> leaktrace_report::MemoryPicture {
     classify::classify(&classify::tests::sample())
 }
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result};
 use procfs::process::{LimitValue, MMPermissions, MMapPath, MemoryMap, Process};
@@ -73,21 +76,51 @@ pub fn ranges(maps: &[MemoryMap]) -> Vec<(u64, u64)> {
     maps.iter().map(|map| map.address).collect()
 }
 
-/// The files mapped into `pid` as the target names them, its executable
-/// first, each once, in mapping order.
-pub fn mapped_files(pid: u32) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = Vec::new();
-    if let Ok(exe) = process(pid)?.exe() {
-        files.push(exe);
-    }
-    for map in maps(pid)? {
-        if let MMapPath::Path(path) = map.pathname {
-            if !files.contains(&path) {
-                files.push(path);
+/// A file mapped into a process: its path as the process names it, and one
+/// of its mappings, through which it can be opened whatever the path says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedFile {
+    pub path: PathBuf,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The files mapped into `pid`, its executable first, each once, in
+/// mapping order.
+pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>> {
+    let maps = maps(pid)?;
+    let mut files: Vec<MappedFile> = Vec::new();
+    for map in &maps {
+        if let MMapPath::Path(path) = &map.pathname {
+            if !files.iter().any(|file| &file.path == path) {
+                let (start, end) = map.address;
+                files.push(MappedFile { path: path.clone(), start, end });
             }
         }
     }
+    // The executable: the file of the same inode as /proc/PID/exe.
+    let exe_inode = std::fs::metadata(format!("/proc/{pid}/exe")).map(|exe| exe.ino());
+    let exe_path = maps.iter().find_map(|map| match &map.pathname {
+        MMapPath::Path(path) if exe_inode.as_ref().is_ok_and(|&inode| inode == map.inode) => {
+            Some(path)
+        }
+        _ => None,
+    });
+    if let Some(at) = files.iter().position(|file| Some(&file.path) == exe_path) {
+        let exe = files.remove(at);
+        files.insert(0, exe);
+    }
     Ok(files)
+}
+
+/// The path of a mapped file as the target names it, without the
+/// " (deleted)" the kernel appends to a file removed since it was mapped.
+pub fn shown_path(path: &Path) -> PathBuf {
+    let text = path.as_os_str().to_string_lossy();
+    match text.strip_suffix(" (deleted)") {
+        Some(kept) => PathBuf::from(kept),
+        None => path.to_path_buf(),
+    }
 }
 
 /// The number of threads of `pid` (entries in /proc/PID/task).
@@ -102,6 +135,14 @@ pub fn thread_count(pid: u32) -> Result<u64> {
         threads += 1;
     }
     Ok(threads)
+}
+
+/// `pid` as the process's own PID namespace numbers it, when that is not
+/// the caller's (a container's): the last of NSpid in /proc/PID/status.
+pub fn pid_in_namespace(pid: u32) -> Option<u32> {
+    let nspid = process(pid).ok()?.status().ok()?.nspid?;
+    let inner = *nspid.last()?;
+    (nspid.len() > 1).then_some(inner as u32)
 }
 
 /// The kernel ids of `pid`'s threads.

@@ -13,13 +13,16 @@ use super::{memory::write_memory, units::human_bytes};
 pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
     // "2026-11-22T06:41:02Z" -> "06:41:02"
     let clock = report.time.get(11..19).unwrap_or(&report.time);
+    let pid = match report.pid_in_namespace {
+        Some(inner) => format!("{} (pid {inner} in its namespace)", report.pid),
+        None => report.pid.to_string(),
+    };
     writeln!(
         out,
-        "[{clock}] Top {} of {} stacks with outstanding allocations older than {} ms in pid {}: {} in {} allocations",
+        "[{clock}] Top {} of {} stacks with outstanding allocations older than {} ms in pid {pid}: {} in {} allocations",
         report.stacks.len(),
         report.stack_count,
         report.older_ms,
-        report.pid,
         human_bytes(report.totals.bytes),
         report.totals.allocations,
     )?;

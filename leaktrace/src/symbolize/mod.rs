@@ -3,10 +3,7 @@
 //! and cached: a stack id always names the same stack. A target that has
 //! exited is symbolized from its last known mappings and the files on disk.
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashMap, path::PathBuf};
 
 use blazesym::{
     symbolize::{
@@ -20,7 +17,7 @@ use leaktrace_report::Frame;
 
 use crate::{
     elf::ElfFile,
-    proc::{through_root, ExecMapping},
+    proc::{shown_path, through_root, ExecMapping},
 };
 
 pub struct Symbolizer {
@@ -34,6 +31,8 @@ pub struct Symbolizer {
     modules: Vec<ExecMapping>,
     /// Copies of the target's files, for when its own are out of reach.
     sysroot: Option<PathBuf>,
+    /// The objects' files as opened by the unwinder, by (device, inode).
+    files: HashMap<(u64, u64), PathBuf>,
 }
 
 /// Where blazesym looks for separate debug info by default; `--debug-dir`
@@ -55,16 +54,20 @@ impl Symbolizer {
             cache: HashMap::new(),
             modules: Vec::new(),
             sysroot,
+            files: HashMap::new(),
         }
     }
 
     /// Take the target's executable mappings as the unwinder last
     /// published them (libraries loaded since); once the target is gone,
     /// its last ones stay.
-    pub fn set_mappings(&mut self, mappings: &[ExecMapping]) {
+    /// `files` names each object's file as this process can open it, by
+    /// (device, inode).
+    pub fn set_mappings(&mut self, mappings: &[ExecMapping], files: HashMap<(u64, u64), PathBuf>) {
         if !mappings.is_empty() {
             self.modules = mappings.to_vec();
         }
+        self.files.extend(files);
     }
 
     /// The frames of a stack, innermost first. A live target is symbolized
@@ -111,7 +114,7 @@ impl Symbolizer {
                 let Some(module) = self.module_of(ip) else {
                     return vec![self.unknown(ip)];
                 };
-                let source = Source::Elf(Elf::new(self.readable_path(&module.path)));
+                let source = Source::Elf(Elf::new(self.readable_path(module)));
                 let file_offset = call_site(ip) - module.start + module.offset;
                 match self.blazesym.symbolize_single(&source, Input::FileOffset(file_offset)) {
                     Ok(sym) => self.to_frames(ip, sym),
@@ -126,7 +129,7 @@ impl Symbolizer {
     /// DIR/.build-id/xx/rest.debug in each debug directory.
     fn symbolize_by_build_id(&mut self, ip: u64) -> Option<Frame> {
         let module = self.module_of(ip)?.clone();
-        let path = self.readable_path(&module.path);
+        let path = self.readable_path(&module);
         let debug_file = match self.build_id_files.get(&path) {
             Some(found) => found.clone()?,
             None => {
@@ -159,11 +162,17 @@ impl Symbolizer {
             .then(|| Frame { module: Some(module.path.display().to_string()), ..frame })
     }
 
-    /// A module's file as leaktrace can open it: under --sysroot, through
-    /// /proc/PID/root while the target lives, or as named.
-    fn readable_path(&self, path: &Path) -> PathBuf {
-        match &self.sysroot {
-            Some(root) => root.join(path.strip_prefix("/").unwrap_or(path)),
+    /// A module's file as leaktrace can open it: under --sysroot, the file
+    /// the unwinder holds open, through /proc/PID/root while the target
+    /// lives, or as named.
+    fn readable_path(&self, module: &ExecMapping) -> PathBuf {
+        let path = shown_path(&module.path);
+        let path = path.as_path();
+        if let Some(root) = &self.sysroot {
+            return root.join(path.strip_prefix("/").unwrap_or(path));
+        }
+        match self.files.get(&module.file) {
+            Some(open) => open.clone(),
             None => {
                 let through_root = through_root(self.pid, path);
                 if through_root.exists() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::{
     elf::ElfFile,
-    proc::{mapped_files, through_root},
+    proc::{map_file, mapped_files, shown_path, through_root},
 };
 
 use super::Target;
@@ -39,15 +39,22 @@ pub fn objects_to_probe(target: &Target, obj: Option<&Path>) -> anyhow::Result<V
                 objects.extend(elf.interpreter().map(local));
                 // The C library and libstdc++ ours would load, whatever
                 // the program names directly.
-                let ours = mapped_files(std::process::id())?;
+                let ours: Vec<PathBuf> =
+                    mapped_files(std::process::id())?.into_iter().map(|file| file.path).collect();
                 objects.extend(find_libc(&ours).map(local));
                 objects.extend(system_cxx_runtime().map(local));
             }
             objects
         }
+        // Opened through the mapping itself: the very file mapped, in any
+        // mount namespace, whatever its path says (a chroot, a container's
+        // root, a file deleted or replaced since).
         None => mapped_files(target.pid)?
             .into_iter()
-            .map(|shown| Object { open: through_root(target.pid, &shown), shown })
+            .map(|file| Object {
+                open: map_file(target.pid, file.start, file.end),
+                shown: shown_path(&file.path),
+            })
             .collect(),
     };
     if let Some(obj) = obj {

@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    os::unix::fs::MetadataExt as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -70,6 +70,8 @@ pub struct Unwinder {
     mappings: Array<MapData, UnwindMapping>,
     state: Array<MapData, u64>,
     objects: HashMap<(u64, u64), LoadedObject>,
+    /// Every object's file, open for the session.
+    files: HashMap<(u64, u64), File>,
     next_chunk: u32,
     /// Publications so far; the live set is `generation & 1`.
     generation: u32,
@@ -92,6 +94,7 @@ impl Unwinder {
             mappings: Array::try_from(take(MAP_UNWIND_MAPPINGS)?)?,
             state: Array::try_from(take(MAP_UNWIND_STATE)?)?,
             objects: HashMap::new(),
+            files: HashMap::new(),
             next_chunk: 0,
             generation: 0,
             seen: Vec::new(),
@@ -180,7 +183,20 @@ impl Unwinder {
         let path = map_file(self.pid, mapping.start, mapping.end);
         let file =
             File::open(&path).with_context(|| format!("failed to open {}", path.display()))?;
-        self.load_file(&file, &mapping.path)
+        let loaded = self.load_file(&file, &mapping.path);
+        self.files.insert(mapping.file, file);
+        loaded
+    }
+
+    /// Each object's file as this process can open it, by (device, inode):
+    /// `/proc/self/fd/N` of the file kept open since it was first mapped, so
+    /// that it is the very file mapped, in any mount namespace, and still
+    /// there once the target has exited.
+    pub fn file_paths(&self) -> HashMap<(u64, u64), PathBuf> {
+        self.files
+            .iter()
+            .map(|(&key, file)| (key, PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))))
+            .collect()
     }
 
     /// Load the tables of objects a `-c` program will map, before it runs:
@@ -196,9 +212,11 @@ impl Unwinder {
             if self.objects.contains_key(&key) {
                 continue;
             }
-            let loaded = File::open(path)
-                .map_err(anyhow::Error::from)
-                .and_then(|file| self.load_file(&file, path));
+            let loaded = File::open(path).map_err(anyhow::Error::from).and_then(|file| {
+                let loaded = self.load_file(&file, path);
+                self.files.insert(key, file);
+                loaded
+            });
             match loaded {
                 Ok(object) => {
                     self.objects.insert(key, object);
