@@ -69,6 +69,7 @@ const UNWIND_PROGRAMS: &[(&str, &str)] = &[
     ("unwind_libc.c", "unwind_libc"),
     ("unwind_thread.c", "unwind_thread"),
     ("unwind_inlined.c", "unwind_inlined"),
+    ("unwind_first.c", "unwind_first"),
 ];
 
 fn main() {

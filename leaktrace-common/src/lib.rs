@@ -42,6 +42,29 @@ pub const CONFIG_GLIBC_CHUNKS: u32 = 1;
 /// [`Config::flags`]: pthread_create is glibc's, whose `pthread_attr_t`
 /// holds its flags (bit 0: detached) at offset 8 and the stack size at 32.
 pub const CONFIG_GLIBC_PTHREAD: u32 = 2;
+/// [`Config::flags`]: stop the target (SIGSTOP) where its mappings change
+/// (exec, the dynamic linker's hook) until the loader has published them
+/// and sent SIGCONT. Only for a `-c` target, whose parent is leaktrace: a
+/// stop would otherwise reach the target's own parent (a shell's job
+/// control).
+pub const CONFIG_HOLD: u32 = 4;
+
+/// A record of [`MAP_LINK_MAP_CHANGES`]: the target's mappings changed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MappingsChanged {
+    /// [`CHANGE_LINKER`] or [`CHANGE_EXEC`].
+    pub cause: u32,
+    /// 1 when the target was stopped until the loader lets it go.
+    pub held: u32,
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC) when it happened.
+    pub time_ns: u64,
+}
+
+/// [`MappingsChanged::cause`]: the dynamic linker's hook fired.
+pub const CHANGE_LINKER: u32 = 1;
+/// [`MappingsChanged::cause`]: the target exec'd a program.
+pub const CHANGE_EXEC: u32 = 2;
 /// Whether the heap block at `addr` is one of the 1 in `rate` tracked.
 /// Blocks are 16-byte aligned, so the low bits are dropped and the rest
 /// mixed (Fibonacci hashing) before taking the bucket.
@@ -450,6 +473,7 @@ const _: () = assert!(core::mem::size_of::<StackStats>() == 16 + 24 * YOUNG_SLOT
 const _: () = assert!(core::mem::size_of::<Pending>() == 40);
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 12);
 const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 40);
+const _: () = assert!(core::mem::size_of::<MappingsChanged>() == 16);
 
 #[cfg(feature = "user")]
 mod user {

@@ -5,10 +5,12 @@
 //! The helpers under them import only from helpers further down, never up:
 //! `record` (the books) uses `unwind` (the stack walk), which uses `maps`
 //! (every map and the configuration), which uses `types` (what only the
-//! kernel side stores); `context` (arguments, registers) imports nothing.
+//! kernel side stores); `context` (arguments, registers) imports nothing;
+//! `changes` (waking the loader, holding the target) uses `maps`.
 #![no_std]
 #![no_main]
 
+mod changes;
 mod context;
 mod maps;
 mod probes;

@@ -16,7 +16,8 @@ use std::{
 use anyhow::{anyhow, bail, Context as _};
 use aya::maps::{MapData, RingBuf};
 use aya_log::EbpfLogger;
-use leaktrace_common::{MAP_LINK_MAP_CHANGES, YOUNG_EPOCHS};
+use bytes::Buf as _;
+use leaktrace_common::{MappingsChanged, CHANGE_EXEC, MAP_LINK_MAP_CHANGES, YOUNG_EPOCHS};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
@@ -87,6 +88,10 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     )
     .map_err(|err| attach_error(err, target))?;
 
+    // A `-c` target is stopped where its mappings change until they are
+    // published: its first allocations, and those of a library it dlopen()s,
+    // get whole stacks. leaktrace is its parent, so nobody else sees it stop.
+    let hold = target.program().is_some();
     // Epochs of a quarter of --older: every allocation younger than --older
     // is left out, and none older than 1.25x --older.
     let epoch_ns = args.older * 1_000_000 / u64::from(YOUNG_EPOCHS);
@@ -102,6 +107,7 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         unwind_rows: args.unwind_rows,
         glibc_allocator: plan.glibc_allocator,
         glibc_pthread: plan.glibc_pthread,
+        hold,
         kernel_log: args.verbose >= 2,
     })?;
     // The programs' log records (rare paths only), shown with -vv.
@@ -209,8 +215,8 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
                     break End::Counted;
                 }
             }
-            () = linker_hook(&mut link_changes), if unwinding => {
-                unwinding = keep_unwinding(&mut unwinder);
+            changes = mappings_changed(&mut link_changes) => {
+                after_change(&changes, &mut unwinder, &mut unwinding);
             }
             _ = maps_poll.tick(), if unwinding => {
                 if fast_maps_poll && started.elapsed() >= FAST_PERIOD {
@@ -222,6 +228,10 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             () = flush_log(&mut logger) => {}
         }
     };
+    if hold {
+        // Whatever happened, a held target must not stay stopped.
+        resume(pid);
+    }
     let result = match end {
         End::Stopped => emit(&mut analyzer, &unwinder, true, false),
         End::Exited => emit(&mut analyzer, &unwinder, true, true),
@@ -286,14 +296,71 @@ async fn until(deadline: Option<Instant>) {
     }
 }
 
-/// Resolves when the dynamic linker's hook has fired (a dlopen or dlclose
-/// in the target), with its records consumed.
-async fn linker_hook(changes: &mut AsyncFd<RingBuf<MapData>>) {
+/// Resolves when the target's mappings changed (an exec, or the dynamic
+/// linker's hook: start-up, dlopen, dlclose), with what the programs said.
+async fn mappings_changed(changes: &mut AsyncFd<RingBuf<MapData>>) -> Vec<Change> {
     let Ok(mut guard) = changes.readable_mut().await else {
         return std::future::pending().await;
     };
-    while guard.get_inner_mut().next().is_some() {}
+    let mut records = Vec::new();
+    while let Some(item) = guard.get_inner_mut().next() {
+        records.extend(Change::parse(&item));
+    }
     guard.clear_ready();
+    records
+}
+
+/// One record of the programs' `MappingsChanged`.
+struct Change {
+    cause: u32,
+    held: bool,
+    time_ns: u64,
+}
+
+impl Change {
+    /// The record's fields, in the order and sizes of `MappingsChanged`.
+    fn parse(mut record: &[u8]) -> Option<Self> {
+        if record.remaining() < std::mem::size_of::<MappingsChanged>() {
+            return None;
+        }
+        let cause = record.get_u32_le();
+        let held = record.get_u32_le() != 0;
+        let time_ns = record.get_u64_le();
+        Some(Self { cause, held, time_ns })
+    }
+}
+
+/// Publish the new mappings, then let a held target go, saying how long
+/// it waited.
+fn after_change(changes: &[Change], unwinder: &mut Unwinder, unwinding: &mut bool) {
+    if *unwinding {
+        *unwinding = keep_unwinding(unwinder);
+    }
+    let Some(first) = changes.iter().filter(|change| change.held).min_by_key(|c| c.time_ns) else {
+        return;
+    };
+    resume(unwinder.pid());
+    let waited = monotonic_ns().saturating_sub(first.time_ns);
+    let cause = if first.cause == CHANGE_EXEC { "exec" } else { "the dynamic linker's hook" };
+    log::info!(
+        "held pid {} for {:.2} ms at {cause}, until its mappings were published",
+        unwinder.pid(),
+        waited as f64 / 1e6
+    );
+}
+
+/// SIGCONT: a target held where its mappings changed goes on.
+fn resume(pid: u32) {
+    // SAFETY: a plain syscall; the target is our own `-c` child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Publish the target's mappings if they changed. Returns whether to go on:

@@ -481,3 +481,63 @@ fn inlined_caller_named_at_its_call() {
     assert_eq!(caller.address, helper.address, "an inlined frame shares its caller's address");
     assert_eq!(totals([stack]), (32 * 200, 32), "32 blocks of 200 bytes: {}", json(&report));
 }
+
+/// Check that a -c program whose first allocations come at the top of main,
+/// right after the dynamic linker mapped its libraries, gets whole stacks
+/// every time, 20 runs in a row: leaktrace holds it at exec and at the
+/// linker's hook until the new mappings are published.
+#[test]
+fn first_allocations_of_command_whole_every_time() {
+    let program = fixture_path("unwind_first");
+    let chain = [Name::Is("first_leaf"), Name::Is("first_outer"), Name::Is("main")];
+    for run in 1..=20 {
+        let finished = run_tracer(&["--json", "-c", program.to_str().unwrap(), "1"]);
+        let reports = finished.reports();
+        let report = final_report(&reports);
+        let (found, total) = chain_stacks(report, &chain);
+        for (stack, start) in found {
+            assert!(
+                start == 0 && stack.stack_end == StackEnd::Complete,
+                "run {run}: the stack is not whole from first_leaf; calls {:?}: {}",
+                call_names(&stack.frames),
+                json(report)
+            );
+        }
+        assert_eq!(total, (8000, 8), "run {run}: 8 x 1000 bytes: {}", json(report));
+        assert_eq!(
+            report.lost.get(&Lost::UnwindNoInfo).copied().unwrap_or(0),
+            0,
+            "run {run}: a stack was cut for want of unwind information: {}",
+            json(report)
+        );
+    }
+}
+
+/// Check that a library a -c program dlopen()s, and calls into at once, has
+/// its first allocations unwound whole, in 5 runs: the program is held at
+/// the dynamic linker's hook until the library's table is published.
+#[test]
+fn dlopen_without_wait_unwound_under_command() {
+    let plugin = fixture_path("libdlopen_plugin.so");
+    let command =
+        format!("{} {} nowait", fixture_path("unwind_dlopen").display(), plugin.display());
+    let chain = [
+        Name::Is("plugin_leaf"),
+        Name::Is("plugin_middle"),
+        Name::Is("plugin_leak"),
+        Name::Is("load_plugin"),
+        Name::Is("main"),
+    ];
+    for run in 1..=5 {
+        let finished = run_tracer(&["--json", "-c", &command, "1"]);
+        let reports = finished.reports();
+        let report = final_report(&reports);
+        let (_, total) = chain_stacks(report, &chain);
+        assert_eq!(
+            total,
+            (64200, 20),
+            "run {run}: plugin_leaf should hold 2 rounds of 10 x 3210 bytes, all whole: {}",
+            json(report)
+        );
+    }
+}

@@ -1,15 +1,17 @@
 //! Tracepoints, the kernel's side of a thread's life (there are no kprobes
 //! here): sched_process_fork names the new thread's kernel tid to the
-//! pthread_create in flight, sched_process_exit marks it exited.
+//! pthread_create in flight, sched_process_exit marks it exited, and
+//! sched_process_exec says the target runs a new program.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, macros::tracepoint, programs::TracePointContext};
 use aya_log_ebpf::warn;
 use leaktrace_common::{
-    CallKind, ThreadInfo, NO_STACK, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
+    CallKind, ThreadInfo, CHANGE_EXEC, NO_STACK, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
 };
 
 use super::Result;
 use crate::{
+    changes::mappings_changed,
     maps::{config, THREADS},
     record::{forget_pending, forget_thread, in_flight, target_tid, SiteEvent},
 };
@@ -61,5 +63,19 @@ fn try_kernel_sched_process_exit(_ctx: &TracePointContext) -> Result {
         let gone = *info;
         forget_thread(tid, &gone, SiteEvent::DetachedExited);
     }
+    Ok(())
+}
+
+/// sched:sched_process_exec, in the task that exec'd, its new program
+/// mapped: its first instruction has not run yet.
+#[tracepoint]
+pub fn kernel_sched_process_exec(ctx: TracePointContext) -> u32 {
+    let _ = try_kernel_sched_process_exec(&ctx);
+    0
+}
+
+fn try_kernel_sched_process_exec(_ctx: &TracePointContext) -> Result {
+    target_tid().ok_or(())?;
+    mappings_changed(CHANGE_EXEC);
     Ok(())
 }

@@ -3,9 +3,10 @@
 //! library are published at once rather than at the next poll.
 
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+use leaktrace_common::CHANGE_LINKER;
 
 use super::Result;
-use crate::{maps::LINK_MAP_CHANGES, record::target_tid};
+use crate::{changes::mappings_changed, record::target_tid};
 
 /// void _dl_debug_state(void);
 ///
@@ -19,7 +20,6 @@ pub fn linker_enter_dl_debug_state(ctx: ProbeContext) -> u32 {
 
 fn try_linker_enter_dl_debug_state(_ctx: &ProbeContext) -> Result {
     target_tid().ok_or(())?;
-    // A full buffer already holds a wake-up.
-    let _ = LINK_MAP_CHANGES.output::<u32>(&1, 0);
+    mappings_changed(CHANGE_LINKER);
     Ok(())
 }

@@ -13,8 +13,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use leaktrace_common::{
-    Config, Lost, CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, GLOBAL_CONFIG, MAP_ALLOCS, MAP_LOST,
-    MAP_STACKS, MAP_STACK_STATS, MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
+    Config, Lost, CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, GLOBAL_CONFIG,
+    MAP_ALLOCS, MAP_LOST, MAP_STACKS, MAP_STACK_STATS, MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
 };
 
 use probes::ALL_SETS;
@@ -38,6 +38,9 @@ pub struct LoadOptions {
     pub glibc_allocator: bool,
     /// pthread_create is glibc's (see `uprobes::Plan::glibc_pthread`).
     pub glibc_pthread: bool,
+    /// Stop the target where its mappings change until they are published
+    /// (a `-c` target only: see `CONFIG_HOLD`).
+    pub hold: bool,
     /// Whether the programs log their rare paths (-vv). Off, the verifier
     /// prunes the log calls: they cost nothing.
     pub kernel_log: bool,
@@ -48,7 +51,8 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
     let config = Config {
         tgid: options.tgid,
         flags: if options.glibc_allocator { CONFIG_GLIBC_CHUNKS } else { 0 }
-            | if options.glibc_pthread { CONFIG_GLIBC_PTHREAD } else { 0 },
+            | if options.glibc_pthread { CONFIG_GLIBC_PTHREAD } else { 0 }
+            | if options.hold { CONFIG_HOLD } else { 0 },
         epoch_ns: options.epoch_ns,
         min_size: options.min_size,
         max_size: options.max_size,

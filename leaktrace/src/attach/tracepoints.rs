@@ -10,6 +10,7 @@ use aya::{programs::TracePoint, Ebpf};
 pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("kernel_sched_process_fork", "sched", "sched_process_fork"),
     ("kernel_sched_process_exit", "sched", "sched_process_exit"),
+    ("kernel_sched_process_exec", "sched", "sched_process_exec"),
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";

@@ -60,6 +60,9 @@ impl Collector {
     /// clip mappings it unmapped in part; `None` once it has exited.
     pub fn collect(&self, ebpf: &Ebpf, mapped: Option<&[(u64, u64)]>) -> anyhow::Result<Snapshot> {
         let now_epoch = self.now_epoch();
+        // Once the target has exited, all it still held is outstanding,
+        // however young: a short program's leaks are its last allocations.
+        let young = |epoch: u32| mapped.is_some() && self.is_young(epoch, now_epoch);
         let mut per_stack: HashMap<u32, StackUsage> = HashMap::new();
 
         let stats: PerCpuHashMap<&MapData, u32, StackStats> =
@@ -71,7 +74,7 @@ impl Collector {
                 bytes += stats.bytes;
                 allocations += stats.allocs;
                 for slot in &stats.young {
-                    if self.is_young(slot.epoch, now_epoch) {
+                    if young(slot.epoch) {
                         bytes -= slot.bytes;
                         allocations -= slot.allocs;
                     }
@@ -90,7 +93,7 @@ impl Collector {
             BpfHashMap::try_from(map(ebpf, MAP_MMAPS)?)?;
         for entry in mmaps.iter() {
             let (start, info) = entry.context("failed to read the mappings")?;
-            if self.is_young(info.epoch, now_epoch) {
+            if young(info.epoch) {
                 continue;
             }
             let bytes = match mapped {

@@ -116,10 +116,18 @@ impl Symbolizer {
                 };
                 let source = Source::Elf(Elf::new(self.readable_path(module)));
                 let file_offset = call_site(ip) - module.start + module.offset;
-                match self.blazesym.symbolize_single(&source, Input::FileOffset(file_offset)) {
-                    Ok(sym) => self.to_frames(ip, sym),
-                    Err(_) => vec![self.unknown(ip)],
+                let mut frames =
+                    match self.blazesym.symbolize_single(&source, Input::FileOffset(file_offset)) {
+                        Ok(sym) => self.to_frames(ip, sym),
+                        Err(_) => vec![self.unknown(ip)],
+                    };
+                // Named as the target names it, not by the file opened here
+                // (a copy under --sysroot, or /proc/self/fd/N).
+                let name = shown_path(&module.path).display().to_string();
+                for frame in &mut frames {
+                    frame.module = Some(name.clone());
                 }
+                frames
             })
             .collect()
     }
@@ -156,10 +164,10 @@ impl Symbolizer {
             .ok()?;
         let mut frames = self.to_frames(ip, symbolized);
         let frame = frames.pop()?;
-        frame
-            .symbol
-            .is_some()
-            .then(|| Frame { module: Some(module.path.display().to_string()), ..frame })
+        frame.symbol.is_some().then(|| Frame {
+            module: Some(shown_path(&module.path).display().to_string()),
+            ..frame
+        })
     }
 
     /// A module's file as leaktrace can open it: under --sysroot, the file
@@ -234,7 +242,7 @@ impl Symbolizer {
             offset: module.map(|m| ip - m.start + m.offset),
             file: None,
             line: None,
-            module: module.map(|m| m.path.display().to_string()),
+            module: module.map(|m| shown_path(&m.path).display().to_string()),
             inlined: false,
         }
     }
