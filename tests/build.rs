@@ -42,6 +42,11 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("sysroot_leak.c", "sysroot_leak"),
     ("ring_replaced.c", "ring_replaced"),
     ("threads_attrs.c", "threads_attrs"),
+    ("late_leak.c", "late_leak"),
+    ("thread_pool.c", "thread_pool"),
+    ("ends.c", "ends"),
+    ("exec_old.c", "exec_old"),
+    ("exec_new.c", "exec_new"),
 ];
 
 /// Flags of the unwinding fixtures: optimized code without frame pointers,

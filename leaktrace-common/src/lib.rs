@@ -48,6 +48,11 @@ pub const CONFIG_GLIBC_PTHREAD: u32 = 2;
 /// stop would otherwise reach the target's own parent (a shell's job
 /// control).
 pub const CONFIG_HOLD: u32 = 4;
+/// [`Config::flags`]: leaktrace runs in a PID namespace of its own (a
+/// container): `tgid` is the target's PID there, and the programs compare
+/// it with the current task's PID in that namespace
+/// (`bpf_get_ns_current_pid_tgid`), not with the kernel's global one.
+pub const CONFIG_PIDNS: u32 = 8;
 
 /// A record of [`MAP_LINK_MAP_CHANGES`]: the target's mappings changed.
 #[repr(C)]
@@ -284,6 +289,10 @@ pub struct Config {
     /// Track one heap allocation in this many (1: all), chosen by address
     /// so that its free is recognised without a lookup.
     pub sample_rate: u64,
+    /// With [`CONFIG_PIDNS`]: the PID namespace `tgid` is numbered in, as
+    /// the device and inode of leaktrace's /proc/self/ns/pid.
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
 }
 
 /// One live allocation or mapping.
@@ -429,6 +438,12 @@ pub enum Lost {
 
 impl Lost {
     pub const COUNT: u32 = 13;
+
+    /// Whether this loss cuts a stack short (its bytes still count) rather
+    /// than drops an event from the books.
+    pub const fn cuts_stack(self) -> bool {
+        matches!(self, Lost::UnwindNoInfo | Lost::UnwindFailed | Lost::UnwindDepth)
+    }
     pub const ALL: [Lost; Self::COUNT as usize] = [
         Lost::AllocMapFull,
         Lost::MmapMapFull,
@@ -465,7 +480,7 @@ impl Lost {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<ThreadSiteStats>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 16);

@@ -30,6 +30,8 @@ pub static CONFIG: Global<Config> = Global::new(Config {
     fork_child_pid_offset: 0,
     _pad2: 0,
     sample_rate: 1,
+    pidns_dev: 0,
+    pidns_ino: 0,
 });
 
 /// Live heap allocations. Preallocated: inserts on the hot path must not

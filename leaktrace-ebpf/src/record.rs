@@ -3,15 +3,19 @@
 //! per-stack totals, and the threads' records with their per-site counts.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    bindings::{bpf_pidns_info, BPF_ANY, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_user,
+    },
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use leaktrace_common::{
     is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
-    ThreadSiteStats, YoungSlot, CONFIG_GLIBC_CHUNKS, PREATTACH_BYTES, PREATTACH_COUNT, YOUNG_SLOTS,
+    ThreadSiteStats, YoungSlot, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, PREATTACH_BYTES,
+    PREATTACH_COUNT, YOUNG_SLOTS,
 };
 
 use crate::{
@@ -28,14 +32,27 @@ const IDLE: u64 = 0;
 
 /// The thread id when the event comes from the target, `None` otherwise.
 /// Probes are attached for the target only; this is the second fence.
+///
+/// The thread id returned is the kernel's global one in any case: the fork
+/// tracepoint names new threads by it, and the maps are keyed by it.
 #[inline(always)]
 pub fn target_tid() -> Option<u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 == config().tgid {
-        Some(pid_tgid as u32)
-    } else {
-        None
+    let config = config();
+    if config.flags & CONFIG_PIDNS == 0 {
+        return ((pid_tgid >> 32) as u32 == config.tgid).then_some(pid_tgid as u32);
     }
+    let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: `ns` is a valid bpf_pidns_info for the helper to fill.
+    let status = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            config.pidns_dev,
+            config.pidns_ino,
+            &mut ns,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    (status == 0 && ns.tgid == config.tgid).then_some(pid_tgid as u32)
 }
 
 /// Remember an allocator call until its return probe. A call made while

@@ -48,6 +48,13 @@ pub struct Report {
     pub pid_in_namespace: Option<u32>,
     /// The target exited during tracing.
     pub exited: bool,
+    /// The target exec'd a program since attach: what its old image held
+    /// was dropped, and this is what the new one holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecEvent>,
+    /// How a `-c` program ended (leaktrace is its parent and reaps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<Ended>,
     /// Allocations younger than this are left out.
     pub older_ms: u64,
     pub totals: Totals,
@@ -83,6 +90,38 @@ fn one() -> u64 {
 pub struct Totals {
     pub bytes: u64,
     pub allocations: u64,
+}
+
+/// The target's last exec since attach.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExecEvent {
+    /// The program it runs now.
+    pub program: String,
+    /// Seconds after attach.
+    pub after_seconds: f64,
+    /// Execs since attach.
+    pub count: u32,
+}
+
+/// How a process leaktrace started ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "how", rename_all = "snake_case")]
+pub enum Ended {
+    /// It exited with this status.
+    Exited { code: i32 },
+    /// A signal killed it (a crash: SIGSEGV, SIGABRT, ...).
+    Killed { signal: i32, name: String, core_dumped: bool },
+}
+
+impl Ended {
+    /// The exit code of a shell, `time` or `timeout` for this ending:
+    /// the status, or 128 + the signal.
+    pub fn shell_code(&self) -> i32 {
+        match self {
+            Ended::Exited { code } => *code,
+            Ended::Killed { signal, .. } => 128 + signal,
+        }
+    }
 }
 
 /// Outstanding memory of one call stack.

@@ -16,6 +16,10 @@ pub enum VerdictKind {
     /// Growth matched by frees of memory allocated before attach: a
     /// structure being replaced, not judged until the replacement ends.
     Replacing,
+    /// Live memory grows, but no one call site steadily: not judged yet.
+    Growth,
+    /// Events were lost: what the verdict does not see may be a leak.
+    Incomplete,
     NoLeak,
 }
 
@@ -54,6 +58,11 @@ pub enum Finding {
         count_per_second: f64,
         bytes_per_second: Option<f64>,
     },
+    /// Live memory grows while no call site grows steadily.
+    Growth { bytes_per_second: f64 },
+    /// Events were lost (the maps full, returns missed): the books are
+    /// incomplete, and so is the verdict.
+    Incomplete { lost: u64 },
     /// Nothing grows, though too few reports to call a trend.
     NoLeakYet { outstanding: u64, reports_needed: usize },
     /// Nothing grows.
@@ -67,6 +76,8 @@ impl Finding {
             Finding::ThreadLeak { .. } => VerdictKind::ThreadLeak,
             Finding::Retention { .. } => VerdictKind::Retention,
             Finding::Replacing { .. } => VerdictKind::Replacing,
+            Finding::Growth { .. } => VerdictKind::Growth,
+            Finding::Incomplete { .. } => VerdictKind::Incomplete,
             Finding::NoLeakYet { .. } | Finding::NoLeak { .. } => VerdictKind::NoLeak,
         }
     }

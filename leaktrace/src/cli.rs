@@ -35,6 +35,11 @@ pub struct Args {
     #[arg(short, long, value_name = "CMD ARGS")]
     pub command: Option<String>,
 
+    /// With -c: leave the program running when leaktrace stops (Ctrl-C,
+    /// SIGTERM, --duration or COUNT) instead of ending it.
+    #[arg(long, requires = "command")]
+    pub keep_running: bool,
+
     /// Seconds between reports.
     #[arg(value_name = "INTERVAL", default_value_t = 5.0, value_parser = positive_seconds)]
     pub interval: f64,
@@ -44,7 +49,7 @@ pub struct Args {
     pub count: Option<u64>,
 
     /// Show the N stacks holding the most memory.
-    #[arg(short = 'T', long = "top", value_name = "N", default_value_t = 10)]
+    #[arg(short = 'T', long = "top", value_name = "N", default_value_t = 10, value_parser = at_least_one)]
     pub top: usize,
 
     /// Leave out allocations younger than this many milliseconds.
@@ -120,12 +125,26 @@ pub struct Args {
     pub verbose: u8,
 }
 
+/// The longest INTERVAL or --duration: a year. Longer ones would overflow
+/// the clock's arithmetic (1e300, 2^64-1) long before they mean anything.
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
 fn positive_seconds(s: &str) -> Result<f64, String> {
     let value: f64 = s.parse().map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if value.is_finite() && value > 0.0 {
-        Ok(value)
-    } else {
+    if !(value.is_finite() && value > 0.0) {
         Err(format!("'{s}' must be a positive number of seconds"))
+    } else if value > MAX_SECONDS {
+        Err(format!("'{s}' is more than a year ({MAX_SECONDS} seconds)"))
+    } else {
+        Ok(value)
+    }
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
     }
 }
 
@@ -147,6 +166,12 @@ impl Args {
     pub fn validate(&self) -> anyhow::Result<()> {
         if let (Some(min), Some(max)) = (self.min_size, self.max_size) {
             anyhow::ensure!(min <= max, "--min-size {min} is larger than --max-size {max}");
+        }
+        if let Some(sysroot) = &self.sysroot {
+            anyhow::ensure!(sysroot.is_dir(), "--sysroot {} is not a directory", sysroot.display());
+        }
+        for dir in &self.debug_dirs {
+            anyhow::ensure!(dir.is_dir(), "--debug-dir {} is not a directory", dir.display());
         }
         if let Some(command) = &self.command {
             anyhow::ensure!(
@@ -195,6 +220,33 @@ mod tests {
         assert_eq!(slots(&["-s", "10"]), 100_000);
         assert_eq!(slots(&["-s", "1000000"]), 4096);
         assert_eq!(slots(&["-s", "10", "--max-allocations", "500000"]), 500_000);
+    }
+
+    /// Check that a top of 0, and intervals or durations past a year, are
+    /// refused at parse time.
+    #[test]
+    fn out_of_range_values_refused() {
+        for argv in [
+            &["leaktrace", "-p", "1", "-T", "0"][..],
+            &["leaktrace", "-p", "1", "1e300"],
+            &["leaktrace", "-p", "1", "18446744073709551615"],
+            &["leaktrace", "-p", "1", "--duration", "1e300"],
+            &["leaktrace", "-p", "1", "inf"],
+        ] {
+            assert!(Args::try_parse_from(argv).is_err(), "{argv:?} accepted");
+        }
+        assert!(Args::try_parse_from(["leaktrace", "-p", "1", "3600", "-T", "1"]).is_ok());
+    }
+
+    /// Check that a missing --sysroot or --debug-dir is refused.
+    #[test]
+    fn missing_directories_refused() {
+        let args =
+            Args::try_parse_from(["leaktrace", "-p", "1", "--sysroot", "/nonexistent"]).unwrap();
+        assert!(args.validate().unwrap_err().to_string().contains("--sysroot /nonexistent"));
+        let args =
+            Args::try_parse_from(["leaktrace", "-p", "1", "--debug-dir", "/nonexistent"]).unwrap();
+        assert!(args.validate().is_err());
     }
 
     /// Check that an inverted size range is refused.

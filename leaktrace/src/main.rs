@@ -41,7 +41,7 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::new().filter_level(level).format_timestamp(None).init();
     match session::run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         // The report was piped to a reader that has gone (`| head`).
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {

@@ -244,9 +244,23 @@ pub struct Tracer {
 impl Tracer {
     /// Starts leaktrace with `args`, capturing stdout and stderr.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_through(&[], args)
+    }
+
+    /// Starts leaktrace with `args` through the command `prefix` (e.g.
+    /// `nsenter --target PID --pid --mount --`), capturing stdout and stderr.
+    pub fn start_through(prefix: &[&str], args: &[&str]) -> Self {
         require_root();
         let bin = tracer_bin();
-        let mut child = Command::new(&bin)
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(&bin);
+                command
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -463,8 +477,15 @@ pub fn within_f64(actual: f64, expected: f64, percent: f64) -> bool {
 /// a second, so growth is seen over COUNT intervals), let it go as soon as the
 /// probes are attached, and return every report, the last one final.
 pub fn trace_over_time(name: &str, count: u32) -> Vec<Report> {
+    trace_over_time_with(name, count, &[])
+}
+
+/// Like [`trace_over_time`], with `extra` flags for the tracer.
+pub fn trace_over_time_with(name: &str, count: u32, extra: &[&str]) -> Vec<Report> {
     let mut fixture = Fixture::start(name, &[]);
-    let mut tracer = Tracer::trace_pid(fixture.pid(), 1, count, &["--top", "1000"]);
+    let mut args = vec!["--top", "1000"];
+    args.extend_from_slice(extra);
+    let mut tracer = Tracer::trace_pid(fixture.pid(), 1, count, &args);
     tracer.wait_attached();
     fixture.go();
     fixture.wait_ready();

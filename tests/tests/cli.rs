@@ -20,6 +20,26 @@ fn command_with_arguments_traced_until_exit() {
     );
 }
 
+/// Check that a short -c program that leaks and exits at once has its leaks
+/// in the final report, named: once it has exited, everything it held is
+/// outstanding, however young (with the default --older and with -o 0).
+#[test]
+fn short_command_leaks_reported_after_exit() {
+    let cmd = format!("{} 10 100 exit", fixture_path("args_leak").display());
+    for older in ["500", "0"] {
+        let finished = run_tracer(&["--json", "-o", older, "-c", &cmd, "1"]);
+        let reports = finished.reports();
+        let report = final_report(&reports);
+        assert!(report.exited, "-o {older}: the report does not say it exited: {}", json(report));
+        assert_eq!(
+            totals(report.stacks_by_first_frame("arg_leak")),
+            (1000, 10),
+            "-o {older}: arg_leak should hold 10 x 100 bytes, named: {}",
+            json(report)
+        );
+    }
+}
+
 /// Starts args_leak (4 x 1000 bytes), lets it leak under `leaktrace -p PID --json 1 extra...`
 /// and returns the tracer still running.
 fn trace_args_leak(extra: &[&str]) -> (Fixture, Tracer) {
@@ -35,10 +55,11 @@ fn trace_args_leak(extra: &[&str]) -> (Fixture, Tracer) {
     (fixture, tracer)
 }
 
-/// Check that SIGINT and SIGTERM end tracing with exit 0 and a final report.
+/// Check that SIGINT, SIGTERM and SIGHUP end tracing with exit 0 and a
+/// final report.
 #[test]
 fn signal_ends_tracing_with_final_report() {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         let (_fixture, mut tracer) = trace_args_leak(&[]);
         // Let the leaks age past the default --older 500 ms.
         thread::sleep(Duration::from_secs(2));
@@ -118,7 +139,13 @@ fn kernel_thread_rejected() {
 #[test]
 fn invalid_flags_rejected() {
     let pid = std::process::id().to_string();
-    for args in [vec!["-p", pid.as_str(), "--top", "banana"], vec!["--nonsense"]] {
+    for args in [
+        vec!["-p", pid.as_str(), "--top", "banana"],
+        vec!["--nonsense"],
+        vec!["-p", pid.as_str(), "-T", "0"],
+        vec!["-p", pid.as_str(), "1e300"],
+        vec!["-p", pid.as_str(), "--duration", "18446744073709551615"],
+    ] {
         let finished = run_tracer(&args);
         assert_eq!(
             finished.status.code(),
@@ -166,4 +193,92 @@ fn object_without_allocator_rejected() {
     let finished = run_tracer(&["-p", &pid, "-O", "/lib/x86_64-linux-gnu/libm.so.6", "1", "1"]);
     assert_clean_error(&finished, "no allocator found");
     fixture.go();
+}
+
+/// Check that a --sysroot that does not exist is refused with a one-line error.
+#[test]
+fn missing_sysroot_rejected() {
+    let pid = std::process::id().to_string();
+    let finished = run_tracer(&["-p", &pid, "--sysroot", "/nonexistent", "1", "1"]);
+    assert_clean_error(&finished, "--sysroot /nonexistent");
+}
+
+/// Check that an --obj that is not an ELF object is refused, naming the flag.
+#[test]
+fn object_not_elf_rejected() {
+    let mut fixture = Fixture::start("args_leak", &["1", "10"]);
+    let pid = fixture.pid().to_string();
+    let finished = run_tracer(&["-p", &pid, "-O", "/etc/passwd", "1", "1"]);
+    assert_clean_error(&finished, "--obj /etc/passwd");
+    fixture.go();
+}
+
+/// Runs `leaktrace --json -c "ends ARGS" 1` to its end; returns how it ended
+/// and its final report, having checked that stdout held JSON alone.
+fn run_ends(args: &str) -> (Finished, Report) {
+    let cmd = format!("{} {args}", fixture_path("ends").display());
+    let finished = run_tracer(&["--json", "-c", &cmd, "1"]);
+    for line in finished.stdout.lines() {
+        assert!(
+            serde_json::from_str::<Report>(line).is_ok(),
+            "with --json, stdout holds a line that is not a report: {line:?}"
+        );
+    }
+    assert!(
+        finished.stderr.contains("ends: this is the program's own output"),
+        "the program's output is not on stderr: {}",
+        finished.stderr
+    );
+    let reports = read_reports(finished.stdout.as_bytes()).expect("reports on stdout");
+    let report = final_report(&reports).clone();
+    (finished, report)
+}
+
+/// Check that a -c program's exit status is in the final report and is
+/// leaktrace's own exit code (as with `time`), and that with --json its
+/// output goes to stderr, not among the reports.
+#[test]
+fn command_exit_status_reported() {
+    let (finished, report) = run_ends("status 3");
+    assert_eq!(report.ended, Some(Ended::Exited { code: 3 }), "{}", json(&report));
+    assert_eq!(
+        finished.status.code(),
+        Some(3),
+        "leaktrace's exit code; stderr:\n{}",
+        finished.stderr
+    );
+    assert_eq!(totals(report.stacks_by_first_frame("ends_leak")), (500, 5), "{}", json(&report));
+}
+
+/// Check that a -c program that crashes is reported killed by its signal,
+/// and leaktrace exits with 128 + the signal.
+#[test]
+fn command_crash_reported() {
+    let (finished, report) = run_ends("segv");
+    assert!(
+        matches!(&report.ended, Some(Ended::Killed { signal: 11, name, .. }) if name == "SIGSEGV"),
+        "the crash is not reported: {}",
+        json(&report)
+    );
+    assert_eq!(finished.status.code(), Some(139), "stderr:\n{}", finished.stderr);
+}
+
+/// Check that a -c program does not outlive leaktrace stopped by SIGINT.
+#[test]
+fn command_ends_with_leaktrace() {
+    let cmd = format!("{} run", fixture_path("ends").display());
+    let mut tracer = Tracer::start(&["--json", "-c", &cmd, "1"]);
+    tracer.wait_attached();
+    std::thread::sleep(Duration::from_secs(2));
+    tracer.signal(libc::SIGINT);
+    let finished = tracer.finish();
+    let reports = finished.reports();
+    let report = final_report(&reports);
+    let program = Path::new("/proc").join(report.pid.to_string());
+    assert!(
+        !program.exists(),
+        "the -c program (pid {}) outlived leaktrace: {}",
+        report.pid,
+        json(report)
+    );
 }

@@ -184,3 +184,48 @@ fn ring_replacing_preattach_memory_is_not_a_leak() {
         json(report)
     );
 }
+
+/// Check that the verdict never says "no leak" while live memory rose since
+/// the report before: a leak that starts late has a call site too new for a
+/// trend in its first reports, and those are "not seen yet", not "flat".
+#[test]
+fn no_leak_never_said_while_memory_rises() {
+    let reports = trace_over_time("late_leak", 7);
+    for pair in reports.windows(2) {
+        let (before, report) = (&pair[0], &pair[1]);
+        let rose = report.totals.bytes.saturating_sub(before.totals.bytes);
+        let said_no_leak = verdict(report)
+            .findings
+            .iter()
+            .any(|finding| matches!(finding, Finding::NoLeak { .. }));
+        assert!(
+            !(said_no_leak && rose > 4096),
+            "\"no leak\" while live memory rose {rose} bytes since the report before: {}",
+            json(report)
+        );
+    }
+    let report = final_report(&reports);
+    assert!(
+        report.stacks_by_first_frame("late_leak_step").next().is_some(),
+        "the late leak is not reported at all: {}",
+        json(report)
+    );
+}
+
+/// Check that when allocations are lost (the allocation map full), the
+/// verdict says it is incomplete instead of "no leak".
+#[test]
+fn lost_events_make_the_verdict_incomplete() {
+    let reports = trace_over_time_with("steady_leak", 6, &["--max-allocations", "16"]);
+    let report = final_report(&reports);
+    let lost = report.lost.get(&Lost::AllocMapFull).copied().unwrap_or(0);
+    assert!(lost > 0, "the 16-slot allocation map never filled: {}", json(report));
+    let verdict = verdict(report);
+    assert!(
+        verdict.kinds.contains(&VerdictKind::Incomplete)
+            && !verdict.kinds.contains(&VerdictKind::NoLeak),
+        "{lost} allocations lost, yet the verdict is {:?}: {}",
+        verdict.kinds,
+        json(report)
+    );
+}

@@ -160,3 +160,37 @@ fn target_exit_ends_tracing() {
         json(report)
     );
 }
+
+/// Check that when the target execs another program, what the old image
+/// held leaves the reports, the report says so, and the new program's leak
+/// is found with whole stacks and called a leak.
+#[test]
+fn exec_drops_the_old_image_and_traces_the_new() {
+    let new = fixture_path("exec_new");
+    let mut fixture = Fixture::start("exec_old", &[new.to_str().unwrap()]);
+    let mut tracer = Tracer::trace_pid(fixture.pid(), 1, 8, &["--top", "1000"]);
+    tracer.wait_attached();
+    fixture.go();
+    fixture.wait_ready();
+    let reports = tracer.finish().reports();
+    let report = final_report(&reports);
+    let exec = report.exec.as_ref().unwrap_or_else(|| panic!("no exec reported: {}", json(report)));
+    assert!(exec.program.ends_with("exec_new"), "exec of {}: {}", exec.program, json(report));
+    assert!(
+        report.stacks_by_first_frame("old_leak").next().is_none(),
+        "the old image's blocks are still reported: {}",
+        json(report)
+    );
+    let stack = stack_by_first_frame(report, "new_leak_step")
+        .unwrap_or_else(|| panic!("the new program's leak is not reported: {}", json(report)));
+    assert!(
+        has_symbol(&stack.frames, "main") && stack.stack_end == StackEnd::Complete,
+        "the new program's stack is not whole: {}",
+        json(report)
+    );
+    assert!(
+        verdict(report).kinds.contains(&VerdictKind::Leak),
+        "the new program's leak is not called a leak: {}",
+        json(report)
+    );
+}

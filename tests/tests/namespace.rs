@@ -178,3 +178,30 @@ fn deleted_static_executable_traced() {
         json(&report)
     );
 }
+
+/// Check the other direction: leaktrace itself inside the target's PID (and
+/// mount) namespace, as when copied into a container, given the PID it sees
+/// there (1). The programs must compare that PID in the namespace, not with
+/// the kernel's global one, or they see nothing and call it "no leak".
+#[test]
+fn tracer_inside_pid_namespace_traced() {
+    require_root();
+    let mut command = Command::new("unshare");
+    command
+        .args(["-p", "-f", "-m", "--mount-proc", "--kill-child"])
+        .arg(fixture_path("mntns_leak"));
+    let (mut fixture, inner) = Fixture::spawn_in_pid_namespace("mntns_leak", command);
+    assert_eq!(inner, 1, "the fixture is not the first process of its PID namespace");
+    let host = fixture.pid().to_string();
+    let mut tracer = Tracer::start_through(
+        &["nsenter", "--target", &host, "--pid", "--mount", "--"],
+        &["-p", "1", "--json", "--top", "1000", "1", "5"],
+    );
+    tracer.wait_attached();
+    fixture.go();
+    fixture.wait_ready();
+    let reports = tracer.finish().reports();
+    let report = final_report(&reports);
+    assert_eq!(report.pid, 1, "leaktrace inside the namespace names the PID it was given");
+    assert_root_leak(report);
+}

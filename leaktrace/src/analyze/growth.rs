@@ -45,6 +45,14 @@ impl<K: Hash + Eq + Copy> History<K> {
         }
     }
 
+    /// The change of `key` from the sample before its last to its last.
+    pub fn last_step(&self, key: K) -> Option<f64> {
+        let samples = self.samples.get(&key)?;
+        let last = samples.back()?.1;
+        let before = samples.get(samples.len().checked_sub(2)?)?.1;
+        Some(last - before)
+    }
+
     /// The growth of `key`, or `None` if it was never seen.
     pub fn growth(&self, key: K) -> Option<Growth> {
         let samples: Vec<(f64, f64)> = self.samples.get(&key)?.iter().copied().collect();

@@ -14,8 +14,8 @@ use std::{
 use aya::Ebpf;
 use leaktrace_common::{StackEnd, NO_STACK};
 use leaktrace_report::{
-    site_label, Frame, MemoryReport, PreattachFrees, ProbedObject, RecordKind, Report, StackReport,
-    ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals, Trend, SCHEMA,
+    site_label, ExecEvent, Frame, MemoryReport, PreattachFrees, ProbedObject, RecordKind, Report,
+    StackReport, ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals, Trend, SCHEMA,
 };
 
 use crate::{
@@ -26,7 +26,7 @@ use crate::{
     symbolize::Symbolizer,
 };
 use growth::History;
-use verdict::{GrowingSite, Replacement, RetentionEvidence, ThreadSiteEvidence};
+use verdict::{GrowingSite, LiveEvidence, Replacement, RetentionEvidence, ThreadSiteEvidence};
 
 /// Byte changes below this are noise for a call site.
 const STACK_TOLERANCE: f64 = 256.0;
@@ -34,6 +34,9 @@ const STACK_TOLERANCE: f64 = 256.0;
 const HEAP_TOLERANCE: f64 = (1 << 20) as f64;
 /// Live-byte changes below this are noise when judging retention.
 const LIVE_TOLERANCE: f64 = (256 << 10) as f64;
+/// The total's rise since the last report that is more than noise: this,
+/// or 2% of the total.
+const RISE_TOLERANCE: f64 = 4096.0;
 /// Used for threads whose stack came from glibc's cache (no mmap seen).
 const DEFAULT_THREAD_STACK: u64 = 8 << 20;
 
@@ -48,6 +51,9 @@ pub struct ReportOptions {
     pub debug_dirs: Vec<PathBuf>,
     /// Copies of the target's binaries.
     pub sysroot: Option<PathBuf>,
+    /// Thread ids in /proc are the kernel's (leaktrace is not in a PID
+    /// namespace of its own), so they compare with the programs'.
+    pub global_tids: bool,
     /// The one allocator is glibc's, whose chunk headers give the bytes of
     /// frees of pre-attach memory.
     pub glibc_allocator: bool,
@@ -78,6 +84,10 @@ pub struct Analyzer {
     glibc_allocator: bool,
     /// Read at attach: it stays once the target has exited.
     pid_in_namespace: Option<u32>,
+    /// Threads alive or unjoined at the last report.
+    threads_held: HashSet<u32>,
+    /// The target's last exec since attach.
+    exec: Option<ExecEvent>,
 }
 
 impl Analyzer {
@@ -106,7 +116,27 @@ impl Analyzer {
             reports: 0,
             glibc_allocator,
             pid_in_namespace: proc::pid_in_namespace(pid),
+            threads_held: HashSet::new(),
+            exec: None,
         }
+    }
+
+    /// The target exec'd `program`: the old image's history goes (its
+    /// stacks, their growth, the memory baseline), and the reports say so.
+    pub fn exec(&mut self, program: PathBuf) {
+        self.stacks = History::new(STACK_TOLERANCE);
+        self.stack_allocations = History::new(0.5);
+        self.thread_sites = History::new(0.5);
+        self.heap_rss = History::new(HEAP_TOLERANCE);
+        self.live_bytes = History::new(LIVE_TOLERANCE);
+        self.baseline = None;
+        self.threads_held.clear();
+        self.symbolizer.forget_stacks();
+        self.exec = Some(ExecEvent {
+            program: program.display().to_string(),
+            after_seconds: self.started.elapsed().as_secs_f64(),
+            count: self.exec.as_ref().map_or(1, |exec| exec.count + 1),
+        });
     }
 
     /// The report of now. `mappings` are the target's executable mappings
@@ -171,14 +201,15 @@ impl Analyzer {
             bytes_per_second: frees.bytes_per_second,
         });
 
-        let threads = self.threads(ebpf, t, alive)?;
+        let (threads, persistent) = self.threads(ebpf, t, alive)?;
         let thread_evidence: Vec<ThreadSiteEvidence> = threads
             .sites
             .iter()
-            .map(|site| ThreadSiteEvidence {
+            .zip(&persistent)
+            .map(|(site, &(alive, exited_unjoined))| ThreadSiteEvidence {
                 label: site_label(&site.frames),
-                alive: site.counts.alive,
-                exited_unjoined: site.counts.exited_unjoined,
+                alive,
+                exited_unjoined,
                 piling_up: site.trend == Trend::Growing,
                 stack_bytes: site.counts.stack_bytes,
             })
@@ -194,12 +225,35 @@ impl Analyzer {
                 live_trend: trend(&self.live_bytes),
             }
         });
+        let total = snapshot.total_bytes();
+        let live_growth = self.live_bytes.growth(());
+        let tolerance = RISE_TOLERANCE.max(0.02 * total as f64);
+        let live = LiveEvidence {
+            bytes: total,
+            trend: live_growth.map_or(Trend::New, |growth| growth.trend),
+            bytes_per_second: live_growth.map_or(0.0, |growth| growth.bytes_per_second),
+            rising: self.live_bytes.last_step(()).is_some_and(|step| step > tolerance),
+            new_sites: snapshot
+                .stacks
+                .iter()
+                .filter(|usage| usage.bytes as f64 > tolerance)
+                .filter(|usage| {
+                    self.stacks.growth(usage.stack_id).is_some_and(|g| g.trend == Trend::New)
+                })
+                .count(),
+            lost: snapshot
+                .lost
+                .iter()
+                .filter(|(reason, _)| !reason.cuts_stack())
+                .map(|(_, count)| count)
+                .sum(),
+        };
         let verdict = verdict::decide(
             &growing_sites,
             replacement.as_ref(),
             &thread_evidence,
             retention.as_ref(),
-            snapshot.total_bytes(),
+            &live,
             self.reports,
         );
         let memory = memory.map(|picture| {
@@ -213,6 +267,8 @@ impl Analyzer {
             time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             pid,
             pid_in_namespace: self.pid_in_namespace,
+            ended: None,
+            exec: self.exec.clone(),
             exited,
             older_ms: self.options.older_ms,
             totals: Totals {
@@ -264,13 +320,39 @@ impl Analyzer {
     }
 
     /// The threads section: per creating site, with its trend.
-    fn threads(&mut self, ebpf: &Ebpf, t: f64, alive: bool) -> anyhow::Result<ThreadsReport> {
+    /// The threads section: per creating site, with its trend; and per site
+    /// the threads (alive, exited and unjoined) held since the report
+    /// before, the evidence of a thread leak. A pool's thread that lives
+    /// for a moment and is joined never counts there, whatever instant a
+    /// report catches it at.
+    fn threads(
+        &mut self,
+        ebpf: &Ebpf,
+        t: f64,
+        alive: bool,
+    ) -> anyhow::Result<(ThreadsReport, Vec<(u64, u64)>)> {
         let sites: Vec<ThreadSite> = collect_threads(ebpf, self.default_stack)?;
+        let held_before = std::mem::take(&mut self.threads_held);
+        let persistent: Vec<(u64, u64)> = sites
+            .iter()
+            .map(|site| {
+                let count = |tids: &[u32]| {
+                    tids.iter().filter(|tid| held_before.contains(tid)).count() as u64
+                };
+                (count(&site.alive), count(&site.unjoined))
+            })
+            .collect();
+        self.threads_held = sites
+            .iter()
+            .flat_map(|site| site.alive.iter().chain(&site.unjoined))
+            .copied()
+            .collect();
         self.thread_sites.record(
             t,
             sites
                 .iter()
-                .map(|site| (site.site, (site.counts.alive + site.counts.exited_unjoined) as f64)),
+                .zip(&persistent)
+                .map(|(site, (alive, unjoined))| (site.site, (alive + unjoined) as f64)),
         );
         let pid = self.options.pid;
         let tasks = if alive { proc::task_ids(pid).unwrap_or_default() } else { Vec::new() };
@@ -278,7 +360,10 @@ impl Analyzer {
         let known = known_threads(ebpf)?;
         let maps = if alive { proc::maps(pid).unwrap_or_default() } else { Vec::new() };
         let mut before_attach = ThreadsBeforeAttach::default();
-        for &tid in tasks.iter().filter(|&&tid| tid != pid && !known.contains(&tid)) {
+        // In a PID namespace of its own, /proc numbers threads there while the
+        // programs use the kernel's numbers: the two cannot be matched.
+        let unknown = tasks.iter().filter(|&&tid| tid != pid && !known.contains(&tid));
+        for &tid in unknown.filter(|_| self.options.global_tids) {
             before_attach.alive += 1;
             before_attach.stack_bytes +=
                 proc::thread_stack_size(pid, tid, &maps).unwrap_or(self.default_stack);
@@ -295,7 +380,7 @@ impl Analyzer {
                 }
             })
             .collect();
-        Ok(ThreadsReport { live, sites, before_attach })
+        Ok((ThreadsReport { live, sites, before_attach }, persistent))
     }
 
     fn frames(&mut self, ebpf: &Ebpf, stack_id: u32, alive: bool) -> Vec<Frame> {

@@ -56,15 +56,29 @@ pub struct RetentionEvidence {
 /// Reports before a trend can be told.
 pub const REPORTS_FOR_TREND: usize = 3;
 
+/// What the process's live memory as a whole did.
+pub struct LiveEvidence {
+    pub bytes: u64,
+    pub trend: Trend,
+    pub bytes_per_second: f64,
+    /// It rose since the last report by more than noise.
+    pub rising: bool,
+    /// Call sites seen for fewer reports than a trend needs.
+    pub new_sites: usize,
+    /// Events lost that the books miss (not stacks cut short).
+    pub lost: u64,
+}
+
 /// Weigh the evidence of the `reports` so far. `growing` is sorted fastest first.
 pub fn decide(
     growing: &[GrowingSite],
     replacement: Option<&Replacement>,
     threads: &[ThreadSiteEvidence],
     retention: Option<&RetentionEvidence>,
-    live_bytes: u64,
+    live: &LiveEvidence,
     reports: usize,
 ) -> Verdict {
+    let live_bytes = live.bytes;
     let mut findings = Vec::new();
     let explained = replacement
         .map_or_else(Vec::new, |replacement| explained_by(growing, replacement.count_per_second));
@@ -100,11 +114,29 @@ pub fn decide(
         }
     }
     if findings.is_empty() {
-        findings.push(if reports < REPORTS_FOR_TREND {
-            Finding::NoLeakYet { outstanding: live_bytes, reports_needed: REPORTS_FOR_TREND }
+        // "No leak" is said only of memory that stopped moving: not while
+        // the total grows, nor while it rose just now, nor while call sites
+        // are too new to have a trend.
+        let too_early = reports < REPORTS_FOR_TREND
+            || live.trend == Trend::New
+            || live.rising
+            || live.new_sites > 0;
+        if live.trend == Trend::Growing {
+            findings.push(Finding::Growth { bytes_per_second: live.bytes_per_second });
+        } else if live.lost > 0 {
+            // Said below: a verdict of "no leak" from incomplete books is
+            // not given.
+        } else if too_early {
+            findings.push(Finding::NoLeakYet {
+                outstanding: live_bytes,
+                reports_needed: REPORTS_FOR_TREND,
+            });
         } else {
-            Finding::NoLeak { outstanding: live_bytes }
-        });
+            findings.push(Finding::NoLeak { outstanding: live_bytes });
+        }
+    }
+    if live.lost > 0 {
+        findings.push(Finding::Incomplete { lost: live.lost });
     }
     Verdict::new(findings)
 }
@@ -170,6 +202,39 @@ mod tests {
 
     use super::*;
 
+    /// Live memory of `bytes`, flat for long, nothing lost.
+    fn settled(bytes: u64) -> LiveEvidence {
+        LiveEvidence {
+            bytes,
+            trend: Trend::Flat,
+            bytes_per_second: 0.0,
+            rising: false,
+            new_sites: 0,
+            lost: 0,
+        }
+    }
+
+    /// Check that "no leak" is not said while the total grows or rose just
+    /// now or sites are new, nor while events are lost.
+    #[test]
+    fn no_leak_only_when_settled() {
+        let kinds = |live: LiveEvidence| decide(&[], None, &[], None, &live, 9).kinds;
+        assert_eq!(kinds(settled(4096)), [VerdictKind::NoLeak]);
+        let growing =
+            LiveEvidence { trend: Trend::Growing, bytes_per_second: 512.0, ..settled(4096) };
+        assert_eq!(kinds(growing), [VerdictKind::Growth]);
+        let rising = LiveEvidence { rising: true, ..settled(4096) };
+        let verdict = decide(&[], None, &[], None, &rising, 9);
+        assert!(matches!(verdict.findings[..], [Finding::NoLeakYet { .. }]), "{verdict:?}");
+        let fresh = LiveEvidence { new_sites: 2, ..settled(4096) };
+        let verdict = decide(&[], None, &[], None, &fresh, 9);
+        assert!(matches!(verdict.findings[..], [Finding::NoLeakYet { .. }]), "{verdict:?}");
+        assert_eq!(kinds(LiveEvidence { lost: 7, ..settled(4096) }), [VerdictKind::Incomplete]);
+        let leak =
+            decide(&[site("a", 1.0)], None, &[], None, &LiveEvidence { lost: 7, ..settled(1) }, 9);
+        assert_eq!(leak.kinds, [VerdictKind::Leak, VerdictKind::Incomplete]);
+    }
+
     fn site(label: &str, rate: f64) -> GrowingSite {
         GrowingSite {
             label: label.into(),
@@ -181,8 +246,14 @@ mod tests {
     /// Check that growing sites make a leak verdict naming the fastest.
     #[test]
     fn leak() {
-        let verdict =
-            decide(&[site("fib (app.c:12)", 8192.0), site("b", 2048.0)], None, &[], None, 1, 5);
+        let verdict = decide(
+            &[site("fib (app.c:12)", 8192.0), site("b", 2048.0)],
+            None,
+            &[],
+            None,
+            &settled(1),
+            5,
+        );
         assert_eq!(verdict.kinds, [VerdictKind::Leak]);
         assert_eq!(
             verdict.findings,
@@ -201,7 +272,7 @@ mod tests {
             piling_up: true,
             stack_bytes: 96 << 20,
         }];
-        let verdict = decide(&[], None, &threads, None, 0, 5);
+        let verdict = decide(&[], None, &threads, None, &settled(0), 5);
         assert_eq!(verdict.kinds, [VerdictKind::ThreadLeak]);
         let expected = ThreadFinding {
             threads: 12,
@@ -223,7 +294,7 @@ mod tests {
             heap_rss_trend: Trend::Growing,
             live_trend: Trend::Flat,
         };
-        let verdict = decide(&[], None, &[], Some(&evidence), 2 << 20, 5);
+        let verdict = decide(&[], None, &[], Some(&evidence), &settled(2 << 20), 5);
         assert_eq!(verdict.kinds, [VerdictKind::Retention]);
         assert_eq!(
             verdict.findings,
@@ -246,7 +317,7 @@ mod tests {
             allocations_per_second: 50.0,
         };
         let frees = Replacement { count_per_second: 196.0, bytes_per_second: Some(50000.0) };
-        let verdict = decide(&[ring, leak], Some(&frees), &[], None, 1, 5);
+        let verdict = decide(&[ring, leak], Some(&frees), &[], None, &settled(1), 5);
         assert_eq!(verdict.kinds, [VerdictKind::Leak, VerdictKind::Replacing]);
         assert!(
             matches!(&verdict.findings[0], Finding::Leak { sites: 1, top, .. } if top == "leak (ring.c:60)"),
@@ -259,10 +330,10 @@ mod tests {
             bytes_per_second: 51200.0,
             allocations_per_second: 200.0,
         }];
-        let verdict = decide(&ring_alone, Some(&frees), &[], None, 1, 5);
+        let verdict = decide(&ring_alone, Some(&frees), &[], None, &settled(1), 5);
         assert_eq!(verdict.kinds, [VerdictKind::Replacing]);
         let no_frees = Replacement { count_per_second: 0.0, bytes_per_second: None };
-        let verdict = decide(&ring_alone, Some(&no_frees), &[], None, 1, 5);
+        let verdict = decide(&ring_alone, Some(&no_frees), &[], None, &settled(1), 5);
         assert_eq!(verdict.kinds, [VerdictKind::Leak]);
     }
 
@@ -276,12 +347,12 @@ mod tests {
             piling_up: true,
             stack_bytes: 40 << 20,
         }];
-        let verdict = decide(&[site("a", 1.0)], None, &threads, None, 1, 5);
+        let verdict = decide(&[site("a", 1.0)], None, &threads, None, &settled(1), 5);
         assert_eq!(verdict.kinds, [VerdictKind::Leak, VerdictKind::ThreadLeak]);
-        let verdict = decide(&[], None, &[], None, 4096, 5);
+        let verdict = decide(&[], None, &[], None, &settled(4096), 5);
         assert_eq!(verdict.kinds, [VerdictKind::NoLeak]);
         assert_eq!(verdict.findings, [Finding::NoLeak { outstanding: 4096 }]);
-        let verdict = decide(&[], None, &[], None, 4096, 2);
+        let verdict = decide(&[], None, &[], None, &settled(4096), 2);
         assert_eq!(verdict.kinds, [VerdictKind::NoLeak]);
         assert_eq!(
             verdict.findings,

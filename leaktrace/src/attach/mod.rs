@@ -9,19 +9,21 @@ mod uprobes;
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{MapData, PerCpuArray, PerCpuValues},
-    Ebpf, EbpfLoader,
+    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    Ebpf, EbpfLoader, Pod,
 };
 use leaktrace_common::{
-    Config, Lost, CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, GLOBAL_CONFIG,
-    MAP_ALLOCS, MAP_LOST, MAP_STACKS, MAP_STACK_STATS, MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
+    AllocInfo, Config, Lost, Pending, StackStats, ThreadInfo, ThreadSiteStats, CONFIG_GLIBC_CHUNKS,
+    CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, CONFIG_PIDNS, GLOBAL_CONFIG, MAP_ALLOCS, MAP_LOST,
+    MAP_MMAPS, MAP_PENDING, MAP_PTHREADS, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS,
+    MAP_THREAD_SITES, MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
 };
 
 use probes::ALL_SETS;
 pub use tracepoints::attach_tracepoints;
 use tracepoints::{fork_child_pid_offset, tracepoint, TRACEPOINTS};
 use uprobes::program;
-pub use uprobes::{attach_all, plan, AttachOptions};
+pub use uprobes::{attach_all, plan, plan_new, AttachOptions};
 
 /// What the programs are told at load time.
 pub struct LoadOptions {
@@ -41,6 +43,9 @@ pub struct LoadOptions {
     /// Stop the target where its mappings change until they are published
     /// (a `-c` target only: see `CONFIG_HOLD`).
     pub hold: bool,
+    /// leaktrace's own PID namespace (device, inode of /proc/self/ns/pid)
+    /// when it is not the kernel's first: PIDs are numbered there.
+    pub pid_namespace: Option<(u64, u64)>,
     /// Whether the programs log their rare paths (-vv). Off, the verifier
     /// prunes the log calls: they cost nothing.
     pub kernel_log: bool,
@@ -52,20 +57,26 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         tgid: options.tgid,
         flags: if options.glibc_allocator { CONFIG_GLIBC_CHUNKS } else { 0 }
             | if options.glibc_pthread { CONFIG_GLIBC_PTHREAD } else { 0 }
-            | if options.hold { CONFIG_HOLD } else { 0 },
+            | if options.hold { CONFIG_HOLD } else { 0 }
+            | if options.pid_namespace.is_some() { CONFIG_PIDNS } else { 0 },
         epoch_ns: options.epoch_ns,
         min_size: options.min_size,
         max_size: options.max_size,
         fork_child_pid_offset: fork_child_pid_offset()?,
         _pad2: 0,
         sample_rate: options.sample_rate,
+        pidns_dev: options.pid_namespace.map_or(0, |(dev, _)| dev),
+        pidns_ino: options.pid_namespace.map_or(0, |(_, ino)| ino),
     };
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_CONFIG, &config, true)
         .override_global(aya_log::LEVEL, &kernel_log_level(options.kernel_log), false)
         .map_max_entries(MAP_ALLOCS, options.max_allocations)
         .map_max_entries(MAP_STACKS, options.max_stacks)
-        .map_max_entries(MAP_STACK_STATS, options.max_stacks)
+        // One more than the stacks: allocations whose stack could not be
+        // kept (the stack map full) still count, under NO_STACK, and are
+        // lost once (as a stack), not twice.
+        .map_max_entries(MAP_STACK_STATS, options.max_stacks.saturating_add(1))
         .map_max_entries(
             MAP_UNWIND_ROWS,
             options.unwind_rows.div_ceil(UNWIND_CHUNK_ROWS as u64) as u32,
@@ -113,6 +124,44 @@ pub fn reset_lost(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let cpus = aya::util::nr_cpus().map_err(|(_, err)| err).context("failed to count CPUs")?;
     for index in 0..Lost::COUNT {
         counters.set(index, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+    }
+    Ok(())
+}
+
+/// Forget every allocation, mapping, per-stack total, thread and call in
+/// flight: the target exec'd, and what its old image held went with its
+/// address space. (Stacks stay: an id names the same addresses.)
+pub fn forget_image(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    clear::<u64, AllocInfo>(ebpf, MAP_ALLOCS)?;
+    clear::<u64, AllocInfo>(ebpf, MAP_MMAPS)?;
+    clear::<u32, Pending>(ebpf, MAP_PENDING)?;
+    clear::<u32, ThreadInfo>(ebpf, MAP_THREADS)?;
+    clear::<u64, u32>(ebpf, MAP_PTHREADS)?;
+    clear_per_cpu::<StackStats>(ebpf, MAP_STACK_STATS)?;
+    clear_per_cpu::<ThreadSiteStats>(ebpf, MAP_THREAD_SITES)?;
+    Ok(())
+}
+
+/// Remove every entry of the per-CPU hash map `name`, keyed by a stack id.
+fn clear_per_cpu<V: Pod>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let map = ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+    let mut values: PerCpuHashMap<&mut MapData, u32, V> =
+        PerCpuHashMap::try_from(map).with_context(|| format!("map {name}"))?;
+    let keys: Vec<u32> = values.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        let _ = values.remove(&key);
+    }
+    Ok(())
+}
+
+/// Remove every entry of the hash map `name`.
+fn clear<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let map = ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+    let mut entries: AyaHashMap<&mut MapData, K, V> =
+        AyaHashMap::try_from(map).with_context(|| format!("map {name}"))?;
+    let keys: Vec<K> = entries.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        let _ = entries.remove(&key);
     }
     Ok(())
 }

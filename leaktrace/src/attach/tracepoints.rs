@@ -63,11 +63,19 @@ fn mount_tracefs() -> anyhow::Result<()> {
     if Path::new(TRACEFS).join("events").exists() {
         return Ok(());
     }
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tracefs", "tracefs", TRACEFS])
-        .status()
-        .context("failed to run mount")?;
-    anyhow::ensure!(status.success(), "tracefs is not mounted at {TRACEFS} and mounting it failed");
+    // mount(2) itself, not the mount program: leaktrace copied into a bare
+    // container has no other program to run.
+    let _ = std::fs::create_dir_all(TRACEFS);
+    let (source, target, kind) = (c"tracefs", c"/sys/kernel/tracing", c"tracefs");
+    // SAFETY: NUL-terminated strings that live across the call, no data.
+    let status = unsafe {
+        libc::mount(source.as_ptr(), target.as_ptr(), kind.as_ptr(), 0, std::ptr::null())
+    };
+    if status != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!("tracefs is not mounted at {TRACEFS} and mounting it failed")
+        });
+    }
     Ok(())
 }
 

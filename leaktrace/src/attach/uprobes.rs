@@ -3,7 +3,11 @@
 //! pthread API, the dynamic linker's hook), never twice at one address, and
 //! only for the target's process.
 
-use std::{collections::HashMap, num::NonZeroU32, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    path::Path,
+};
 
 use anyhow::{anyhow, bail, Context as _};
 use aya::{
@@ -54,6 +58,43 @@ pub struct Plan {
 /// tcmalloc, mimalloc), operator new where it is, operator delete in
 /// allocators, Rust's allocator shims, and the pthread API once.
 pub fn plan(objects: &[Object], options: &AttachOptions<'_>) -> anyhow::Result<Plan> {
+    plan_objects(objects, options, true)
+}
+
+/// The plan for the objects among `objects` not probed yet (`probed`, by
+/// device and inode): after an exec, the new image's. No allocator among
+/// them is no error: the old one's may serve the new image too.
+pub fn plan_new(
+    objects: &[Object],
+    options: &AttachOptions<'_>,
+    probed: &HashSet<(u64, u64)>,
+) -> anyhow::Result<Plan> {
+    let new: Vec<Object> = objects
+        .iter()
+        .filter(|object| file_key(&object.open).is_none_or(|key| !probed.contains(&key)))
+        .cloned()
+        .collect();
+    plan_objects(&new, options, false)
+}
+
+impl Plan {
+    /// The planned objects' files, by device and inode.
+    pub fn files(&self) -> HashSet<(u64, u64)> {
+        self.objects.iter().filter_map(|object| file_key(&object.object.open)).collect()
+    }
+}
+
+fn file_key(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.dev(), metadata.ino()))
+}
+
+fn plan_objects(
+    objects: &[Object],
+    options: &AttachOptions<'_>,
+    require_allocator: bool,
+) -> anyhow::Result<Plan> {
     let mut planned = Vec::new();
     let mut threads_done = false;
     let mut linker_done = false;
@@ -63,6 +104,10 @@ pub fn plan(objects: &[Object], options: &AttachOptions<'_>) -> anyhow::Result<P
     for object in objects {
         let elf = match ElfFile::open(&object.open) {
             Ok(elf) => elf,
+            Err(err) if options.allocator == Some(object.shown.as_path()) => {
+                return Err(err)
+                    .with_context(|| format!("--obj {} cannot be probed", object.shown.display()));
+            }
             Err(err) => {
                 log::debug!("skipping {}: {err:#}", object.shown.display());
                 continue;
@@ -118,11 +163,17 @@ pub fn plan(objects: &[Object], options: &AttachOptions<'_>) -> anyhow::Result<P
         }
         planned.push(ObjectPlan { object: object.clone(), functions, sets });
     }
-    if allocators == 0 {
-        bail!(
-            "no allocator found in process {}: no mapped object defines malloc (use --obj PATH or --symbol-prefix)",
-            options.pid
-        );
+    if allocators == 0 && require_allocator {
+        match options.allocator {
+            Some(path) => bail!(
+                "no allocator found: --obj {} defines no malloc (try --symbol-prefix)",
+                path.display()
+            ),
+            None => bail!(
+                "no allocator found in process {}: no mapped object defines malloc (use --obj PATH or --symbol-prefix)",
+                options.pid
+            ),
+        }
     }
     Ok(Plan {
         pid: options.pid,

@@ -147,11 +147,15 @@ impl Collector {
 }
 
 /// The threads created at one pthread_create call site since attach.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ThreadSite {
     /// Stack id of the pthread_create call.
     pub site: u32,
     pub counts: ThreadCounts,
+    /// The kernel ids of its threads alive now.
+    pub alive: Vec<u32>,
+    /// The kernel ids of its threads exited and not joined.
+    pub unjoined: Vec<u32>,
 }
 
 /// Read the thread maps, per creating site, most stack bytes first.
@@ -159,7 +163,7 @@ pub struct ThreadSite {
 pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<ThreadSite>> {
     let mut sites: HashMap<u32, ThreadSite> = HashMap::new();
     let site_entry = |sites: &mut HashMap<u32, ThreadSite>, site: u32| {
-        *sites.entry(site).or_insert(ThreadSite { site, ..ThreadSite::default() })
+        sites.remove(&site).unwrap_or(ThreadSite { site, ..ThreadSite::default() })
     };
     let counters: PerCpuHashMap<&MapData, u32, ThreadSiteStats> =
         PerCpuHashMap::try_from(map(ebpf, MAP_THREAD_SITES)?)?;
@@ -176,7 +180,7 @@ pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<Th
     let threads: BpfHashMap<&MapData, u32, ThreadInfo> =
         BpfHashMap::try_from(map(ebpf, MAP_THREADS)?)?;
     for entry in threads.iter() {
-        let (_, info) = entry.context("failed to read the threads")?;
+        let (tid, info) = entry.context("failed to read the threads")?;
         if info.state & THREAD_REGISTERED == 0 {
             continue; // pthread_create still under way
         }
@@ -188,8 +192,10 @@ pub fn collect_threads(ebpf: &Ebpf, default_stack: u64) -> anyhow::Result<Vec<Th
         }
         if !exited {
             totals.counts.alive += 1;
+            totals.alive.push(tid);
         } else if !detached {
             totals.counts.exited_unjoined += 1;
+            totals.unjoined.push(tid);
         }
         if !exited || !detached {
             totals.counts.stack_bytes +=

@@ -145,6 +145,17 @@ pub fn pid_in_namespace(pid: u32) -> Option<u32> {
     (nspid.len() > 1).then_some(inner as u32)
 }
 
+/// The inode of the kernel's first PID namespace (PROC_PID_INIT_INO).
+const INIT_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
+/// This process's PID namespace, as the device and inode of
+/// /proc/self/ns/pid, when it is not the kernel's first (leaktrace runs in
+/// a container): the PIDs it reads and is given are numbered there.
+pub fn own_pid_namespace() -> Option<(u64, u64)> {
+    let ns = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    (ns.ino() != INIT_PID_NAMESPACE).then_some((ns.dev(), ns.ino()))
+}
+
 /// The kernel ids of `pid`'s threads.
 pub fn task_ids(pid: u32) -> Result<Vec<u32>> {
     let tasks =

@@ -4,8 +4,8 @@
 use std::io::{self, Write};
 
 use leaktrace_report::{
-    short_module, Finding, Frame, Growth, Lost, Report, StackEnd, ThreadFinding, ThreadsReport,
-    Trend,
+    short_module, Ended, Finding, Frame, Growth, Lost, Report, StackEnd, ThreadFinding,
+    ThreadsReport, Trend,
 };
 
 use super::{memory::write_memory, units::human_bytes};
@@ -26,6 +26,13 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
         human_bytes(report.totals.bytes),
         report.totals.allocations,
     )?;
+    if let Some(exec) = &report.exec {
+        writeln!(
+            out,
+            "\tThe target exec'd {} {:.1} s after attach: what its old image held was dropped; this is the new one's.",
+            exec.program, exec.after_seconds
+        )?;
+    }
     if report.sample_rate > 1 {
         writeln!(
             out,
@@ -106,7 +113,15 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
         )?;
     }
     if report.exited {
-        writeln!(out, "\tThe target (pid {}) exited; this is the final report.", report.pid)?;
+        let how = match &report.ended {
+            Some(Ended::Exited { code }) => format!("exited with status {code}"),
+            Some(Ended::Killed { signal, name, core_dumped }) => format!(
+                "was killed by signal {signal} ({name}){}",
+                if *core_dumped { ", core dumped" } else { "" }
+            ),
+            None => "exited".to_string(),
+        };
+        writeln!(out, "\tThe target (pid {}) {how}; this is the final report.", report.pid)?;
     }
     if let Some(verdict) = &report.verdict {
         // A report read back from an older leaktrace has the text alone.
@@ -254,8 +269,17 @@ fn finding_text(finding: &Finding) -> String {
                  not called a leak until the replacement ends"
             )
         }
+        Finding::Growth { bytes_per_second } => format!(
+            "live memory grows {}/s with no one call site growing steadily: not judged yet \
+             (the call sites above show where it is held)",
+            human_bytes(bytes_per_second.max(0.0) as u64)
+        ),
+        Finding::Incomplete { lost } => format!(
+            "incomplete: {lost} events were lost, so a leak may be missed \
+             (see the lost counters; raise --max-allocations or --max-stacks)"
+        ),
         Finding::NoLeakYet { outstanding, reports_needed } => format!(
-            "no leak seen yet: a trend needs {reports_needed} reports ({} outstanding)",
+            "no leak seen yet: a trend needs {reports_needed} reports of settled memory ({} outstanding)",
             human_bytes(*outstanding)
         ),
         Finding::NoLeak { outstanding } => {

@@ -70,6 +70,12 @@ impl Symbolizer {
         self.files.extend(files);
     }
 
+    /// Forget the frames found so far: the target exec'd, and a stack id
+    /// may now name code of another program at the same addresses.
+    pub fn forget_stacks(&mut self) {
+        self.cache.clear();
+    }
+
     /// The frames of a stack, innermost first. A live target is symbolized
     /// through /proc (its own files, in any mount namespace); one that has
     /// exited, or any target when `--sysroot` is given, from the files.

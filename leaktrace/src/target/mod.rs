@@ -14,8 +14,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use leaktrace_report::Ended;
+
 use crate::proc::{self, process};
 use anyhow::{anyhow, bail, Context as _};
+
+/// How long a `-c` program has to exit on SIGTERM before SIGKILL.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The kernel sets this in a task's flags for kernel threads.
 const PF_KTHREAD: u32 = 0x0020_0000;
@@ -25,6 +30,8 @@ pub struct Target {
     /// Set when leaktrace started the target with `-c`.
     child: Option<Child>,
     exit_status: Option<String>,
+    /// How a `-c` child ended, once reaped.
+    ended: Option<Ended>,
 }
 
 /// A `-c` child: forked, and held before exec until the probes are in.
@@ -56,14 +63,16 @@ impl Target {
         if tgid != pid {
             log::info!("PID {pid} is a thread of process {tgid}: tracing the process");
         }
-        Ok(Self { pid: tgid, child: None, exit_status: None })
+        Ok(Self { pid: tgid, child: None, exit_status: None, ended: None })
     }
 
     /// Fork `command` and hold the child before exec, so the probes are in
     /// place before its first allocation. [`Target::release`] lets it go.
     ///
     /// std's `Command::spawn` cannot do this: it waits for the exec.
-    pub fn spawn(command: &str) -> anyhow::Result<Self> {
+    /// With `stdout_to_stderr` (`--json`), the program writes its standard
+    /// output to leaktrace's standard error: stdout is the reports' alone.
+    pub fn spawn(command: &str, stdout_to_stderr: bool) -> anyhow::Result<Self> {
         let words = shlex::split(command)
             .filter(|words| !words.is_empty())
             .ok_or_else(|| anyhow!("cannot parse --command '{command}'"))?;
@@ -80,8 +89,8 @@ impl Target {
         let (gate_read, gate_write) = pipe()?;
         let (error_read, error_write) = pipe()?;
         // SAFETY: leaktrace is single-threaded here, and the child only
-        // makes async-signal-safe calls (read, write, execvp, _exit) on
-        // memory prepared before the fork.
+        // makes async-signal-safe calls (read, dup2, write, execvp, _exit)
+        // on memory prepared before the fork.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(std::io::Error::last_os_error()).context("failed to fork");
@@ -91,6 +100,9 @@ impl Target {
             unsafe {
                 let mut byte = 0u8;
                 libc::read(gate_read.as_raw_fd(), (&raw mut byte).cast(), 1);
+                if stdout_to_stderr {
+                    libc::dup2(2, 1);
+                }
                 libc::execvp(argv_ptrs[0], argv_ptrs.as_ptr());
                 let errno = *libc::__errno_location();
                 libc::write(error_write.as_raw_fd(), (&raw const errno).cast(), 4);
@@ -108,6 +120,7 @@ impl Target {
                 reaped: false,
             }),
             exit_status: None,
+            ended: None,
         })
     }
 
@@ -145,7 +158,9 @@ impl Target {
             let ret = unsafe { libc::waitpid(self.pid as i32, &mut status, libc::WNOHANG) };
             if ret == self.pid as i32 {
                 child.reaped = true;
-                self.exit_status = Some(describe_wait_status(status));
+                let ended = ended_of(status);
+                self.exit_status = Some(describe(&ended));
+                self.ended = Some(ended);
                 return true;
             }
             return false;
@@ -162,16 +177,47 @@ impl Target {
         self.exit_status.as_deref()
     }
 
+    /// How a `-c` child ended, once it has and was reaped.
+    pub fn ended(&self) -> Option<&Ended> {
+        self.ended.as_ref()
+    }
+
+    /// End a `-c` child still running as leaktrace stops: SIGTERM, and
+    /// SIGKILL if it is still there after [`STOP_GRACE`]. How it ended is
+    /// kept (see [`Target::ended`]).
+    pub fn stop_child(&mut self) {
+        if self.child.as_ref().is_none_or(|child| child.reaped) || self.has_exited() {
+            return;
+        }
+        // SAFETY: a plain syscall on our own, unreaped child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        while std::time::Instant::now() < deadline {
+            if self.has_exited() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.kill_child();
+    }
+
     /// Stop a `-c` child that leaktrace started and is giving up on.
     pub fn kill_child(&mut self) {
         if let Some(child) = &mut self.child {
             if !child.reaped {
-                // SAFETY: plain syscalls on our own child's PID.
-                unsafe {
+                let mut status = 0;
+                // SAFETY: plain syscalls on our own child's PID; `status` is
+                // a valid int for waitpid to fill.
+                let reaped = unsafe {
                     libc::kill(self.pid as i32, libc::SIGKILL);
-                    libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
-                }
+                    libc::waitpid(self.pid as i32, &mut status, 0)
+                };
                 child.reaped = true;
+                if reaped == self.pid as i32 {
+                    let ended = ended_of(status);
+                    self.exit_status = Some(describe(&ended));
+                    self.ended = Some(ended);
+                }
             }
         }
     }
@@ -196,14 +242,50 @@ fn pipe() -> anyhow::Result<(File, File)> {
     Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
 }
 
-fn describe_wait_status(status: i32) -> String {
-    if libc::WIFEXITED(status) {
-        format!("exited with status {}", libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        format!("was killed by signal {}", libc::WTERMSIG(status))
+fn ended_of(status: i32) -> Ended {
+    if libc::WIFSIGNALED(status) {
+        let signal = libc::WTERMSIG(status);
+        Ended::Killed { signal, name: signal_name(signal), core_dumped: libc::WCOREDUMP(status) }
     } else {
-        "exited".to_string()
+        Ended::Exited { code: libc::WEXITSTATUS(status) }
     }
+}
+
+/// "exited with status 3", "was killed by signal 11 (SIGSEGV)".
+pub fn describe(ended: &Ended) -> String {
+    match ended {
+        Ended::Exited { code } => format!("exited with status {code}"),
+        Ended::Killed { signal, name, core_dumped } => format!(
+            "was killed by signal {signal} ({name}){}",
+            if *core_dumped { ", core dumped" } else { "" }
+        ),
+    }
+}
+
+/// A signal's name, as `kill -l` gives it.
+fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGSYS => "SIGSYS",
+        _ => return format!("signal {signal}"),
+    };
+    name.to_string()
 }
 
 /// Where `program` is found, the way execvp searches PATH.

@@ -113,6 +113,9 @@ impl Unwinder {
             if exe != program {
                 return Ok(false);
             }
+            // It runs its program: from now on, whatever it maps counts,
+            // another program it execs too.
+            self.program = None;
         }
         let current =
             exec_mappings(&maps(self.pid).map_err(|_| anyhow!("process {} has exited", self.pid))?);

@@ -6,22 +6,25 @@
 //! (a ring buffer), the poll of the target's mappings, the target's exit,
 //! and the programs' own log records.
 
+mod events;
+mod exec;
+
 use std::{
     io::{self, Write as _},
-    os::fd::AsRawFd,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _};
-use aya::maps::{MapData, RingBuf};
+use aya::maps::RingBuf;
 use aya_log::EbpfLogger;
-use bytes::Buf as _;
-use leaktrace_common::{MappingsChanged, CHANGE_EXEC, MAP_LINK_MAP_CHANGES, YOUNG_EPOCHS};
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
-    time::{interval, interval_at, sleep_until, Interval, MissedTickBehavior},
+use leaktrace_common::{CHANGE_EXEC, MAP_LINK_MAP_CHANGES, YOUNG_EPOCHS};
+use leaktrace_report::Ended;
+use tokio::time::{interval, interval_at, MissedTickBehavior};
+
+use events::{
+    after_change, flush_log, flush_now, keep_unwinding, mappings_changed, poll_every, resume,
+    until, watch, Signals,
 };
 
 use crate::{
@@ -47,12 +50,15 @@ const FAST_MAPS_POLL: Duration = Duration::from_millis(5);
 const FAST_PERIOD: Duration = Duration::from_secs(1);
 const MAPS_POLL: Duration = Duration::from_millis(100);
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Run a session. Returns leaktrace's exit code: 0, or for a `-c` program
+/// that ended by itself, its own (the status, or 128 + the signal that
+/// killed it), as `time` and `timeout` do.
+pub fn run(args: Args) -> anyhow::Result<u8> {
     args.validate()?;
     check_privileges()?;
 
     let mut target = match (&args.command, args.pid) {
-        (Some(command), _) => Target::spawn(command)?,
+        (Some(command), _) => Target::spawn(command, args.json)?,
         (None, Some(pid)) => Target::existing(pid)?,
         (None, None) => bail!("give a PID with -p or a command with -c"),
     };
@@ -68,6 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Why the loop ended.
+#[derive(Clone, Copy)]
 enum End {
     /// A signal, --duration, or the last of COUNT reports (already printed).
     Stopped,
@@ -75,7 +82,7 @@ enum End {
     Counted,
 }
 
-async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
+async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
     let pid = target.pid;
     let objects = objects_to_probe(target, args.obj.as_deref())?;
     let plan = attach::plan(
@@ -92,6 +99,12 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
     // published: its first allocations, and those of a library it dlopen()s,
     // get whole stacks. leaktrace is its parent, so nobody else sees it stop.
     let hold = target.program().is_some();
+    // In a container's PID namespace the target's PID is numbered there;
+    // the programs compare it in that namespace, not with the kernel's.
+    let pid_namespace = crate::proc::own_pid_namespace();
+    if pid_namespace.is_some() {
+        log::info!("leaktrace runs in a PID namespace of its own: PIDs are compared there");
+    }
     // Epochs of a quarter of --older: every allocation younger than --older
     // is left out, and none older than 1.25x --older.
     let epoch_ns = args.older * 1_000_000 / u64::from(YOUNG_EPOCHS);
@@ -108,6 +121,7 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         glibc_allocator: plan.glibc_allocator,
         glibc_pthread: plan.glibc_pthread,
         hold,
+        pid_namespace,
         kernel_log: args.verbose >= 2,
     })?;
     // The programs' log records (rare paths only), shown with -vv.
@@ -166,25 +180,34 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             sysroot: args.sysroot.clone(),
             baseline_now: target.program().is_none(),
             glibc_allocator: plan.glibc_allocator,
+            global_tids: pid_namespace.is_none(),
         },
     );
     target.release()?;
-    let emit = |analyzer: &mut Analyzer,
+    let json = args.json;
+    let emit = |ebpf: &aya::Ebpf,
+                analyzer: &mut Analyzer,
                 unwinder: &Unwinder,
+                ended: Option<&Ended>,
                 is_final: bool,
                 exited: bool|
      -> anyhow::Result<()> {
         let mut report =
-            analyzer.report(&ebpf, unwinder.mappings(), unwinder.file_paths(), is_final, exited)?;
+            analyzer.report(ebpf, unwinder.mappings(), unwinder.file_paths(), is_final, exited)?;
+        report.ended = ended.cloned();
         report::finish(&mut report);
         let mut out = io::stdout().lock();
-        if args.json {
+        if json {
             report::write_json(&report, &mut out)?;
         } else {
             report::write_text(&report, &mut out)?;
         }
         Ok(out.flush()?)
     };
+    // The files probed so far, so that an exec probes only what is new.
+    let mut probed_files = plan.files();
+    // A -c program's first exec is the one leaktrace released it into.
+    let mut expected_execs = u32::from(target.program().is_some());
 
     let started = Instant::now();
     let period = Duration::from_secs_f64(args.interval);
@@ -210,12 +233,25 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
             _ = report_tick.tick() => {
                 reports += 1;
                 let last = args.count == Some(reports);
-                emit(&mut analyzer, &unwinder, last, false)?;
+                emit(&ebpf, &mut analyzer, &unwinder, None, last, false)?;
                 if last {
                     break End::Counted;
                 }
             }
             changes = mappings_changed(&mut link_changes) => {
+                let execs = changes.iter().filter(|change| change.cause == CHANGE_EXEC).count();
+                let fresh = (execs as u32).saturating_sub(expected_execs);
+                expected_execs = expected_execs.saturating_sub(execs as u32);
+                if fresh > 0 {
+                    // The old image is gone: so are its books.
+                    let program = exec::forget_image(
+                        &mut ebpf,
+                        target,
+                        args.symbol_prefix.as_deref(),
+                        &mut probed_files,
+                    )?;
+                    analyzer.exec(program);
+                }
                 after_change(&changes, &mut unwinder, &mut unwinding);
             }
             _ = maps_poll.tick(), if unwinding => {
@@ -233,168 +269,24 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<()> {
         resume(pid);
     }
     let result = match end {
-        End::Stopped => emit(&mut analyzer, &unwinder, true, false),
-        End::Exited => emit(&mut analyzer, &unwinder, true, true),
+        End::Stopped => emit(&ebpf, &mut analyzer, &unwinder, None, true, false),
+        End::Exited => emit(&ebpf, &mut analyzer, &unwinder, target.ended(), true, true),
         End::Counted => Ok(()),
     };
     flush_now(&mut logger);
     if program_stats.is_some() {
         attach::print_program_stats(&ebpf);
     }
-    result
-}
-
-/// The signals that end a session with a final report.
-struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Self> {
-        let install = |kind: SignalKind| signal(kind).context("failed to install a signal handler");
-        Ok(Self {
-            interrupt: install(SignalKind::interrupt())?,
-            terminate: install(SignalKind::terminate())?,
-            // A closed terminal: the report still gets written where it can.
-            hangup: install(SignalKind::hangup())?,
-        })
-    }
-
-    async fn any(&mut self) {
-        tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
-            _ = self.hangup.recv() => {}
-        }
-    }
-}
-
-/// The programs' log records, read as they come.
-type Logger = EbpfLogger<&'static dyn log::Log>;
-
-/// Wake the loop when `inner`'s descriptor has something to read.
-fn watch<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
-    // SAFETY: `inner` owns its descriptor (a ring buffer map's), which stays
-    // open and the same for as long as the AsyncFd, which owns `inner`.
-    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
-        .map_err(|err| err.into_parts().1)
-}
-
-fn poll_every(period: Duration) -> Interval {
-    let mut poll = interval(period);
-    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    poll
-}
-
-/// Resolves at `deadline`, or never.
-async fn until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves when the target's mappings changed (an exec, or the dynamic
-/// linker's hook: start-up, dlopen, dlclose), with what the programs said.
-async fn mappings_changed(changes: &mut AsyncFd<RingBuf<MapData>>) -> Vec<Change> {
-    let Ok(mut guard) = changes.readable_mut().await else {
-        return std::future::pending().await;
+    // A -c program ended by itself gives leaktrace its exit code; one still
+    // running is ended with leaktrace unless --keep-running.
+    let code = match (end, target.ended()) {
+        (End::Exited, Some(ended)) => u8::try_from(ended.shell_code()).unwrap_or(u8::MAX),
+        _ => 0,
     };
-    let mut records = Vec::new();
-    while let Some(item) = guard.get_inner_mut().next() {
-        records.extend(Change::parse(&item));
+    if !args.keep_running {
+        target.stop_child();
     }
-    guard.clear_ready();
-    records
-}
-
-/// One record of the programs' `MappingsChanged`.
-struct Change {
-    cause: u32,
-    held: bool,
-    time_ns: u64,
-}
-
-impl Change {
-    /// The record's fields, in the order and sizes of `MappingsChanged`.
-    fn parse(mut record: &[u8]) -> Option<Self> {
-        if record.remaining() < std::mem::size_of::<MappingsChanged>() {
-            return None;
-        }
-        let cause = record.get_u32_le();
-        let held = record.get_u32_le() != 0;
-        let time_ns = record.get_u64_le();
-        Some(Self { cause, held, time_ns })
-    }
-}
-
-/// Publish the new mappings, then let a held target go, saying how long
-/// it waited.
-fn after_change(changes: &[Change], unwinder: &mut Unwinder, unwinding: &mut bool) {
-    if *unwinding {
-        *unwinding = keep_unwinding(unwinder);
-    }
-    let Some(first) = changes.iter().filter(|change| change.held).min_by_key(|c| c.time_ns) else {
-        return;
-    };
-    resume(unwinder.pid());
-    let waited = monotonic_ns().saturating_sub(first.time_ns);
-    let cause = if first.cause == CHANGE_EXEC { "exec" } else { "the dynamic linker's hook" };
-    log::info!(
-        "held pid {} for {:.2} ms at {cause}, until its mappings were published",
-        unwinder.pid(),
-        waited as f64 / 1e6
-    );
-}
-
-/// SIGCONT: a target held where its mappings changed goes on.
-fn resume(pid: u32) {
-    // SAFETY: a plain syscall; the target is our own `-c` child.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Publish the target's mappings if they changed. Returns whether to go on:
-/// not once the target is gone, or after an error, which is said once.
-fn keep_unwinding(unwinder: &mut Unwinder) -> bool {
-    match unwinder.refresh() {
-        Ok(_) => true,
-        Err(err) => {
-            if !crate::proc::has_exited(unwinder.pid()) {
-                eprintln!("leaktrace: warning: unwind tables no longer kept current: {err:#}");
-            }
-            false
-        }
-    }
-}
-
-/// Resolves once the programs' log records that arrived are written out.
-async fn flush_log(logger: &mut Option<AsyncFd<Logger>>) {
-    let Some(logger) = logger else {
-        return std::future::pending().await;
-    };
-    match logger.readable_mut().await {
-        Ok(mut guard) => {
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-        Err(_) => std::future::pending().await,
-    }
-}
-
-fn flush_now(logger: &mut Option<AsyncFd<Logger>>) {
-    if let Some(logger) = logger {
-        logger.get_mut().flush();
-    }
+    result.map(|()| code)
 }
 
 fn attach_error(err: anyhow::Error, target: &mut Target) -> anyhow::Error {

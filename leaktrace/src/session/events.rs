@@ -1,0 +1,176 @@
+//! The event sources of the session's loop besides its timers: the
+//! signals that end it, the programs' records of changed mappings (with a
+//! held `-c` target let go once they are published), and the programs' log.
+
+use std::{
+    io,
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+use aya::maps::{MapData, RingBuf};
+use aya_log::EbpfLogger;
+use bytes::Buf as _;
+use leaktrace_common::{MappingsChanged, CHANGE_EXEC};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+    time::{interval, sleep_until, Interval, MissedTickBehavior},
+};
+
+use crate::unwind::Unwinder;
+
+/// The signals that end a session with a final report.
+pub struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn new() -> anyhow::Result<Self> {
+        let install = |kind: SignalKind| signal(kind).context("failed to install a signal handler");
+        Ok(Self {
+            interrupt: install(SignalKind::interrupt())?,
+            terminate: install(SignalKind::terminate())?,
+            // A closed terminal: the report still gets written where it can.
+            hangup: install(SignalKind::hangup())?,
+        })
+    }
+
+    pub async fn any(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+            _ = self.hangup.recv() => {}
+        }
+    }
+}
+
+/// The programs' log records, read as they come.
+pub type Logger = EbpfLogger<&'static dyn log::Log>;
+
+/// Wake the loop when `inner`'s descriptor has something to read.
+pub fn watch<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its descriptor (a ring buffer map's), which stays
+    // open and the same for as long as the AsyncFd, which owns `inner`.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|err| err.into_parts().1)
+}
+
+pub fn poll_every(period: Duration) -> Interval {
+    let mut poll = interval(period);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    poll
+}
+
+/// Resolves at `deadline`, or never.
+pub async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the target's mappings changed (an exec, or the dynamic
+/// linker's hook: start-up, dlopen, dlclose), with what the programs said.
+pub async fn mappings_changed(changes: &mut AsyncFd<RingBuf<MapData>>) -> Vec<Change> {
+    let Ok(mut guard) = changes.readable_mut().await else {
+        return std::future::pending().await;
+    };
+    let mut records = Vec::new();
+    while let Some(item) = guard.get_inner_mut().next() {
+        records.extend(Change::parse(&item));
+    }
+    guard.clear_ready();
+    records
+}
+
+/// One record of the programs' `MappingsChanged`.
+pub struct Change {
+    pub cause: u32,
+    pub held: bool,
+    pub time_ns: u64,
+}
+
+impl Change {
+    /// The record's fields, in the order and sizes of `MappingsChanged`.
+    fn parse(mut record: &[u8]) -> Option<Self> {
+        if record.remaining() < std::mem::size_of::<MappingsChanged>() {
+            return None;
+        }
+        let cause = record.get_u32_le();
+        let held = record.get_u32_le() != 0;
+        let time_ns = record.get_u64_le();
+        Some(Self { cause, held, time_ns })
+    }
+}
+
+/// Publish the new mappings, then let a held target go, saying how long
+/// it waited.
+pub fn after_change(changes: &[Change], unwinder: &mut Unwinder, unwinding: &mut bool) {
+    if *unwinding {
+        *unwinding = keep_unwinding(unwinder);
+    }
+    let Some(first) = changes.iter().filter(|change| change.held).min_by_key(|c| c.time_ns) else {
+        return;
+    };
+    resume(unwinder.pid());
+    let waited = monotonic_ns().saturating_sub(first.time_ns);
+    let cause = if first.cause == CHANGE_EXEC { "exec" } else { "the dynamic linker's hook" };
+    log::info!(
+        "held pid {} for {:.2} ms at {cause}, until its mappings were published",
+        unwinder.pid(),
+        waited as f64 / 1e6
+    );
+}
+
+/// SIGCONT: a target held where its mappings changed goes on.
+pub fn resume(pid: u32) {
+    // SAFETY: a plain syscall; the target is our own `-c` child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Publish the target's mappings if they changed. Returns whether to go on:
+/// not once the target is gone, or after an error, which is said once.
+pub fn keep_unwinding(unwinder: &mut Unwinder) -> bool {
+    match unwinder.refresh() {
+        Ok(_) => true,
+        Err(err) => {
+            if !crate::proc::has_exited(unwinder.pid()) {
+                eprintln!("leaktrace: warning: unwind tables no longer kept current: {err:#}");
+            }
+            false
+        }
+    }
+}
+
+/// Resolves once the programs' log records that arrived are written out.
+pub async fn flush_log(logger: &mut Option<AsyncFd<Logger>>) {
+    let Some(logger) = logger else {
+        return std::future::pending().await;
+    };
+    match logger.readable_mut().await {
+        Ok(mut guard) => {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+pub fn flush_now(logger: &mut Option<AsyncFd<Logger>>) {
+    if let Some(logger) = logger {
+        logger.get_mut().flush();
+    }
+}
