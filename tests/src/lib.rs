@@ -14,7 +14,7 @@ use std::{
 };
 
 pub use leaktrace_report::{
-    is_runtime_symbol, read_reports, Finding, Frame, Lost, MemoryReport, ReadError, Report,
+    is_runtime_symbol, read_reports, Ended, Finding, Frame, Lost, MemoryReport, ReadError, Report,
     StackEnd, StackReport, ThreadSiteReport, ThreadsBeforeAttach, Trend, Verdict, VerdictKind,
 };
 

@@ -119,7 +119,9 @@ impl Unwinder {
         }
         let current =
             exec_mappings(&maps(self.pid).map_err(|_| anyhow!("process {} has exited", self.pid))?);
-        if current == self.seen {
+        // No executable mapping at all: the process is exiting (a zombie's
+        // maps are empty). Its last mappings stay, to symbolize what it held.
+        if current == self.seen || current.is_empty() {
             return Ok(false);
         }
         let started = Instant::now();
