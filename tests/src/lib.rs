@@ -250,8 +250,15 @@ impl Tracer {
     /// Starts leaktrace with `args` through the command `prefix` (e.g.
     /// `nsenter --target PID --pid --mount --`), capturing stdout and stderr.
     pub fn start_through(prefix: &[&str], args: &[&str]) -> Self {
-        require_root();
         let bin = tracer_bin();
+        Self::start_through_at(prefix, bin.to_str().expect("a UTF-8 path"), args)
+    }
+
+    /// Like [`Tracer::start_through`], running the leaktrace at `bin` (a
+    /// path as the prefix command's program sees it).
+    pub fn start_through_at(prefix: &[&str], bin: &str, args: &[&str]) -> Self {
+        require_root();
+        let bin = PathBuf::from(bin);
         let mut command = match prefix.split_first() {
             Some((program, rest)) => {
                 let mut command = Command::new(program);
@@ -321,6 +328,11 @@ impl Tracer {
                 }
             }
         }
+    }
+
+    /// leaktrace's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether leaktrace is still running.

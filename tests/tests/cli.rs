@@ -269,16 +269,27 @@ fn command_ends_with_leaktrace() {
     let cmd = format!("{} run", fixture_path("ends").display());
     let mut tracer = Tracer::start(&["--json", "-c", &cmd, "1"]);
     tracer.wait_attached();
+    let tracer_pid = tracer.pid();
+    let children =
+        std::fs::read_to_string(format!("/proc/{tracer_pid}/task/{tracer_pid}/children"))
+            .expect("read leaktrace's children");
+    let program: u32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("leaktrace has no child: {children:?}"));
     std::thread::sleep(Duration::from_secs(2));
     tracer.signal(libc::SIGINT);
-    let finished = tracer.finish();
-    let reports = finished.reports();
-    let report = final_report(&reports);
-    let program = Path::new("/proc").join(report.pid.to_string());
-    assert!(
-        !program.exists(),
-        "the -c program (pid {}) outlived leaktrace: {}",
-        report.pid,
-        json(report)
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tracer.is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let alive = Path::new("/proc").join(program.to_string()).exists();
+    if alive {
+        // SAFETY: a plain kill of the orphan, so that the test ends.
+        unsafe { libc::kill(program as libc::pid_t, libc::SIGKILL) };
+    }
+    assert!(!alive, "the -c program (pid {program}) outlived leaktrace");
+    let reports = tracer.finish().reports();
+    final_report(&reports);
 }

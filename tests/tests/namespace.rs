@@ -205,3 +205,46 @@ fn tracer_inside_pid_namespace_traced() {
     assert_eq!(report.pid, 1, "leaktrace inside the namespace names the PID it was given");
     assert_root_leak(report);
 }
+
+/// Check the static build copied into a root that holds nothing else (no
+/// libc, no shell, no mount program; the container's /proc and /sys
+/// mounted, as a runtime does), run there in the target's mount and PID
+/// namespaces against a static leaking program in the same root, given the
+/// PID it sees (1): the leak is named. leaktrace mounts tracefs itself.
+#[test]
+fn static_tracer_in_bare_root() {
+    require_root();
+    let static_bin = std::env::var_os("LEAKTRACE_STATIC_BIN")
+        .expect("LEAKTRACE_STATIC_BIN is not set: run `cargo xtask test`, which builds it");
+    let scratch = ScratchDir::new("bare-root");
+    let root = &scratch.0;
+    for dir in ["proc", "sys"] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    fs::copy(&static_bin, root.join("leaktrace")).unwrap();
+    fs::copy(fixture_path("static_glibc"), root.join("prog")).unwrap();
+    let mut command = Command::new("unshare");
+    command
+        .args(["-m", "-p", "-f", "--kill-child", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t proc proc "$0/proc" && mount -t sysfs sysfs "$0/sys" && exec chroot "$0" /prog"#)
+        .arg(root);
+    let (mut fixture, inner) = Fixture::spawn_in_pid_namespace("static_glibc", command);
+    assert_eq!(inner, 1, "the program is not the first process of its PID namespace");
+    let host = fixture.pid().to_string();
+    let mut tracer = Tracer::start_through_at(
+        &["nsenter", "--target", &host, "--pid", "--mount", "--root", "--wd", "--"],
+        "/leaktrace",
+        &["-p", "1", "--json", "--top", "1000", "1", "5"],
+    );
+    tracer.wait_attached();
+    fixture.go();
+    fixture.wait_ready();
+    let reports = tracer.finish().reports();
+    let report = final_report(&reports);
+    assert_eq!(
+        totals(report.stacks_by_first_frame("static_leak")),
+        (30000, 10),
+        "static_leak should hold 10 x 3000 bytes: {}",
+        json(report)
+    );
+}

@@ -41,6 +41,9 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Set up and build one statically linked leaktrace, to copy into a
+    /// container or onto a board; print its path and size.
+    Dist,
     /// Set up, build, and measure the cost per malloc/free pair (untraced, traced,
     /// under a bpftrace memleak script) and the cost of a large live set.
     Bench(bench::BenchArgs),
@@ -70,17 +73,26 @@ fn run(task: Task) -> anyhow::Result<()> {
             install_packages(&TEST_PACKAGES)?;
             lint()?;
             let leaktrace = build_leaktrace()?;
+            let static_leaktrace = build_static()?;
             let mut cmd = cargo();
             // Every crate but the eBPF one, which only builds for the BPF
             // target; the integration tests are not a default member. No
             // doc tests: there are none.
             cmd.args(["test", "--release", "--workspace", "--exclude", "leaktrace-ebpf"])
                 .args(["--lib", "--bins", "--tests"])
-                .env("LEAKTRACE_BIN", &leaktrace);
+                .env("LEAKTRACE_BIN", &leaktrace)
+                .env("LEAKTRACE_STATIC_BIN", &static_leaktrace);
             if !cargo_args.is_empty() {
                 cmd.arg("--").args(&cargo_args);
             }
             run_tests(&mut cmd)
+        }
+        Task::Dist => {
+            setup()?;
+            let path = build_static()?;
+            let size = std::fs::metadata(&path)?.len();
+            println!("{} ({:.1} MiB, statically linked)", path.display(), size as f64 / 1048576.0);
+            Ok(())
         }
         Task::Bench(args) => {
             setup()?;
@@ -253,6 +265,40 @@ fn build_leaktrace() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The host's target triple, spelled out so that RUSTFLAGS reach only the
+/// leaktrace binary, not build scripts or proc macros.
+const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Build leaktrace linked statically (glibc's crt-static): it runs in a
+/// root holding nothing else. Returns its path.
+fn build_static() -> anyhow::Result<PathBuf> {
+    run_cmd(
+        cargo()
+            .args(["build", "--release", "--package", "leaktrace", "--target", STATIC_TARGET])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+    )?;
+    let path = workspace_root().join("target").join(STATIC_TARGET).join("release/leaktrace");
+    let elf = std::fs::read(&path).with_context(|| format!("failed to read {}", path.display()))?;
+    ensure!(!has_interpreter(&elf), "{} is not statically linked", path.display());
+    Ok(path)
+}
+
+/// Whether a 64-bit little-endian ELF file names a program interpreter
+/// (PT_INTERP): a dynamically linked program.
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let read = |at: usize, len: usize| elf.get(at..at + len);
+    let u64_at = |at| read(at, 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let u16_at = |at| read(at, 2).map(|b| u16::from_le_bytes(b.try_into().unwrap()));
+    let (Some(phoff), Some(size), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    (0..usize::from(count)).any(|i| {
+        let at = phoff as usize + i * usize::from(size);
+        read(at, 4).is_some_and(|b| u32::from_le_bytes(b.try_into().unwrap()) == PT_INTERP)
+    })
+}
+
 /// Compile a C program from the repo into target/xtask.
 pub fn compile_c(source: &Path, name: &str, flags: &[&str]) -> anyhow::Result<PathBuf> {
     let out_dir = workspace_root().join("target/xtask");
@@ -295,6 +341,13 @@ fn demo(leaktrace: &Path, json: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Check that a dynamic program is told from a static one.
+    #[test]
+    fn interpreter() {
+        assert!(has_interpreter(&std::fs::read("/bin/sh").unwrap()));
+        assert!(!has_interpreter(b"not an ELF file"));
+    }
 
     /// Check that counts are read from a cargo test summary line.
     #[test]
