@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::Ebpf;
-use leaktrace_common::{StackEnd, NO_STACK};
+use leaktrace_common::{Lost, StackEnd, NO_STACK};
 use leaktrace_report::{
     site_label, ExecEvent, Frame, MemoryReport, PreattachFrees, ProbedObject, RecordKind, Report,
     StackReport, ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals, Trend, SCHEMA,
@@ -241,12 +241,7 @@ impl Analyzer {
                     self.stacks.growth(usage.stack_id).is_some_and(|g| g.trend == Trend::New)
                 })
                 .count(),
-            lost: snapshot
-                .lost
-                .iter()
-                .filter(|(reason, _)| !reason.cuts_stack())
-                .map(|(_, count)| count)
-                .sum(),
+            lost: dropped(&snapshot.lost, snapshot.total_allocations()),
         };
         let verdict = verdict::decide(
             &growing_sites,
@@ -392,6 +387,25 @@ impl Analyzer {
     }
 }
 
+/// The lost events that make the verdict unreliable: any loss to a full map
+/// (it goes on as long as the map stays full), and calls missed otherwise
+/// (a longjmp past a return probe, ...) once they are more than 1% of the
+/// allocations tracked. Stacks cut short or not kept lose no bytes.
+fn dropped(lost: &[(Lost, u64)], allocations: u64) -> u64 {
+    let count = |reasons: &[Lost]| -> u64 {
+        lost.iter().filter(|(reason, _)| reasons.contains(reason)).map(|(_, n)| n).sum()
+    };
+    let full = count(&[
+        Lost::AllocMapFull,
+        Lost::MmapMapFull,
+        Lost::StatsMapFull,
+        Lost::PendingMapFull,
+        Lost::ThreadMapFull,
+    ]);
+    let missed = count(&[Lost::ReturnWithoutEntry, Lost::MissedReturn, Lost::ReadFailed]);
+    full + if missed * 100 > allocations { missed } else { 0 }
+}
+
 fn stack_end(ebpf: &Ebpf, stack_id: u32) -> StackEnd {
     match user_stack(ebpf, stack_id) {
         Ok((_, end)) => end,
@@ -401,4 +415,19 @@ fn stack_end(ebpf: &Ebpf, stack_id: u32) -> StackEnd {
 
 fn trend(history: &History<()>) -> Trend {
     history.growth(()).map_or(Trend::New, |growth| growth.trend)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Check which losses make the verdict incomplete: a full map always, a
+    /// few missed returns not, stacks not kept never.
+    #[test]
+    fn losses_that_count() {
+        assert_eq!(dropped(&[(Lost::AllocMapFull, 3)], 1_000_000), 3);
+        assert_eq!(dropped(&[(Lost::MissedReturn, 5)], 1000), 0);
+        assert_eq!(dropped(&[(Lost::MissedReturn, 50)], 1000), 50);
+        assert_eq!(dropped(&[(Lost::StackCollision, 50), (Lost::UnwindNoInfo, 9)], 10), 0);
+    }
 }
