@@ -437,51 +437,6 @@ fn non_pie_executable_unwound() {
     assert_leak_chain(&trace_fixture("unwind_nopie", &[], &[]));
 }
 
-/// The 1-based line of fixture `source` that carries `marker`.
-fn marked_line(source: &str, marker: &str) -> u32 {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(source);
-    let text = std::fs::read_to_string(&path).expect("read the fixture's source");
-    let index = text
-        .lines()
-        .position(|line| line.contains(marker))
-        .unwrap_or_else(|| panic!("{marker} not in {}", path.display()));
-    index as u32 + 1
-}
-
-/// Check that an inlined helper whose last instruction is the allocator call
-/// is named as an inlined frame at the call's own line, inside main at the
-/// line that calls the helper: frames are looked up at the call, not at the
-/// return address, which lies past the helper's code.
-#[test]
-fn inlined_caller_named_at_its_call() {
-    let report = trace_fixture("unwind_inlined", &[], &[]);
-    let (call, helper_call) = (
-        marked_line("unwind_inlined.c", "LEAK_CALL"),
-        marked_line("unwind_inlined.c", "HELPER_CALL"),
-    );
-    let stack = report
-        .stacks
-        .iter()
-        .find(|stack| has_symbol(&stack.frames, "aligned_block"))
-        .unwrap_or_else(|| panic!("no stack names the inlined aligned_block: {}", json(&report)));
-    let helper = &stack.frames[0];
-    assert_eq!(
-        (helper.symbol.as_deref(), helper.inlined, helper.line),
-        (Some("aligned_block"), true, Some(call)),
-        "the first frame should be aligned_block, inlined, at its posix_memalign call: {}",
-        json(&report)
-    );
-    let caller = &stack.frames[1];
-    assert_eq!(
-        (caller.symbol.as_deref(), caller.inlined, caller.line),
-        (Some("main"), false, Some(helper_call)),
-        "aligned_block should sit in main at the line that calls it: {}",
-        json(&report)
-    );
-    assert_eq!(caller.address, helper.address, "an inlined frame shares its caller's address");
-    assert_eq!(totals([stack]), (32 * 200, 32), "32 blocks of 200 bytes: {}", json(&report));
-}
-
 /// Check that a -c program whose first allocations come at the top of main,
 /// right after the dynamic linker mapped its libraries, gets whole stacks
 /// every time, 20 runs in a row: leaktrace holds it at exec and at the

@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{anyhow, bail, ensure, Context as _};
 
+use super::links::LinkFloor;
 use super::*;
 use crate::KillOnDrop;
 
