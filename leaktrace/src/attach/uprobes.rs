@@ -22,6 +22,7 @@ use leaktrace_report::{ProbePlacement, ProbedObject};
 use super::probes::*;
 use crate::{
     elf::{placement::entry_probe_offset, ElfFile, Function},
+    proc::file_key,
     target::Object,
 };
 
@@ -71,7 +72,7 @@ pub fn plan_new(
 ) -> anyhow::Result<Plan> {
     let new: Vec<Object> = objects
         .iter()
-        .filter(|object| file_key(&object.open).is_none_or(|key| !probed.contains(&key)))
+        .filter(|object| file_key(&object.open).map_or(true, |key| !probed.contains(&key)))
         .cloned()
         .collect();
     plan_objects(&new, options, false)
@@ -80,14 +81,8 @@ pub fn plan_new(
 impl Plan {
     /// The planned objects' files, by device and inode.
     pub fn files(&self) -> HashSet<(u64, u64)> {
-        self.objects.iter().filter_map(|object| file_key(&object.object.open)).collect()
+        self.objects.iter().filter_map(|object| file_key(&object.object.open).ok()).collect()
     }
-}
-
-fn file_key(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let metadata = std::fs::metadata(path).ok()?;
-    Some((metadata.dev(), metadata.ino()))
 }
 
 fn plan_objects(
@@ -114,7 +109,8 @@ fn plan_objects(
             }
         };
         let user_prefix = options.symbol_prefix.unwrap_or("");
-        let functions = elf.functions(|name| wanted(name, user_prefix));
+        let functions =
+            elf.functions(|name| wanted(name, user_prefix).or_else(|| is_glibc_malloc(name)));
         let defines = |name: &str| functions.contains_key(name);
         // A static program that never frees has no free linked in.
         let allocator_prefix = [user_prefix, ""]
@@ -134,7 +130,7 @@ fn plan_objects(
                 bail!("no allocator found: {} defines no {prefix}malloc", object.shown.display());
             }
             allocators += 1;
-            if prefix.is_empty() && !elf.functions(is_glibc_malloc).is_empty() {
+            if prefix.is_empty() && defines(GLIBC_MALLOC) {
                 glibc_allocators += 1;
             }
             sets.push((ALLOCATOR_PROBES, prefix.to_string()));
@@ -153,8 +149,7 @@ fn plan_objects(
         if !threads_done && defines("pthread_create") && !name.starts_with("ld-") {
             threads_done = true;
             // glibc before 2.34 kept the pthread API in libpthread.
-            glibc_pthread =
-                name.starts_with("libpthread") || !elf.functions(is_glibc_malloc).is_empty();
+            glibc_pthread = name.starts_with("libpthread") || defines(GLIBC_MALLOC);
             sets.push((THREAD_PROBES, String::new()));
         }
         if !linker_done && defines("_dl_debug_state") {
@@ -186,8 +181,10 @@ fn plan_objects(
 /// glibc's own name for its malloc, in libc.so.6 and in static programs
 /// alike; jemalloc, tcmalloc, mimalloc and musl have none.
 fn is_glibc_malloc(name: &str) -> Option<String> {
-    (name == "__libc_malloc").then(|| name.to_string())
+    (name == GLIBC_MALLOC).then(|| name.to_string())
 }
+
+const GLIBC_MALLOC: &str = "__libc_malloc";
 
 /// Attach what `plan` says, for its process only.
 pub fn attach_all(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<ProbedObject>> {

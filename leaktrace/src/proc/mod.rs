@@ -145,6 +145,14 @@ pub fn pid_in_namespace(pid: u32) -> Option<u32> {
     (nspid.len() > 1).then_some(inner as u32)
 }
 
+/// A file's (device, inode), the device packed as /proc/PID/maps gives it
+/// (`major << 32 | minor`): one identity for a file, mapped or opened.
+pub fn file_key(path: &Path) -> std::io::Result<(u64, u64)> {
+    let metadata = std::fs::metadata(path)?;
+    let device = metadata.dev();
+    Ok((u64::from(libc::major(device)) << 32 | u64::from(libc::minor(device)), metadata.ino()))
+}
+
 /// The inode of the kernel's first PID namespace (PROC_PID_INIT_INO).
 const INIT_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
 

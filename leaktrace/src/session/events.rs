@@ -20,7 +20,7 @@ use tokio::{
     time::{interval, sleep_until, Interval, MissedTickBehavior},
 };
 
-use crate::unwind::Unwinder;
+use crate::{collect::monotonic_ns, unwind::Unwinder};
 
 /// The signals that end a session with a final report.
 pub struct Signals {
@@ -131,14 +131,6 @@ pub fn after_change(changes: &[Change], unwinder: &mut Unwinder, unwinding: &mut
 pub fn resume(pid: u32) {
     // SAFETY: a plain syscall; the target is our own `-c` child.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Publish the target's mappings if they changed. Returns whether to go on:

@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -23,7 +23,7 @@ use leaktrace_common::{
 use super::table::{object_rows, ObjectTable};
 use crate::{
     elf::ElfFile,
-    proc::{exec_mappings, map_file, maps, ExecMapping},
+    proc::{exec_mappings, file_key, map_file, maps, ExecMapping},
 };
 
 /// A PT_LOAD segment: file range and link-time address.
@@ -285,13 +285,6 @@ impl Unwinder {
     pub fn mappings(&self) -> &[ExecMapping] {
         &self.seen
     }
-}
-
-/// A file's (device, inode), as /proc/PID/maps gives them.
-fn file_key(path: &Path) -> std::io::Result<(u64, u64)> {
-    let metadata = std::fs::metadata(path)?;
-    let device = metadata.dev();
-    Ok((u64::from(libc::major(device)) << 32 | u64::from(libc::minor(device)), metadata.ino()))
 }
 
 #[cfg(test)]
