@@ -47,6 +47,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("ends.c", "ends"),
     ("exec_old.c", "exec_old"),
     ("exec_new.c", "exec_new"),
+    ("kernel_leak.c", "kernel_leak"),
 ];
 
 /// Flags of the unwinding fixtures: optimized code without frame pointers,

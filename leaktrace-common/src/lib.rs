@@ -3,9 +3,11 @@
 //! padding so both sides agree on the layout.
 #![no_std]
 
+mod kernel;
 mod lost;
 mod stack;
 
+pub use kernel::*;
 pub use lost::Lost;
 pub use stack::*;
 

@@ -35,10 +35,15 @@ pub enum Lost {
     UnwindFailed = 11,
     /// A stack was deeper than [`MAX_FRAMES`] and was cut.
     UnwindDepth = 12,
+    /// The kernel-allocation map was full (`--kernel` and the system mode).
+    KernelAllocMapFull = 13,
+    /// A kernel stack could not be kept (the kernel stack map full, or two
+    /// stacks in one bucket); its allocation still counts, stackless.
+    KernelStack = 14,
 }
 
 impl Lost {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
 
     /// Whether this loss cuts a stack short (its bytes still count) rather
     /// than drops an event from the books.
@@ -59,6 +64,8 @@ impl Lost {
         Lost::UnwindNoInfo,
         Lost::UnwindFailed,
         Lost::UnwindDepth,
+        Lost::KernelAllocMapFull,
+        Lost::KernelStack,
     ];
 
     /// The name used in reports and JSON.
@@ -77,6 +84,8 @@ impl Lost {
             Lost::UnwindNoInfo => "unwind_no_info",
             Lost::UnwindFailed => "unwind_failed",
             Lost::UnwindDepth => "unwind_depth",
+            Lost::KernelAllocMapFull => "kernel_alloc_map_full",
+            Lost::KernelStack => "kernel_stack",
         }
     }
 }

@@ -5,13 +5,15 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
     Global,
 };
 use leaktrace_common::{
-    AllocInfo, Config, Lost, Pending, StackStats, ThreadInfo, ThreadSiteStats, UnwindChunk,
-    UnwindMapping, UnwindState, UserStack, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_MAPPINGS,
-    DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, MAX_PENDING, MAX_THREADS, MAX_UNWIND_MAPPINGS,
+    AllocInfo, CacheName, Config, KernelAlloc, KmemConfig, Lost, Pending, StackStats, ThreadInfo,
+    ThreadSiteStats, UnwindChunk, UnwindMapping, UnwindState, UserStack, DEFAULT_MAX_ALLOCATIONS,
+    DEFAULT_MAX_KERNEL_ALLOCATIONS, DEFAULT_MAX_KERNEL_STACKS, DEFAULT_MAX_MAPPINGS,
+    DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, KMEM_FIELDS, MAX_PENDING, MAX_THREADS,
+    MAX_UNWIND_MAPPINGS, NO_FIELD,
 };
 
 use crate::types::CachedAddress;
@@ -33,6 +35,30 @@ pub static CONFIG: Global<Config> = Global::new(Config {
     pidns_dev: 0,
     pidns_ino: 0,
 });
+
+/// The kernel-allocation programs' configuration: off unless the loader
+/// turns them on.
+#[unsafe(no_mangle)]
+pub static KMEM: Global<KmemConfig> = Global::new(KmemConfig {
+    flags: 0,
+    own_tgid: 0,
+    page_size: 4096,
+    offsets: [NO_FIELD; KMEM_FIELDS],
+});
+
+/// Outstanding kernel allocations. Preallocated, as `ALLOCS`: these
+/// programs run inside the kernel's allocator, where a map that allocated
+/// would trace its own allocations.
+#[map]
+pub static KERNEL_ALLOCS: HashMap<u64, KernelAlloc> =
+    HashMap::with_max_entries(DEFAULT_MAX_KERNEL_ALLOCATIONS, 0);
+
+#[map]
+pub static KERNEL_STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_KERNEL_STACKS, 0);
+
+#[map]
+pub static KERNEL_CACHES: HashMap<i32, CacheName> =
+    HashMap::with_max_entries(DEFAULT_MAX_KERNEL_STACKS, 0);
 
 /// Live heap allocations. Preallocated: inserts on the hot path must not
 /// allocate, and a full map must fail fast (counted as `AllocMapFull`).
@@ -108,6 +134,11 @@ pub static PREATTACH_FREES: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 
 #[inline(always)]
 pub fn config() -> Config {
     CONFIG.load()
+}
+
+#[inline(always)]
+pub fn kmem_config() -> KmemConfig {
+    KMEM.load()
 }
 
 /// Count one lost event; returns the count of its kind on this CPU now (0

@@ -147,6 +147,15 @@ fn unsupported(walk: &mut Walk, addr: u64) -> i64 {
 #[inline(always)]
 pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
     let (ip, sp, bp) = frame(ctx);
+    stack_id_at(ctx, ip, sp, bp)
+}
+
+/// The id of the user stack whose innermost frame is at `ip` with stack
+/// pointer `sp` and frame pointer `bp`, where `ip` is a return address (the
+/// instruction after a call, or after the `syscall` that entered the
+/// kernel).
+#[inline(always)]
+pub fn stack_id_at<C: EbpfContext>(ctx: &C, ip: u64, sp: u64, bp: u64) -> u32 {
     let state = UNWIND_STATE.get(0).copied().unwrap_or(0);
     let count = (state >> 32) as u32;
     let mut walk = Walk {

@@ -8,6 +8,7 @@
 
 mod frame;
 mod memory;
+mod system;
 mod verdict;
 
 use std::{collections::BTreeMap, io::BufRead};
@@ -16,6 +17,9 @@ pub use frame::{is_runtime_frame, is_runtime_symbol, short_module, site_label, F
 pub use leaktrace_common::{Lost, StackEnd};
 pub use memory::{MemoryDelta, MemoryPicture, MemoryReport, Usage};
 use serde::{Deserialize, Serialize};
+pub use system::{
+    FdReport, KernelKind, KernelSummary, ProcessReport, ProcessShare, SlabReport, SystemReport,
+};
 pub use verdict::{Finding, ThreadFinding, Verdict, VerdictKind};
 
 /// The version of this model that a report was written with.
@@ -80,6 +84,16 @@ pub struct Report {
     /// One heap allocation in this many was tracked; heap figures are scaled.
     #[serde(default = "one")]
     pub sample_rate: u64,
+    /// The system mode (no `-p`): the machine's memory picture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<SystemReport>,
+    /// Kernel allocations traced (`--kernel`, the system mode); their stacks
+    /// are in `stacks`, each with its `kind`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelSummary>,
+    /// The target's open file descriptors (`--kernel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fds: Option<FdReport>,
 }
 
 fn one() -> u64 {
@@ -134,6 +148,16 @@ pub struct StackReport {
     pub stack_end: StackEnd,
     #[serde(default)]
     pub growth: Option<Growth>,
+    /// Kernel memory: its kind (absent for the heap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<KernelKind>,
+    /// The slab cache, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    /// Kernel memory: the processes in whose context it was allocated, most
+    /// bytes first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessShare>,
 }
 
 /// How a value moved over the last reports.

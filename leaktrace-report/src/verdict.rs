@@ -21,6 +21,10 @@ pub enum VerdictKind {
     /// Events were lost: what the verdict does not see may be a leak.
     Incomplete,
     NoLeak,
+    /// Kernel memory still growing at a kernel call stack.
+    KernelLeak,
+    /// A process's own memory grows (the system mode): trace it with -p.
+    ProcessGrowth,
 }
 
 /// Threads of one kind of thread leak, and the worst site.
@@ -63,6 +67,27 @@ pub enum Finding {
     /// Events were lost (the maps full, returns missed): the books are
     /// incomplete, and so is the verdict.
     Incomplete { lost: u64 },
+    /// Kernel memory growing at one kernel stack: the fastest.
+    KernelLeak {
+        /// Kernel stacks growing.
+        stacks: usize,
+        bytes_per_second: f64,
+        kind: crate::KernelKind,
+        cache: Option<String>,
+        /// The kernel function that allocated (the system call's, when
+        /// there is one).
+        site: String,
+        /// The user call site that entered the kernel (`-p --kernel`).
+        user_site: Option<String>,
+        /// The process that allocated most of it.
+        pid: Option<u32>,
+        comm: Option<String>,
+    },
+    /// Neither the kernel's allocations nor any process grows (the system
+    /// mode).
+    NoGrowth { kernel_outstanding: u64 },
+    /// A process whose memory grows (the system mode).
+    ProcessGrowth { pid: u32, comm: String, uss_per_second: f64 },
     /// Nothing grows, though too few reports to call a trend.
     NoLeakYet { outstanding: u64, reports_needed: usize },
     /// Nothing grows.
@@ -78,7 +103,11 @@ impl Finding {
             Finding::Replacing { .. } => VerdictKind::Replacing,
             Finding::Growth { .. } => VerdictKind::Growth,
             Finding::Incomplete { .. } => VerdictKind::Incomplete,
-            Finding::NoLeakYet { .. } | Finding::NoLeak { .. } => VerdictKind::NoLeak,
+            Finding::NoLeakYet { .. } | Finding::NoLeak { .. } | Finding::NoGrowth { .. } => {
+                VerdictKind::NoLeak
+            }
+            Finding::KernelLeak { .. } => VerdictKind::KernelLeak,
+            Finding::ProcessGrowth { .. } => VerdictKind::ProcessGrowth,
         }
     }
 }

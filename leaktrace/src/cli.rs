@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use leaktrace_common::{
-    DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, UNWIND_CHUNK_ROWS,
+    DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_KERNEL_ALLOCATIONS, DEFAULT_MAX_STACKS,
+    DEFAULT_UNWIND_CHUNKS, UNWIND_CHUNK_ROWS,
 };
 
 #[derive(Debug, Parser)]
@@ -17,17 +18,14 @@ use leaktrace_common::{
         sudo leaktrace -p 1234            report every 5 s until Ctrl-C\n  \
         sudo leaktrace -p 1234 10 3       three reports, 10 s apart\n  \
         sudo leaktrace -c './server --port 8080' --json\n  \
-        sudo leaktrace -p 1234 -o 5000 -z 1024   only blocks of 1 KiB or more, older than 5 s"
+        sudo leaktrace -p 1234 -o 5000 -z 1024   only blocks of 1 KiB or more, older than 5 s\n  \
+        sudo leaktrace -p 1234 --kernel   also kernel memory it causes (fds, sockets), at its call sites\n  \
+        sudo leaktrace                    the whole machine: meminfo, slabs, growing processes, kernel allocations"
 )]
 pub struct Args {
-    /// Trace the process with this PID.
-    #[arg(
-        short,
-        long,
-        value_name = "PID",
-        conflicts_with = "command",
-        required_unless_present = "command"
-    )]
+    /// Trace the process with this PID. Without -p or -c, leaktrace shows
+    /// where the machine's memory goes and traces the kernel's allocations.
+    #[arg(short, long, value_name = "PID", conflicts_with = "command")]
     pub pid: Option<u32>,
 
     /// Start this command (with its arguments, found on PATH) and trace it
@@ -109,6 +107,25 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_UNWIND_CHUNKS as u64 * UNWIND_CHUNK_ROWS as u64, value_parser = clap::value_parser!(u64).range(UNWIND_CHUNK_ROWS as u64..=1 << 28))]
     pub unwind_rows: u64,
 
+    /// With -p or -c: also trace the kernel allocations made in the
+    /// target's threads (fds, sockets, pipes, ...), each under the user call
+    /// stack that entered the kernel.
+    #[arg(long)]
+    pub kernel: bool,
+
+    /// Without -p: also trace percpu allocations.
+    #[arg(long)]
+    pub percpu: bool,
+
+    /// Name kernel frames from this kallsyms file.
+    #[arg(long, value_name = "PATH", default_value = "/proc/kallsyms")]
+    pub kallsyms: PathBuf,
+
+    /// Outstanding kernel allocations that can be tracked at once
+    /// (--kernel, and without -p).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_KERNEL_ALLOCATIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_kernel_allocations: u32,
+
     /// Benchmark aid: attach every probe but let the programs return at
     /// once, to measure what the probes alone cost.
     #[arg(long, hide = true)]
@@ -162,8 +179,32 @@ impl Args {
         })
     }
 
+    /// No target: the system mode.
+    pub fn is_system(&self) -> bool {
+        self.pid.is_none() && self.command.is_none()
+    }
+
     /// Checks clap cannot express.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.is_system() {
+            anyhow::ensure!(
+                !self.kernel,
+                "--kernel needs a target (-p PID or -c CMD); without one, leaktrace traces the whole kernel already"
+            );
+            for (given, flag) in [
+                (self.obj.is_some(), "--obj"),
+                (self.symbol_prefix.is_some(), "--symbol-prefix"),
+                (self.sysroot.is_some(), "--sysroot"),
+                (self.floor, "--floor"),
+            ] {
+                anyhow::ensure!(!given, "{flag} needs a target (-p PID or -c CMD)");
+            }
+        } else {
+            anyhow::ensure!(
+                !self.percpu,
+                "--percpu is for the system mode (no -p or -c): percpu memory is not charged to one process"
+            );
+        }
         if let (Some(min), Some(max)) = (self.min_size, self.max_size) {
             anyhow::ensure!(min <= max, "--min-size {min} is larger than --max-size {max}");
         }
@@ -198,10 +239,14 @@ mod tests {
         assert_eq!(args.top, 10);
     }
 
-    /// Check that a target is required and nonsense is refused.
+    /// Check that nonsense is refused, and that no target is the system mode.
     #[test]
     fn bad_flags_are_errors() {
-        assert!(Args::try_parse_from(["leaktrace"]).is_err());
+        assert!(Args::try_parse_from(["leaktrace"]).unwrap().is_system());
+        let kernel = Args::try_parse_from(["leaktrace", "--kernel"]).unwrap();
+        assert!(kernel.validate().unwrap_err().to_string().contains("--kernel needs a target"));
+        let percpu = Args::try_parse_from(["leaktrace", "-p", "1", "--percpu"]).unwrap();
+        assert!(percpu.validate().unwrap_err().to_string().contains("--percpu is for the system"));
         assert!(Args::try_parse_from(["leaktrace", "-p", "1", "--top", "banana"]).is_err());
         assert!(Args::try_parse_from(["leaktrace", "-p", "1", "0"]).is_err());
         assert!(Args::try_parse_from(["leaktrace", "-p", "1", "-c", "ls"]).is_err());

@@ -4,6 +4,7 @@
 
 mod alloc;
 mod kernel;
+mod kmem;
 mod linker;
 mod mmap;
 mod thread;

@@ -3,6 +3,8 @@
 //! it is `report`'s job.
 
 pub mod growth;
+pub mod kernel;
+pub mod system;
 pub mod verdict;
 
 use std::{
@@ -14,8 +16,9 @@ use std::{
 use aya::Ebpf;
 use leaktrace_common::{Lost, StackEnd, NO_STACK};
 use leaktrace_report::{
-    site_label, ExecEvent, Frame, MemoryReport, PreattachFrees, ProbedObject, RecordKind, Report,
-    StackReport, ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals, Trend, SCHEMA,
+    site_label, ExecEvent, FdReport, Finding, Frame, MemoryReport, PreattachFrees, ProbedObject,
+    RecordKind, Report, StackReport, ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals,
+    Trend, Verdict, SCHEMA,
 };
 
 use crate::{
@@ -26,6 +29,7 @@ use crate::{
     symbolize::Symbolizer,
 };
 use growth::History;
+use kernel::{kernel_losses, KernelAnalyzer};
 use verdict::{GrowingSite, LiveEvidence, Replacement, RetentionEvidence, ThreadSiteEvidence};
 
 /// Byte changes below this are noise for a call site.
@@ -88,6 +92,11 @@ pub struct Analyzer {
     threads_held: HashSet<u32>,
     /// The target's last exec since attach.
     exec: Option<ExecEvent>,
+    /// Kernel allocations in the target's context (`--kernel`).
+    kernel: Option<KernelAnalyzer>,
+    /// Open fds (`--kernel`): at attach, and over time.
+    fds_start: Option<u64>,
+    fds: History<()>,
 }
 
 impl Analyzer {
@@ -118,7 +127,18 @@ impl Analyzer {
             pid_in_namespace: proc::pid_in_namespace(pid),
             threads_held: HashSet::new(),
             exec: None,
+            kernel: None,
+            fds_start: None,
+            fds: History::new(0.5),
         }
+    }
+
+    /// Also report the kernel allocations made in the target's context,
+    /// and its open fds.
+    pub fn with_kernel(mut self, kernel: KernelAnalyzer) -> Self {
+        self.fds_start = proc::system::fd_count(self.options.pid).ok();
+        self.kernel = Some(kernel);
+        self
     }
 
     /// The target exec'd `program`: the old image's history goes (its
@@ -243,7 +263,7 @@ impl Analyzer {
                 .count(),
             lost: dropped(&snapshot.lost, snapshot.total_allocations()),
         };
-        let verdict = verdict::decide(
+        let mut verdict = verdict::decide(
             &growing_sites,
             replacement.as_ref(),
             &thread_evidence,
@@ -251,6 +271,27 @@ impl Analyzer {
             &live,
             self.reports,
         );
+        let mut stacks = stacks;
+        let mut kernel_summary = None;
+        if let Some(kernel) = self.kernel.as_mut() {
+            let part = kernel.analyze(ebpf, t, Some(&mut self.symbolizer), alive)?;
+            stacks.extend(part.stacks);
+            kernel_summary = Some(part.summary);
+            let mut findings = verdict.findings;
+            if let Some(finding) = part.finding {
+                findings.retain(|finding| {
+                    !matches!(finding, Finding::NoLeak { .. } | Finding::NoLeakYet { .. })
+                });
+                findings.insert(0, finding);
+            }
+            let dropped = kernel_losses(&snapshot.lost);
+            if dropped > 0 && !findings.iter().any(|f| matches!(f, Finding::Incomplete { .. })) {
+                findings.retain(|finding| !matches!(finding, Finding::NoLeak { .. }));
+                findings.push(Finding::Incomplete { lost: dropped });
+            }
+            verdict = Verdict::new(findings);
+        }
+        let fds = self.fds(t, alive);
         let memory = memory.map(|picture| {
             let baseline = self.baseline.get_or_insert_with(|| picture.clone());
             MemoryReport { since_attach: picture.since(baseline), picture }
@@ -279,6 +320,26 @@ impl Analyzer {
             freed_before_attach,
             probed: self.options.probed.clone(),
             sample_rate: self.collector.sample_rate,
+            system: None,
+            kernel: kernel_summary,
+            fds,
+        })
+    }
+
+    /// The target's open fds and their trend (`--kernel`).
+    fn fds(&mut self, t: f64, alive: bool) -> Option<FdReport> {
+        let start = self.fds_start?;
+        if !alive {
+            return None;
+        }
+        let count = proc::system::fd_count(self.options.pid).ok()?;
+        self.fds.record(t, [((), count as f64)]);
+        let growth = self.fds.growth(());
+        Some(FdReport {
+            count,
+            delta: count as i64 - start as i64,
+            trend: growth.map_or(Trend::New, |growth| growth.trend),
+            per_second: growth.map_or(0.0, |growth| growth.bytes_per_second),
         })
     }
 
@@ -310,6 +371,9 @@ impl Analyzer {
                 frames: self.frames(ebpf, usage.stack_id, alive),
                 stack_end: stack_end(ebpf, usage.stack_id),
                 growth: self.stacks.growth(usage.stack_id),
+                kind: None,
+                cache: None,
+                processes: Vec::new(),
             })
             .collect()
     }

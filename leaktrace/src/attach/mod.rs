@@ -3,6 +3,7 @@
 //! ([`uprobes`], from the tables in [`probes`]) and the thread tracepoints
 //! ([`tracepoints`]).
 
+pub mod kmem;
 mod probes;
 mod tracepoints;
 mod uprobes;
@@ -13,8 +14,9 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use leaktrace_common::{
-    AllocInfo, Config, Lost, Pending, StackStats, ThreadInfo, ThreadSiteStats, CONFIG_GLIBC_CHUNKS,
-    CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, CONFIG_PIDNS, GLOBAL_CONFIG, MAP_ALLOCS, MAP_LOST,
+    AllocInfo, Config, KmemConfig, Lost, Pending, StackStats, ThreadInfo, ThreadSiteStats,
+    CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, CONFIG_PIDNS, GLOBAL_CONFIG,
+    GLOBAL_KMEM, MAP_ALLOCS, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES, MAP_KERNEL_STACKS, MAP_LOST,
     MAP_MMAPS, MAP_PENDING, MAP_PTHREADS, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS,
     MAP_THREAD_SITES, MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
 };
@@ -49,6 +51,20 @@ pub struct LoadOptions {
     /// Whether the programs log their rare paths (-vv). Off, the verifier
     /// prunes the log calls: they cost nothing.
     pub kernel_log: bool,
+    /// A target's allocator is traced (not the system mode): its uprobe
+    /// programs and thread tracepoints are loaded.
+    pub user: bool,
+    /// Kernel allocations are traced (`--kernel`, the system mode).
+    pub kernel: Option<KernelLoad>,
+}
+
+/// How the kernel-allocation programs are loaded.
+pub struct KernelLoad {
+    pub config: KmemConfig,
+    /// Their names, those this kernel has events for.
+    pub programs: Vec<&'static str>,
+    pub max_allocations: u32,
+    pub max_stacks: u32,
 }
 
 /// Load every program, configured for one target.
@@ -68,10 +84,18 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         pidns_dev: options.pid_namespace.map_or(0, |(dev, _)| dev),
         pidns_ino: options.pid_namespace.map_or(0, |(_, ino)| ino),
     };
+    let kmem = options.kernel.as_ref().map_or_else(KmemConfig::default, |kernel| kernel.config);
+    // Maps of a side not traced hold one entry: their memory is not spent.
+    let kernel_allocations = options.kernel.as_ref().map_or(1, |kernel| kernel.max_allocations);
+    let kernel_stacks = options.kernel.as_ref().map_or(1, |kernel| kernel.max_stacks);
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_CONFIG, &config, true)
+        .override_global(GLOBAL_KMEM, &kmem, true)
         .override_global(aya_log::LEVEL, &kernel_log_level(options.kernel_log), false)
-        .map_max_entries(MAP_ALLOCS, options.max_allocations)
+        .map_max_entries(MAP_KERNEL_ALLOCS, kernel_allocations)
+        .map_max_entries(MAP_KERNEL_STACKS, kernel_stacks)
+        .map_max_entries(MAP_KERNEL_CACHES, kernel_stacks)
+        .map_max_entries(MAP_ALLOCS, if options.user { options.max_allocations } else { 1 })
         .map_max_entries(MAP_STACKS, options.max_stacks)
         // One more than the stacks: allocations whose stack could not be
         // kept (the stack map full) still count, under NO_STACK, and are
@@ -83,20 +107,24 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         )
         .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace")))
         .context("failed to load the eBPF programs")?;
-    let mut names: Vec<&str> = ALL_SETS
-        .iter()
-        .flat_map(|set| set.iter())
-        .flat_map(|p| [Some(p.enter), p.exit])
-        .flatten()
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    for name in names {
-        program(&mut ebpf, name)?
-            .load()
-            .with_context(|| format!("failed to load program {name}"))?;
+    if options.user {
+        let mut names: Vec<&str> = ALL_SETS
+            .iter()
+            .flat_map(|set| set.iter())
+            .flat_map(|p| [Some(p.enter), p.exit])
+            .flatten()
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            program(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("failed to load program {name}"))?;
+        }
     }
-    for (name, _, _) in TRACEPOINTS {
+    let tracepoints = TRACEPOINTS.iter().map(|(name, ..)| *name).filter(|_| options.user);
+    let kernel = options.kernel.iter().flat_map(|kernel| kernel.programs.iter().copied());
+    for name in tracepoints.chain(kernel) {
         tracepoint(&mut ebpf, name)?
             .load()
             .with_context(|| format!("failed to load program {name}"))?;

@@ -36,15 +36,20 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 /// Where sched_process_fork puts `child_pid`, from the tracepoint's format
 /// file: the record layout changed between kernels.
 pub fn fork_child_pid_offset() -> anyhow::Result<u32> {
+    let format = format_of("sched", "sched_process_fork")?;
+    parse_field_offset(&format, "child_pid")
+        .ok_or_else(|| anyhow!("no child_pid field in sched:sched_process_fork's format"))
+}
+
+/// The format file of tracepoint `category:event`.
+pub fn format_of(category: &str, event: &str) -> anyhow::Result<String> {
     mount_tracefs()?;
-    let path = format!("{TRACEFS}/events/sched/sched_process_fork/format");
-    let format =
-        std::fs::read_to_string(&path).with_context(|| format!("failed to read {path}"))?;
-    parse_field_offset(&format, "child_pid").ok_or_else(|| anyhow!("no child_pid field in {path}"))
+    let path = format!("{TRACEFS}/events/{category}/{event}/format");
+    std::fs::read_to_string(&path).with_context(|| format!("failed to read {path}"))
 }
 
 /// The offset of `field` in a tracepoint format file.
-fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
+pub fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
     format.lines().find_map(|line| {
         let mut parts = line.trim().split(';');
         let declaration = parts.next()?;

@@ -2,6 +2,8 @@
 //! per stack, older than `--older`, the lost-event counters, the threads per
 //! creating site, and the addresses of a stack.
 
+pub mod kernel;
+
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{anyhow, Context as _};
@@ -113,17 +115,7 @@ impl Collector {
         let mut stacks: Vec<StackUsage> = per_stack.into_values().collect();
         stacks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack_id.cmp(&b.stack_id)));
 
-        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(ebpf, MAP_LOST)?)?;
-        let lost = Lost::ALL
-            .iter()
-            .map(|&reason| {
-                let count = counters
-                    .get(&(reason as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (reason, count)
-            })
-            .collect();
+        let lost = read_lost(ebpf)?;
         let preattach: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map(ebpf, MAP_PREATTACH_FREES)?)?;
         let slot = |index: u32| -> u64 {
@@ -229,6 +221,19 @@ pub fn user_stack(ebpf: &Ebpf, stack_id: u32) -> anyhow::Result<(Vec<u64>, Stack
         stacks.get(&stack_id, 0).with_context(|| format!("failed to read stack {stack_id}"))?;
     let len = (stack.len as usize).min(stack.ips.len());
     Ok((stack.ips[..len].to_vec(), StackEnd::from_u32(stack.end)))
+}
+
+/// The lost-event counters, in `Lost::ALL` order.
+pub fn read_lost(ebpf: &Ebpf) -> anyhow::Result<Vec<(Lost, u64)>> {
+    let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(ebpf, MAP_LOST)?)?;
+    Ok(Lost::ALL
+        .iter()
+        .map(|&reason| {
+            let count =
+                counters.get(&(reason as u32), 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0);
+            (reason, count)
+        })
+        .collect())
 }
 
 fn map<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a Map> {

@@ -4,6 +4,7 @@
 //! procfs, as [`MemoryMap`]s or the views below.
 
 mod classify;
+pub mod system;
 pub mod memory;
 
 /// The memory picture of a real glibc process, for tests of later stages.

@@ -2,6 +2,7 @@
 //! bcc memleak users know ([`text`]), and JSON Lines for scripts.
 
 mod memory;
+mod system;
 pub mod text;
 pub mod units;
 

@@ -4,11 +4,15 @@
 use std::io::{self, Write};
 
 use leaktrace_report::{
-    short_module, Ended, Finding, Frame, Growth, Lost, Report, StackEnd, ThreadFinding,
-    ThreadsReport, Trend,
+    short_module, Ended, Finding, Frame, Growth, KernelSummary, Lost, Report, StackEnd,
+    ThreadFinding, ThreadsReport, Trend,
 };
 
-use super::{memory::write_memory, units::human_bytes};
+use super::{
+    memory::write_memory,
+    system::write_system,
+    units::human_bytes,
+};
 
 pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
     // "2026-11-22T06:41:02Z" -> "06:41:02"
@@ -17,15 +21,30 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
         Some(inner) => format!("{} (pid {inner} in its namespace)", report.pid),
         None => report.pid.to_string(),
     };
-    writeln!(
-        out,
-        "[{clock}] Top {} of {} stacks with outstanding allocations older than {} ms in pid {pid}: {} in {} allocations",
-        report.stacks.len(),
-        report.stack_count,
-        report.older_ms,
-        human_bytes(report.totals.bytes),
-        report.totals.allocations,
-    )?;
+    if report.system.is_some() {
+        writeln!(
+            out,
+            "[{clock}] Top {} of {} kernel stacks with outstanding allocations older than {} ms, machine-wide: {} in {} allocations",
+            report.stacks.len(),
+            report.stack_count,
+            report.older_ms,
+            human_bytes(report.totals.bytes),
+            report.totals.allocations,
+        )?;
+    } else {
+        writeln!(
+            out,
+            "[{clock}] Top {} of {} stacks with outstanding allocations older than {} ms in pid {pid}: {} in {} allocations",
+            report.stacks.iter().filter(|stack| stack.kind.is_none()).count(),
+            report.stack_count,
+            report.older_ms,
+            human_bytes(report.totals.bytes),
+            report.totals.allocations,
+        )?;
+    }
+    if let Some(kernel) = &report.kernel {
+        write_kernel_summary(report, kernel, out)?;
+    }
     if let Some(exec) = &report.exec {
         writeln!(
             out,
@@ -48,13 +67,26 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
             }
             Some(growth) => format!(" ({})", growth.trend.as_str()),
         };
+        let from = match (stack.kind, &stack.cache) {
+            (Some(kind), Some(cache)) => format!("kernel stack ({} {cache})", kind.as_str()),
+            (Some(kind), None) => format!("kernel stack ({})", kind.as_str()),
+            (None, _) => "stack".to_string(),
+        };
         writeln!(
             out,
-            "\t{} bytes in {} allocations from stack{growth}",
+            "\t{} bytes in {} allocations from {from}{growth}",
             stack.bytes, stack.allocations
         )?;
         for frame in &stack.frames {
             writeln!(out, "\t\t{}", frame_line(frame))?;
+        }
+        if !stack.processes.is_empty() {
+            let processes: Vec<String> = stack
+                .processes
+                .iter()
+                .map(|p| format!("pid {} ({}) {}", p.pid, p.comm, human_bytes(p.bytes)))
+                .collect();
+            writeln!(out, "\t\tallocated by {}", processes.join(", "))?;
         }
         if let Some(note) = stack_end_note(stack.stack_end) {
             writeln!(out, "\t\t{note}")?;
@@ -65,6 +97,19 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
     }
     if let Some(memory) = &report.memory {
         write_memory(&memory.picture, &memory.since_attach, out)?;
+    }
+    if let Some(fds) = &report.fds {
+        writeln!(
+            out,
+            "\tOpen fds: {} ({:+} since attach, {}, {:+.1}/s)",
+            fds.count,
+            fds.delta,
+            fds.trend.as_str(),
+            fds.per_second
+        )?;
+    }
+    if let Some(system) = &report.system {
+        write_system(system, out)?;
     }
     if let Some(freed) = &report.freed_before_attach {
         let (bytes, rate) = match (freed.bytes, freed.bytes_per_second) {
@@ -134,6 +179,30 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
     }
     writeln!(out)?;
     out.flush()
+}
+
+fn write_kernel_summary(
+    report: &Report,
+    kernel: &KernelSummary,
+    out: &mut impl Write,
+) -> io::Result<()> {
+    let whose = if report.system.is_some() { "" } else { " in the target's context" };
+    writeln!(
+        out,
+        "\tKernel memory allocated{whose} since attach, outstanding: {} in {} allocations over {} stacks; frames named from {}.",
+        human_bytes(kernel.bytes),
+        kernel.allocations,
+        kernel.stack_count,
+        kernel.symbols
+    )?;
+    if !kernel.missing_events.is_empty() {
+        writeln!(
+            out,
+            "\tNot traced (this kernel lacks the events): {}.",
+            kernel.missing_events.join(", ")
+        )?;
+    }
+    Ok(())
 }
 
 fn write_threads(threads: &ThreadsReport, out: &mut impl Write) -> io::Result<()> {
@@ -210,8 +279,11 @@ fn frame_line(frame: &Frame) -> String {
             None => line.push_str(&format!(" ({file})")),
         }
     }
-    if let (Some(module), false) = (module, frame.inlined) {
-        line.push_str(&format!(" [{module}]"));
+    match (module, frame.inlined) {
+        // "[kernel]" is bracketed already.
+        (Some(module), false) if module.starts_with('[') => line.push_str(&format!(" {module}")),
+        (Some(module), false) => line.push_str(&format!(" [{module}]")),
+        _ => {}
     }
     line
 }
@@ -285,6 +357,44 @@ fn finding_text(finding: &Finding) -> String {
         Finding::NoLeak { outstanding } => {
             format!("no leak: live memory flat ({} outstanding)", human_bytes(*outstanding))
         }
+        Finding::KernelLeak {
+            stacks,
+            bytes_per_second,
+            kind,
+            cache,
+            site,
+            user_site,
+            pid,
+            comm,
+        } => {
+            let what = match cache {
+                Some(cache) => format!("{} {cache}", kind.as_str()),
+                None => kind.as_str().to_string(),
+            };
+            let mut text = format!(
+                "kernel: {what} +{}/s, allocated in {site}",
+                human_bytes(bytes_per_second.max(0.0) as u64)
+            );
+            if let (Some(pid), Some(comm)) = (pid, comm) {
+                text.push_str(&format!(" by pid {pid} ({comm})"));
+            }
+            if let Some(user_site) = user_site {
+                text.push_str(&format!(", called from {user_site}"));
+            }
+            if *stacks > 1 {
+                text.push_str(&format!(" ({stacks} kernel stacks growing)"));
+            }
+            text
+        }
+        Finding::ProcessGrowth { pid, comm, uss_per_second } => format!(
+            "process {pid} ({comm}): USS +{}/s; run `leaktrace -p {pid}`",
+            human_bytes(uss_per_second.max(0.0) as u64)
+        ),
+        Finding::NoGrowth { kernel_outstanding } => format!(
+            "no growth: the kernel's allocations and every process's memory are flat \
+             ({} of kernel memory outstanding)",
+            human_bytes(*kernel_outstanding)
+        ),
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod events;
 mod exec;
+mod system;
 
 use std::{
     io::{self, Write as _},
@@ -18,7 +19,10 @@ use std::{
 use anyhow::{anyhow, bail, Context as _};
 use aya::maps::RingBuf;
 use aya_log::EbpfLogger;
-use leaktrace_common::{CHANGE_EXEC, MAP_LINK_MAP_CHANGES, YOUNG_EPOCHS};
+use leaktrace_common::{
+    KmemConfig, CHANGE_EXEC, DEFAULT_MAX_KERNEL_STACKS, KMEM_ON, KMEM_TARGET, MAP_LINK_MAP_CHANGES,
+    YOUNG_EPOCHS,
+};
 use leaktrace_report::Ended;
 use tokio::time::{interval, interval_at, MissedTickBehavior};
 
@@ -28,8 +32,8 @@ use events::{
 };
 
 use crate::{
-    analyze::{Analyzer, ReportOptions},
-    attach::{self, LoadOptions},
+    analyze::{kernel::KernelAnalyzer, Analyzer, ReportOptions},
+    attach::{self, KernelLoad, LoadOptions},
     cli::Args,
     collect::Collector,
     report,
@@ -57,15 +61,18 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     args.validate()?;
     check_privileges()?;
 
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the event loop")?;
+    if args.is_system() {
+        return runtime.block_on(system::trace(&args));
+    }
     let mut target = match (&args.command, args.pid) {
         (Some(command), _) => Target::spawn(command, args.json)?,
         (None, Some(pid)) => Target::existing(pid)?,
         (None, None) => bail!("give a PID with -p or a command with -c"),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the event loop")?;
     let result = runtime.block_on(trace(&args, &mut target));
     if result.is_err() {
         target.kill_child();
@@ -108,6 +115,20 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
     // Epochs of a quarter of --older: every allocation younger than --older
     // is left out, and none older than 1.25x --older.
     let epoch_ns = args.older * 1_000_000 / u64::from(YOUNG_EPOCHS);
+    // --kernel: the kernel's allocations in the target's threads.
+    let kernel = if args.kernel {
+        let plan = attach::kmem::plan(false)?;
+        let analyzer = KernelAnalyzer::new(
+            args.kallsyms.clone(),
+            args.older,
+            args.sample_rate,
+            args.top,
+            plan.missing.clone(),
+        )?;
+        Some((plan, analyzer))
+    } else {
+        None
+    };
     let mut ebpf = attach::load(&LoadOptions {
         // PID 0 never allocates: the programs stop at their first check.
         tgid: if args.floor { 0 } else { pid },
@@ -123,6 +144,13 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
         hold,
         pid_namespace,
         kernel_log: args.verbose >= 2,
+        user: true,
+        kernel: kernel.as_ref().map(|(plan, _)| KernelLoad {
+            config: KmemConfig { flags: KMEM_ON | KMEM_TARGET, ..plan.config },
+            programs: attach::kmem::programs(plan).collect(),
+            max_allocations: args.max_kernel_allocations,
+            max_stacks: DEFAULT_MAX_KERNEL_STACKS,
+        }),
     })?;
     // The programs' log records (rare paths only), shown with -vv.
     let mut logger = match EbpfLogger::init(&mut ebpf) {
@@ -158,6 +186,9 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
         .context("failed to watch the dynamic linker's hook")?;
     let probed = attach::attach_all(&mut ebpf, &plan).map_err(|err| attach_error(err, target))?;
     attach::attach_tracepoints(&mut ebpf)?;
+    if let Some((plan, _)) = &kernel {
+        attach::kmem::attach(&mut ebpf, plan)?;
+    }
     attach::reset_lost(&mut ebpf)?;
     let summary: Vec<String> = probed
         .iter()
@@ -183,6 +214,9 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
             global_tids: pid_namespace.is_none(),
         },
     );
+    if let Some((_, kernel)) = kernel {
+        analyzer = analyzer.with_kernel(kernel);
+    }
     target.release()?;
     let json = args.json;
     let emit = |ebpf: &aya::Ebpf,

@@ -3,6 +3,8 @@
 //! and cached: a stack id always names the same stack. A target that has
 //! exited is symbolized from its last known mappings and the files on disk.
 
+pub mod kernel;
+
 use std::{collections::HashMap, path::PathBuf};
 
 use blazesym::{
