@@ -21,13 +21,45 @@ fn sample() -> Report {
         older_ms: 500,
         totals: Totals { bytes: 4096, allocations: 2 },
         stack_count: 1,
-        stacks: vec![StackReport {
-            bytes: 4096,
-            allocations: 2,
-            frames: vec![frame(Some("leak")), frame(None)],
-            stack_end: StackEnd::NoInfo,
-            growth: Some(Growth { bytes_per_second: 100.0, trend: Trend::Growing }),
-        }],
+        stacks: vec![
+            StackReport {
+                bytes: 4096,
+                allocations: 2,
+                frames: vec![frame(Some("leak")), frame(None)],
+                stack_end: StackEnd::NoInfo,
+                growth: Some(Growth { bytes_per_second: 100.0, trend: Trend::Growing }),
+                kind: None,
+                cache: None,
+                processes: Vec::new(),
+            },
+            StackReport {
+                bytes: 192,
+                allocations: 1,
+                frames: vec![frame(Some("alloc_empty_file"))],
+                stack_end: StackEnd::Complete,
+                growth: None,
+                kind: Some(KernelKind::Slab),
+                cache: Some("filp".into()),
+                processes: vec![ProcessShare { pid: 7, comm: "server".into(), bytes: 192 }],
+            },
+        ],
+        system: Some(SystemReport {
+            meminfo: [
+                ("mem_available".to_string(), 1 << 30),
+                ("mem_available_delta".into(), -4096),
+            ]
+            .into_iter()
+            .collect(),
+            slabs: vec![SlabReport {
+                name: "filp".into(),
+                bytes: 192,
+                delta: 192,
+                trend: Trend::Growing,
+                bytes_per_second: 19.2,
+                reclaimable: false,
+            }],
+            ..SystemReport::default()
+        }),
         lost: Lost::ALL.iter().map(|&reason| (reason, 0)).collect(),
         verdict: Some(Verdict::new(vec![Finding::Leak {
             sites: 1,

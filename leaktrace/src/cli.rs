@@ -199,7 +199,17 @@ impl Args {
             ] {
                 anyhow::ensure!(!given, "{flag} needs a target (-p PID or -c CMD)");
             }
-        } else {
+        }
+        if self.is_system() || self.kernel {
+            // Before a target is touched: the kernel frames need it.
+            std::fs::File::open(&self.kallsyms).map_err(|err| {
+                anyhow::anyhow!(
+                    "cannot read kernel symbols from {}: {err}",
+                    self.kallsyms.display()
+                )
+            })?;
+        }
+        if !self.is_system() {
             anyhow::ensure!(
                 !self.percpu,
                 "--percpu is for the system mode (no -p or -c): percpu memory is not charged to one process"

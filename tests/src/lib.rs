@@ -15,8 +15,9 @@ mod tracer;
 pub use tracer::{run_tracer, Finished, Tracer};
 
 pub use leaktrace_report::{
-    is_runtime_symbol, read_reports, Ended, Finding, Frame, Lost, MemoryReport, ReadError, Report,
-    StackEnd, StackReport, ThreadSiteReport, ThreadsBeforeAttach, Trend, Verdict, VerdictKind,
+    is_runtime_symbol, read_reports, Ended, Finding, Frame, KernelKind, Lost, MemoryReport,
+    ReadError, Report, StackEnd, StackReport, ThreadSiteReport, ThreadsBeforeAttach, Trend,
+    Verdict, VerdictKind,
 };
 
 /// Directory holding the compiled fixtures (set by build.rs).
@@ -368,4 +369,25 @@ impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Asserts a failed run with a single error line containing `needle` and no panic.
+pub fn assert_clean_error(finished: &Finished, needle: &str) {
+    assert!(
+        !finished.status.success(),
+        "leaktrace succeeded on bad input; stderr:\n{}",
+        finished.stderr
+    );
+    assert!(
+        !finished.stderr.contains("panicked"),
+        "leaktrace panicked on bad input:\n{}",
+        finished.stderr
+    );
+    let lines: Vec<&str> = finished.stderr.lines().filter(|line| !line.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected a one-line error, got:\n{}", finished.stderr);
+    assert!(
+        lines[0].to_lowercase().contains(needle),
+        "error does not mention {needle:?}: {}",
+        lines[0]
+    );
 }

@@ -118,20 +118,25 @@ impl Tracer {
 
     /// Waits until leaktrace reports on stderr that all probes are attached.
     pub fn wait_attached(&mut self) {
+        self.wait_stderr("attached to pid");
+    }
+
+    /// Waits until leaktrace writes a line containing `needle` on stderr.
+    pub fn wait_stderr(&mut self, needle: &str) {
         let deadline = Instant::now() + ATTACH_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stderr_lines.recv_timeout(left) {
-                Ok(line) if line.contains("attached to pid") => return,
+                Ok(line) if line.contains(needle) => return,
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => panic!(
-                    "leaktrace did not print `attached to pid` within {ATTACH_TIMEOUT:?}; stderr:\n{}",
+                    "leaktrace did not print `{needle}` within {ATTACH_TIMEOUT:?}; stderr:\n{}",
                     self.stderr_text()
                 ),
                 Err(RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().ok();
                     panic!(
-                        "leaktrace exited ({status:?}) before attaching; stderr:\n{}",
+                        "leaktrace exited ({status:?}) before printing `{needle}`; stderr:\n{}",
                         self.stderr_text()
                     )
                 }

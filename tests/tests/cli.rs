@@ -99,27 +99,6 @@ fn unused_pid() -> u32 {
     (1..max).rev().find(|pid| !Path::new(&format!("/proc/{pid}")).exists()).expect("no free PID")
 }
 
-/// Asserts a failed run with a single error line containing `needle` and no panic.
-fn assert_clean_error(finished: &Finished, needle: &str) {
-    assert!(
-        !finished.status.success(),
-        "leaktrace succeeded on bad input; stderr:\n{}",
-        finished.stderr
-    );
-    assert!(
-        !finished.stderr.contains("panicked"),
-        "leaktrace panicked on bad input:\n{}",
-        finished.stderr
-    );
-    let lines: Vec<&str> = finished.stderr.lines().filter(|line| !line.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected a one-line error, got:\n{}", finished.stderr);
-    assert!(
-        lines[0].to_lowercase().contains(needle),
-        "error does not mention {needle:?}: {}",
-        lines[0]
-    );
-}
-
 /// Check that a PID with no process fails with a one-line error naming the PID.
 #[test]
 fn nonexistent_pid_rejected() {

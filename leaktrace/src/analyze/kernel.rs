@@ -173,7 +173,7 @@ impl KernelAnalyzer {
         }
         let finding = match leaking.first() {
             Some((usage, rate, cache)) => {
-                let report = self.stack_report(ebpf, usage, user.as_deref_mut(), alive);
+                let report = self.stack_report(ebpf, usage, user, alive);
                 let (kernel_frames, user_frames): (Vec<Frame>, Vec<Frame>) =
                     report.frames.iter().cloned().partition(is_kernel_frame);
                 let top = report.processes.first();
@@ -220,9 +220,10 @@ impl KernelAnalyzer {
         }
         let ips = kernel_stack(ebpf, id).unwrap_or_default();
         let counted = self.symbols.frames(&ips).iter().any(|frame| {
-            frame.symbol.as_deref().is_some_and(|name| {
-                SLAB_PAGE_MARKS.iter().any(|mark| name.contains(mark))
-            })
+            frame
+                .symbol
+                .as_deref()
+                .is_some_and(|name| SLAB_PAGE_MARKS.iter().any(|mark| name.contains(mark)))
         });
         self.slab_pages.insert(id, counted);
         counted
@@ -353,8 +354,10 @@ mod tests {
         .map(frame)
         .collect();
         assert_eq!(kernel_site(&frames), "__x64_sys_eventfd2");
-        let frames: Vec<Frame> =
-            ["__kmalloc_cache_noprof", "alloc_pipe_info", "worker_thread"].into_iter().map(frame).collect();
+        let frames: Vec<Frame> = ["__kmalloc_cache_noprof", "alloc_pipe_info", "worker_thread"]
+            .into_iter()
+            .map(frame)
+            .collect();
         assert_eq!(kernel_site(&frames), "alloc_pipe_info");
         assert_eq!(kernel_site(&[]), "an unknown kernel stack");
     }

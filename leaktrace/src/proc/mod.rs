@@ -4,8 +4,8 @@
 //! procfs, as [`MemoryMap`]s or the views below.
 
 mod classify;
-pub mod system;
 pub mod memory;
+pub mod system;
 
 /// The memory picture of a real glibc process, for tests of later stages.
 #[cfg(test)]

@@ -8,11 +8,7 @@ use leaktrace_report::{
     ThreadFinding, ThreadsReport, Trend,
 };
 
-use super::{
-    memory::write_memory,
-    system::write_system,
-    units::human_bytes,
-};
+use super::{memory::write_memory, system::write_system, units::human_bytes};
 
 pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
     // "2026-11-22T06:41:02Z" -> "06:41:02"

@@ -58,7 +58,7 @@ pub async fn trace(args: &Args) -> anyhow::Result<u8> {
     attach::kmem::attach(&mut ebpf, &plan)?;
     attach::reset_lost(&mut ebpf)?;
     eprintln!(
-        "leaktrace: tracing the kernel's allocations machine-wide ({} events) and the machine's memory; Ctrl-C to stop",
+        "leaktrace: attached to the kernel's allocation events machine-wide ({} events), and watching the machine's memory; Ctrl-C to stop",
         plan.events.len()
     );
     let mut signals = Signals::new()?;
