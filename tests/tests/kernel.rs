@@ -193,3 +193,25 @@ fn kernel_bad_inputs() {
         "cannot read kernel symbols",
     );
 }
+
+/// Check that a kallsyms whose addresses are hidden (kernel.kptr_restrict:
+/// every address 0) is said so, on stderr and in the report, and that the
+/// kernel frames are left as addresses rather than misnamed.
+#[test]
+fn hidden_kernel_addresses_said() {
+    let _machine = machine();
+    require_root();
+    let dir = ScratchDir::new("kallsyms");
+    let kallsyms = dir.0.join("kallsyms");
+    std::fs::write(&kallsyms, "0000000000000000 T _text\n0000000000000000 T do_syscall_64\n")
+        .unwrap();
+    let finished = run_tracer(&["--json", "--kallsyms", kallsyms.to_str().unwrap(), "1", "2"]);
+    assert!(finished.stderr.contains("kptr_restrict"), "not said on stderr:\n{}", finished.stderr);
+    let reports = finished.reports();
+    let report = final_report(&reports);
+    let kernel = report.kernel.as_ref().unwrap_or_else(|| panic!("{}", json(report)));
+    assert!(kernel.symbols.contains("kptr_restrict"), "not said in the report: {}", json(report));
+    for stack in kernel_stacks(report) {
+        assert!(stack.frames.iter().all(|frame| frame.symbol.is_none()), "{}", json(report));
+    }
+}

@@ -103,9 +103,17 @@ fn record(
     Some(kernel_stack)
 }
 
+/// Forget the allocation whose key is `field` of the record, tagged with
+/// `tag`, when the programs are on (`on`: the `KMEM_*` bit needed).
 #[inline(always)]
-fn release(key: u64) {
-    let _ = KERNEL_ALLOCS.remove(key);
+fn release(ctx: &TracePointContext, field_of: KmemField, tag: u64, on: u32) -> u32 {
+    let kmem = kmem_config();
+    if kmem.flags & on != 0 {
+        if let Some(key) = field::<u64>(ctx, &kmem, field_of) {
+            let _ = KERNEL_ALLOCS.remove(key | tag);
+        }
+    }
+    0
 }
 
 /// kmem:kmalloc.
@@ -161,25 +169,13 @@ fn try_cache_alloc(ctx: &TracePointContext) -> Result {
 /// kmem:kfree.
 #[tracepoint]
 pub fn kmem_kfree(ctx: TracePointContext) -> u32 {
-    let kmem = kmem_config();
-    if kmem.flags & KMEM_ON != 0 {
-        if let Some(ptr) = field::<u64>(&ctx, &kmem, KmemField::KfreePtr) {
-            release(ptr);
-        }
-    }
-    0
+    release(&ctx, KmemField::KfreePtr, 0, KMEM_ON)
 }
 
 /// kmem:kmem_cache_free.
 #[tracepoint]
 pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
-    let kmem = kmem_config();
-    if kmem.flags & KMEM_ON != 0 {
-        if let Some(ptr) = field::<u64>(&ctx, &kmem, KmemField::CacheFreePtr) {
-            release(ptr);
-        }
-    }
-    0
+    release(&ctx, KmemField::CacheFreePtr, 0, KMEM_ON)
 }
 
 /// kmem:mm_page_alloc: unmovable pages only (movable ones are user memory
@@ -209,25 +205,13 @@ fn try_page_alloc(ctx: &TracePointContext) -> Result {
 /// kmem:mm_page_free.
 #[tracepoint]
 pub fn kmem_mm_page_free(ctx: TracePointContext) -> u32 {
-    let kmem = kmem_config();
-    if kmem.flags & KMEM_ON != 0 {
-        if let Some(pfn) = field::<u64>(&ctx, &kmem, KmemField::PageFreePfn) {
-            release(pfn | PAGE_KEY);
-        }
-    }
-    0
+    release(&ctx, KmemField::PageFreePfn, PAGE_KEY, KMEM_ON)
 }
 
 /// kmem:mm_page_free_batched (order-0 pages freed in a batch).
 #[tracepoint]
 pub fn kmem_mm_page_free_batched(ctx: TracePointContext) -> u32 {
-    let kmem = kmem_config();
-    if kmem.flags & KMEM_ON != 0 {
-        if let Some(pfn) = field::<u64>(&ctx, &kmem, KmemField::PageFreeBatchedPfn) {
-            release(pfn | PAGE_KEY);
-        }
-    }
-    0
+    release(&ctx, KmemField::PageFreeBatchedPfn, PAGE_KEY, KMEM_ON)
 }
 
 /// percpu:percpu_alloc_percpu (`--percpu`).
@@ -255,11 +239,5 @@ fn try_percpu_alloc(ctx: &TracePointContext) -> Result {
 /// percpu:percpu_free_percpu.
 #[tracepoint]
 pub fn kmem_percpu_free(ctx: TracePointContext) -> u32 {
-    let kmem = kmem_config();
-    if kmem.flags & KMEM_PERCPU != 0 {
-        if let Some(ptr) = field::<u64>(&ctx, &kmem, KmemField::PercpuFreePtr) {
-            release(ptr | PERCPU_KEY);
-        }
-    }
-    0
+    release(&ctx, KmemField::PercpuFreePtr, PERCPU_KEY, KMEM_PERCPU)
 }

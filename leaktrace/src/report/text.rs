@@ -143,7 +143,7 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
     } else {
         writeln!(
             out,
-            "\tWARNING: {lost} events lost ({reasons}); the figures above may be off (see --max-allocations, --max-stacks)."
+            "\tWARNING: {lost} events lost ({reasons}); the figures above may be off (see --max-allocations, --max-stacks, --max-kernel-allocations)."
         )?;
     }
     let (cut, reasons) = counts(true);
@@ -344,7 +344,8 @@ fn finding_text(finding: &Finding) -> String {
         ),
         Finding::Incomplete { lost } => format!(
             "incomplete: {lost} events were lost, so a leak may be missed \
-             (see the lost counters; raise --max-allocations or --max-stacks)"
+             (see the lost counters; raise --max-allocations or --max-stacks, \
+             or --max-kernel-allocations for kernel allocations)"
         ),
         Finding::NoLeakYet { outstanding, reports_needed } => format!(
             "no leak seen yet: a trend needs {reports_needed} reports of settled memory ({} outstanding)",

@@ -118,13 +118,7 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
     // --kernel: the kernel's allocations in the target's threads.
     let kernel = if args.kernel {
         let plan = attach::kmem::plan(false)?;
-        let analyzer = KernelAnalyzer::new(
-            args.kallsyms.clone(),
-            args.older,
-            args.sample_rate,
-            args.top,
-            plan.missing.clone(),
-        )?;
+        let analyzer = kernel_analyzer(args, &plan)?;
         Some((plan, analyzer))
     } else {
         None
@@ -321,6 +315,17 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
         target.stop_child();
     }
     result.map(|()| code)
+}
+
+/// The analysis of kernel allocations, for the events in `plan`.
+fn kernel_analyzer(args: &Args, plan: &attach::kmem::KmemPlan) -> anyhow::Result<KernelAnalyzer> {
+    KernelAnalyzer::new(
+        args.kallsyms.clone(),
+        args.older,
+        args.sample_rate,
+        args.top,
+        plan.missing.clone(),
+    )
 }
 
 fn attach_error(err: anyhow::Error, target: &mut Target) -> anyhow::Error {

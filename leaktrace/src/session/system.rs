@@ -14,7 +14,7 @@ use tokio::time::{interval_at, MissedTickBehavior};
 
 use super::events::{until, Signals};
 use crate::{
-    analyze::{kernel::KernelAnalyzer, system::SystemAnalyzer},
+    analyze::system::SystemAnalyzer,
     attach::{self, KernelLoad, LoadOptions},
     cli::Args,
     report,
@@ -22,13 +22,7 @@ use crate::{
 
 pub async fn trace(args: &Args) -> anyhow::Result<u8> {
     let plan = attach::kmem::plan(args.percpu)?;
-    let kernel = KernelAnalyzer::new(
-        args.kallsyms.clone(),
-        args.older,
-        args.sample_rate,
-        args.top,
-        plan.missing.clone(),
-    )?;
+    let kernel = super::kernel_analyzer(args, &plan)?;
     let flags = KMEM_ON | if args.percpu { KMEM_PERCPU } else { 0 };
     let mut ebpf = attach::load(&LoadOptions {
         tgid: 0,

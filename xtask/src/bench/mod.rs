@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{ensure, Context as _};
 
+mod kernel;
 mod links;
 mod live;
 mod process;
@@ -65,12 +66,18 @@ pub struct BenchArgs {
     /// uprobe sessions 6.13).
     #[arg(long)]
     no_link_kinds: bool,
+    /// Leave out the cost of tracing kernel allocations.
+    #[arg(long)]
+    no_kernel: bool,
 }
 
 /// Run both parts of the benchmark and print their results on stdout.
 pub fn run(leaktrace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let bpftrace = if args.no_bpftrace { None } else { Some(find_bpftrace()?) };
     time_pairs(leaktrace, bpftrace.as_ref(), args)?;
+    if !args.no_kernel {
+        kernel::measure_kernel(leaktrace, args.rounds)?;
+    }
     if args.live > 0 {
         let live = measure_live_set(leaktrace, args.live)?;
         println!();
@@ -282,10 +289,24 @@ fn program_times(
     workload: &Path,
     args: &[String],
 ) -> anyhow::Result<Vec<ProgramTime>> {
+    program_times_of(leaktrace, workload, args, "ns_per_pair", &[])
+}
+
+/// Every program that ran in one run of `workload` (which ends by printing
+/// `done_key`) under `leaktrace --program-stats EXTRA...`.
+fn program_times_of(
+    leaktrace: &Path,
+    workload: &Path,
+    args: &[String],
+    done_key: &str,
+    extra: &[&str],
+) -> anyhow::Result<Vec<ProgramTime>> {
     let mut run = Workload::start(workload, args)?;
-    let mut tracer = Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &["--program-stats"])?;
+    let mut flags = vec!["--program-stats"];
+    flags.extend_from_slice(extra);
+    let mut tracer = Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &flags)?;
     run.go()?;
-    run.read_value("ns_per_pair")?;
+    run.read_value(done_key)?;
     tracer.interrupt()?;
     let mut programs = Vec::new();
     tracer.wait_for("`program stats`", STOP_TIMEOUT, |line| {
