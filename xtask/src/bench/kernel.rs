@@ -8,7 +8,10 @@ use std::{path::Path, process::Command, thread, time::Instant};
 
 use anyhow::Context as _;
 
-use super::{live::*, process::*, program_times_of, Summary, C_FLAGS};
+use super::{
+    live::*, process::*, program_times_of, Summary, ATTACH_TIMEOUT, C_FLAGS, IDLE_WINDOW,
+    LIVE_INTERVAL, TRACE_INTERVAL,
+};
 use crate::{compile_c, workspace_root};
 
 /// eventfd()+close() iterations per timed run.
