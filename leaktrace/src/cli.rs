@@ -13,7 +13,7 @@ use leaktrace_common::{
 #[command(
     name = "leaktrace",
     version,
-    about = "Trace outstanding memory allocations of a running process and report the call sites that leak",
+    about = "Trace outstanding memory allocations of a running process (without -p: of the kernel, with the machine's memory picture) and report the call sites that leak",
     after_help = "Examples:\n  \
         sudo leaktrace -p 1234            report every 5 s until Ctrl-C\n  \
         sudo leaktrace -p 1234 10 3       three reports, 10 s apart\n  \
@@ -62,8 +62,9 @@ pub struct Args {
     #[arg(short = 'Z', long, value_name = "BYTES")]
     pub max_size: Option<u64>,
 
-    /// Track one heap allocation in N, chosen by address so that its free is
-    /// recognised; bytes and counts are scaled by N in the report.
+    /// Track one allocation in N (heap, and kernel ones), chosen by address
+    /// so that its free is recognised; bytes and counts are scaled by N in
+    /// the report.
     #[arg(short = 's', long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub sample_rate: u64,
 

@@ -19,22 +19,29 @@ const ITERATIONS: u64 = 200_000;
 /// What the system mode prints once its tracepoints are attached.
 const SYSTEM_ATTACHED: &str = "attached to the kernel's allocation events";
 
-/// The three ways the loop runs.
+/// The ways the loop runs.
 #[derive(Clone, Copy)]
 enum KernelMode {
     Untraced,
     System,
+    SystemSampled,
     Target,
 }
+
+const MODES: [(KernelMode, &str); 4] = [
+    (KernelMode::Untraced, "untraced"),
+    (KernelMode::System, "system mode"),
+    (KernelMode::SystemSampled, "system -s 10"),
+    (KernelMode::Target, "-p --kernel"),
+];
 
 pub(super) fn measure_kernel(leaktrace: &Path, rounds: u32) -> anyhow::Result<()> {
     let source = workspace_root().join("xtask/bench/kmem_loop.c");
     let workload = compile_c(&source, "kmem_loop", &C_FLAGS)?;
-    let modes = [KernelMode::Untraced, KernelMode::System, KernelMode::Target];
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
     for round in 1..=rounds {
         eprintln!("xtask: kernel round {round}/{rounds}");
-        for (index, &mode) in modes.iter().enumerate() {
+        for (index, &(mode, _)) in MODES.iter().enumerate() {
             samples[index].push(kernel_run(leaktrace, &workload, mode)?);
         }
     }
@@ -57,18 +64,18 @@ pub(super) fn measure_kernel(leaktrace: &Path, rounds: u32) -> anyhow::Result<()
         grouped(ITERATIONS)
     );
     println!("{:<16} {:>15} {:>10} {:>10}", "mode", "median", "min", "max");
-    for (summary, name) in summaries.iter().zip(["untraced", "system mode", "-p --kernel"]) {
+    for (summary, (_, name)) in summaries.iter().zip(MODES) {
         summary.print_row(name);
     }
     let untraced = summaries[0].median;
     println!(
         "kernel allocations per iteration (kmalloc + kmem_cache_alloc runs, machine-wide): {per_iteration:.2}"
     );
-    for (summary, name) in summaries[1..].iter().zip(["system mode", "-p --kernel"]) {
+    for (summary, (_, name)) in summaries.iter().zip(MODES).skip(1) {
         let added = summary.median - untraced;
         let per_pair = if per_iteration > 0.0 { added / per_iteration } else { f64::NAN };
         println!(
-            "{name}: +{added:.0} ns per iteration ({:.2}x untraced), ~{per_pair:.0} ns per traced allocation/free pair",
+            "{name}: +{added:.0} ns per iteration ({:.2}x untraced), ~{per_pair:.0} ns per allocation/free pair",
             summary.median / untraced
         );
     }
@@ -85,7 +92,10 @@ fn kernel_run(leaktrace: &Path, workload: &Path, mode: KernelMode) -> anyhow::Re
     let mut run = Workload::start(workload, &[ITERATIONS.to_string()])?;
     let tracer = match mode {
         KernelMode::Untraced => None,
-        KernelMode::System => Some(system_tracer(leaktrace, TRACE_INTERVAL)?),
+        KernelMode::System => Some(system_tracer(leaktrace, &[TRACE_INTERVAL])?),
+        KernelMode::SystemSampled => {
+            Some(system_tracer(leaktrace, &["-s", "10", TRACE_INTERVAL])?)
+        }
         KernelMode::Target => {
             Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &["--kernel"])?)
         }
@@ -100,10 +110,10 @@ fn kernel_run(leaktrace: &Path, workload: &Path, mode: KernelMode) -> anyhow::Re
     Ok(ns)
 }
 
-/// `leaktrace INTERVAL` (the system mode), once attached.
-fn system_tracer(leaktrace: &Path, interval: &str) -> anyhow::Result<Tracer> {
+/// `leaktrace ARGS...` (the system mode), once attached.
+fn system_tracer(leaktrace: &Path, args: &[&str]) -> anyhow::Result<Tracer> {
     let mut cmd = Command::new(leaktrace);
-    cmd.arg(interval);
+    cmd.args(args);
     let mut tracer = Tracer::spawn("leaktrace", &mut cmd)?;
     tracer.wait_for(&format!("`{SYSTEM_ATTACHED}`"), ATTACH_TIMEOUT, |line| {
         !line.from_stdout && line.text.contains(SYSTEM_ATTACHED)
@@ -114,7 +124,7 @@ fn system_tracer(leaktrace: &Path, interval: &str) -> anyhow::Result<Tracer> {
 /// The system mode's CPU (share of a core) over the idle window, reporting
 /// every second, and its maps' kernel memory.
 fn system_at_rest(leaktrace: &Path) -> anyhow::Result<(f64, u64)> {
-    let tracer = system_tracer(leaktrace, LIVE_INTERVAL)?;
+    let tracer = system_tracer(leaktrace, &[LIVE_INTERVAL])?;
     let pid = tracer.child.0.id();
     // Past the first reports, which read every process's name.
     thread::sleep(std::time::Duration::from_secs(2));
