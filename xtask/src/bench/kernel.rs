@@ -93,9 +93,7 @@ fn kernel_run(leaktrace: &Path, workload: &Path, mode: KernelMode) -> anyhow::Re
     let tracer = match mode {
         KernelMode::Untraced => None,
         KernelMode::System => Some(system_tracer(leaktrace, &[TRACE_INTERVAL])?),
-        KernelMode::SystemSampled => {
-            Some(system_tracer(leaktrace, &["-s", "10", TRACE_INTERVAL])?)
-        }
+        KernelMode::SystemSampled => Some(system_tracer(leaktrace, &["-s", "10", TRACE_INTERVAL])?),
         KernelMode::Target => {
             Some(Tracer::leaktrace(leaktrace, run.pid, TRACE_INTERVAL, &["--kernel"])?)
         }
