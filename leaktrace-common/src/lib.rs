@@ -62,6 +62,33 @@ pub const CONFIG_HOLD: u32 = 4;
 /// (`bpf_get_ns_current_pid_tgid`), not with the kernel's global one.
 pub const CONFIG_PIDNS: u32 = 8;
 
+/// [`Config::flags`]: `-t`: every allocation and free of the target goes to
+/// [`MAP_TRACE_EVENTS`].
+pub const CONFIG_TRACE: u32 = 16;
+/// `-t`: one [`TraceEvent`] per allocation and free (a ring buffer).
+pub const MAP_TRACE_EVENTS: &str = "TRACE_EVENTS";
+/// Bytes of [`MAP_TRACE_EVENTS`] with `-t` (one page without).
+pub const TRACE_EVENTS_BYTES: u32 = 1 << 20;
+
+/// A record of [`MAP_TRACE_EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceEvent {
+    /// [`TRACE_ALLOC`] or [`TRACE_FREE`].
+    pub kind: u32,
+    pub tid: u32,
+    pub address: u64,
+    /// 0 for a free.
+    pub size: u64,
+    /// The allocation's stack (`NO_STACK` for a free).
+    pub stack_id: u32,
+    pub _pad: u32,
+}
+
+/// [`TraceEvent::kind`].
+pub const TRACE_ALLOC: u32 = 1;
+pub const TRACE_FREE: u32 = 2;
+
 /// A record of [`MAP_LINK_MAP_CHANGES`]: the target's mappings changed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]

@@ -40,10 +40,13 @@ pub enum Lost {
     /// A kernel stack could not be kept (the kernel stack map full, or two
     /// stacks in one bucket); its allocation still counts, stackless.
     KernelStack = 14,
+    /// `-t`: an event did not fit in the trace ring buffer (its line is
+    /// missing; the books are whole).
+    TraceDropped = 15,
 }
 
 impl Lost {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Whether this loss cuts a stack short (its bytes still count) rather
     /// than drops an event from the books.
@@ -66,6 +69,7 @@ impl Lost {
         Lost::UnwindDepth,
         Lost::KernelAllocMapFull,
         Lost::KernelStack,
+        Lost::TraceDropped,
     ];
 
     /// The name used in reports and JSON.
@@ -86,6 +90,7 @@ impl Lost {
             Lost::UnwindDepth => "unwind_depth",
             Lost::KernelAllocMapFull => "kernel_alloc_map_full",
             Lost::KernelStack => "kernel_stack",
+            Lost::TraceDropped => "trace_dropped",
         }
     }
 }

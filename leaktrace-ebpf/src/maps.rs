@@ -102,6 +102,11 @@ pub const UNWIND_CACHE_BITS: u32 = 12;
 pub static UNWIND_CACHE: PerCpuArray<CachedAddress> =
     PerCpuArray::with_max_entries(1 << UNWIND_CACHE_BITS, 0);
 
+/// `-t`: every allocation and free, for the loader to print (sized by the
+/// loader: one page unless tracing).
+#[map]
+pub static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
+
 /// One page: the loader only needs to wake, not to count.
 #[map]
 pub static LINK_MAP_CHANGES: RingBuf = RingBuf::with_byte_size(4096, 0);

@@ -14,15 +14,15 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use leaktrace_common::{
     is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
-    ThreadSiteStats, YoungSlot, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, PREATTACH_BYTES,
-    PREATTACH_COUNT, YOUNG_SLOTS,
+    ThreadSiteStats, TraceEvent, YoungSlot, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE,
+    NO_STACK, PREATTACH_BYTES, PREATTACH_COUNT, TRACE_ALLOC, TRACE_FREE, YOUNG_SLOTS,
 };
 
 use crate::{
     context::stack_pointer,
     maps::{
         config, count_lost, count_preattach, worth_logging, ALLOCS, EEXIST, PENDING, PTHREADS,
-        STACK_STATS, THREADS, THREAD_SITES,
+        STACK_STATS, THREADS, THREAD_SITES, TRACE_EVENTS,
     },
     unwind::stack_id,
 };
@@ -167,6 +167,9 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
         }
         Err(_) => false,
     };
+    if config.flags & CONFIG_TRACE != 0 {
+        trace_event(TRACE_ALLOC, addr, size, info.stack_id);
+    }
     if !inserted {
         if worth_logging(count_lost(Lost::AllocMapFull)) {
             warn!(
@@ -185,6 +188,9 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
 #[inline(always)]
 pub fn release(addr: u64) {
     let config = config();
+    if config.flags & CONFIG_TRACE != 0 && addr != 0 {
+        trace_event(TRACE_FREE, addr, 0, NO_STACK);
+    }
     if addr != 0
         && is_sampled(addr, config.sample_rate)
         && !forget(addr, &config)
@@ -192,6 +198,17 @@ pub fn release(addr: u64) {
         && config.max_size == u64::MAX
     {
         count_replaced(addr, &config);
+    }
+}
+
+/// `-t`: one allocation or free for the loader to print; a full buffer
+/// loses the line (counted), never the event.
+#[inline(always)]
+fn trace_event(kind: u32, address: u64, size: u64, stack_id: u32) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let event = TraceEvent { kind, tid, address, size, stack_id, _pad: 0 };
+    if TRACE_EVENTS.output::<TraceEvent>(&event, 0).is_err() {
+        count_lost(Lost::TraceDropped);
     }
 }
 

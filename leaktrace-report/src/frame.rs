@@ -95,11 +95,11 @@ pub fn site_label(frames: &[Frame]) -> String {
 
 /// Addresses are "0x..." strings in JSON: scripts read them without 64-bit
 /// integer trouble.
-fn hex<S: Serializer>(address: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn hex<S: Serializer>(address: &u64, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&format!("{address:#x}"))
 }
 
-fn from_hex<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+pub(crate) fn from_hex<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     let text = String::deserialize(deserializer)?;
     let digits = text.strip_prefix("0x").unwrap_or(&text);
     u64::from_str_radix(digits, 16)

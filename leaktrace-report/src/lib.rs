@@ -8,6 +8,7 @@
 
 mod frame;
 mod memory;
+pub mod pprof;
 mod system;
 mod verdict;
 
@@ -31,6 +32,8 @@ pub const SCHEMA: u32 = 1;
 pub enum RecordKind {
     #[default]
     Report,
+    /// `leaktrace diff`: two runs' final reports compared.
+    Diff,
 }
 
 /// One report: what the target holds now, and why.
@@ -94,6 +97,49 @@ pub struct Report {
     /// The target's open file descriptors (`--kernel`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fds: Option<FdReport>,
+    /// Pushes to a profiling backend so far (`--push`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushCounts>,
+    /// A diff's two inputs (`"type": "diff"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<DiffInputs>,
+}
+
+/// Pushes made to a profiling backend, one per report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushCounts {
+    pub sent: u64,
+    pub failed: u64,
+}
+
+/// What `leaktrace diff` compared: each file's final report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiffInputs {
+    pub before: String,
+    pub after: String,
+    /// Seconds traced in each (from their first to their last report).
+    pub before_time: String,
+    pub after_time: String,
+}
+
+/// One outstanding allocation (`-a`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocReport {
+    #[serde(serialize_with = "frame::hex", deserialize_with = "frame::from_hex")]
+    pub address: u64,
+    pub size: u64,
+    /// How long it has been outstanding, to a quarter of `older_ms`.
+    pub age_ms: u64,
+}
+
+/// A stack's change between two runs (`leaktrace diff`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackDelta {
+    pub bytes_before: u64,
+    pub allocations_before: u64,
+    /// After less before.
+    pub bytes: i64,
+    pub allocations: i64,
 }
 
 fn one() -> u64 {
@@ -158,6 +204,13 @@ pub struct StackReport {
     /// bytes first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<ProcessShare>,
+    /// Its outstanding allocations, the oldest first, at most 10 (`-a`);
+    /// `allocations` is how many there are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allocs: Vec<AllocReport>,
+    /// Its change from the first run to the second (`leaktrace diff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<StackDelta>,
 }
 
 /// How a value moved over the last reports.

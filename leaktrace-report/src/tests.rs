@@ -31,6 +31,8 @@ fn sample() -> Report {
                 kind: None,
                 cache: None,
                 processes: Vec::new(),
+                allocs: Vec::new(),
+                delta: None,
             },
             StackReport {
                 bytes: 192,
@@ -41,6 +43,8 @@ fn sample() -> Report {
                 kind: Some(KernelKind::Slab),
                 cache: Some("filp".into()),
                 processes: vec![ProcessShare { pid: 7, comm: "server".into(), bytes: 192 }],
+                allocs: Vec::new(),
+                delta: None,
             },
         ],
         system: Some(SystemReport {

@@ -82,8 +82,42 @@ pub struct Args {
     pub obj: Option<PathBuf>,
 
     /// The allocator's functions carry this prefix (`je_malloc`: `je_`).
-    #[arg(long, value_name = "PREFIX")]
+    #[arg(short = 'S', long, value_name = "PREFIX")]
     pub symbol_prefix: Option<String>,
+
+    /// Show each stack's outstanding allocations (address, size, age), at
+    /// most 10 a stack, as memleak -a does.
+    #[arg(short = 'a', long)]
+    pub show_allocs: bool,
+
+    /// Print every allocation and free of the target on stderr (costly: for
+    /// short runs), at most 1000 lines a second; the rest are counted.
+    #[arg(short = 't', long)]
+    pub trace: bool,
+
+    /// Order the stacks by outstanding bytes (size) or allocations (count).
+    #[arg(long, value_enum, value_name = "KEY", default_value = "size")]
+    pub sort: SortKey,
+
+    /// Also write collapsed stacks (flamegraph.pl, inferno) here at every
+    /// report, replacing the file.
+    #[arg(long, value_name = "PATH")]
+    pub folded: Option<PathBuf>,
+
+    /// Also write a flame graph of outstanding bytes (SVG) here at every
+    /// report, replacing the file.
+    #[arg(long, value_name = "PATH")]
+    pub svg: Option<PathBuf>,
+
+    /// Also write a gzipped pprof profile (go tool pprof) here at every
+    /// report, replacing the file.
+    #[arg(long, value_name = "PATH")]
+    pub pprof: Option<PathBuf>,
+
+    /// Push each report's pprof profile to this Pyroscope server
+    /// (http://host:4040); a failed push is said on stderr and tracing goes on.
+    #[arg(long, value_name = "URL")]
+    pub push: Option<String>,
 
     /// Also look for separate debug info here (by .gnu_debuglink and by
     /// build-id under DIR/.build-id); repeatable.
@@ -141,6 +175,34 @@ pub struct Args {
     /// More logging on stderr (-v: info, -vv: debug).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// `leaktrace diff BEFORE AFTER`: two runs compared.
+#[derive(Debug, Parser)]
+#[command(
+    name = "leaktrace diff",
+    about = "Compare the final reports of two saved `leaktrace --json` outputs, stack by stack (matched by their frames, not addresses)"
+)]
+pub struct DiffArgs {
+    /// The earlier run's --json output.
+    pub before: PathBuf,
+    /// The later run's --json output.
+    pub after: PathBuf,
+    /// Print the comparison as JSON (one object, "type": "diff").
+    #[arg(long)]
+    pub json: bool,
+    /// Show the N stacks that changed most.
+    #[arg(short = 'T', long = "top", value_name = "N", default_value_t = 10, value_parser = at_least_one)]
+    pub top: usize,
+}
+
+/// What the stacks are ordered by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortKey {
+    /// Outstanding bytes.
+    Size,
+    /// Outstanding allocations.
+    Count,
 }
 
 /// The longest INTERVAL or --duration: a year. Longer ones would overflow

@@ -33,6 +33,20 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    // `leaktrace diff A B` compares two saved runs; anything else traces.
+    let mut argv = std::env::args_os();
+    if std::env::args_os().nth(1).is_some_and(|word| word == "diff") {
+        let program = argv.next();
+        let args = cli::DiffArgs::parse_from(program.into_iter().chain(argv.skip(1)));
+        return match session::diff(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("leaktrace: error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = cli::Args::parse();
     let level = match args.verbose {
         0 => log::LevelFilter::Warn,

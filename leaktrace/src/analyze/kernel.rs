@@ -271,6 +271,8 @@ impl KernelAnalyzer {
             kind: Some(kind_of(usage.kind)),
             cache: cache_name(ebpf, usage.kernel_stack),
             processes,
+            allocs: Vec::new(),
+            delta: None,
         }
     }
 }

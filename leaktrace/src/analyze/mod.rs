@@ -2,6 +2,7 @@
 //! weigh the verdict, and put it all in a [`Report`] (the model). Rendering
 //! it is `report`'s job.
 
+pub mod diff;
 pub mod growth;
 pub mod kernel;
 pub mod system;
@@ -41,6 +42,8 @@ const LIVE_TOLERANCE: f64 = (256 << 10) as f64;
 /// The total's rise since the last report that is more than noise: this,
 /// or 2% of the total.
 const RISE_TOLERANCE: f64 = 4096.0;
+/// Outstanding allocations listed per stack with `-a`.
+const SHOWN_ALLOCS: usize = 10;
 /// Used for threads whose stack came from glibc's cache (no mmap seen).
 const DEFAULT_THREAD_STACK: u64 = 8 << 20;
 
@@ -61,6 +64,10 @@ pub struct ReportOptions {
     /// The one allocator is glibc's, whose chunk headers give the bytes of
     /// frees of pre-attach memory.
     pub glibc_allocator: bool,
+    /// Order stacks by allocations rather than bytes (`--sort count`).
+    pub sort_by_count: bool,
+    /// List each stack's outstanding allocations (`-a`).
+    pub show_allocs: bool,
     /// Whether the target runs its own program yet (a `-c` child may still
     /// be exec'ing): the memory baseline is read now, or at the first report.
     pub baseline_now: bool,
@@ -323,6 +330,8 @@ impl Analyzer {
             system: None,
             kernel: kernel_summary,
             fds,
+            push: None,
+            diff: None,
         })
     }
 
@@ -353,7 +362,13 @@ impl Analyzer {
         alive: bool,
     ) -> Vec<StackReport> {
         let top = self.options.top;
-        let mut shown: Vec<StackUsage> = snapshot.stacks.iter().take(top).copied().collect();
+        let mut ranked: Vec<StackUsage> = snapshot.stacks.clone();
+        if self.options.sort_by_count {
+            ranked.sort_by(|a, b| {
+                b.allocations.cmp(&a.allocations).then(a.stack_id.cmp(&b.stack_id))
+            });
+        }
+        let mut shown: Vec<StackUsage> = ranked.iter().take(top).copied().collect();
         let shown_ids: HashSet<u32> = shown.iter().map(|s| s.stack_id).collect();
         shown.extend(
             growing
@@ -362,7 +377,17 @@ impl Analyzer {
                 .map(|(usage, _)| *usage)
                 .filter(|usage| !shown_ids.contains(&usage.stack_id)),
         );
-        shown.sort_by_key(|stack| std::cmp::Reverse(stack.bytes));
+        if self.options.sort_by_count {
+            shown.sort_by_key(|stack| std::cmp::Reverse(stack.allocations));
+        } else {
+            shown.sort_by_key(|stack| std::cmp::Reverse(stack.bytes));
+        }
+        let mut allocs = if self.options.show_allocs {
+            let ids: HashSet<u32> = shown.iter().map(|usage| usage.stack_id).collect();
+            self.collector.collect_allocs(ebpf, &ids, SHOWN_ALLOCS).unwrap_or_default()
+        } else {
+            HashMap::new()
+        };
         shown
             .iter()
             .map(|usage| StackReport {
@@ -374,6 +399,8 @@ impl Analyzer {
                 kind: None,
                 cache: None,
                 processes: Vec::new(),
+                allocs: allocs.remove(&usage.stack_id).unwrap_or_default(),
+                delta: None,
             })
             .collect()
     }

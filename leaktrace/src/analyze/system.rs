@@ -131,6 +131,8 @@ impl SystemAnalyzer {
             system: Some(system),
             kernel: Some(kernel.summary),
             fds: None,
+            push: None,
+            diff: None,
         })
     }
 

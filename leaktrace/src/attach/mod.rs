@@ -15,10 +15,11 @@ use aya::{
 };
 use leaktrace_common::{
     AllocInfo, Config, KmemConfig, Lost, Pending, StackStats, ThreadInfo, ThreadSiteStats,
-    CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, CONFIG_PIDNS, GLOBAL_CONFIG,
-    GLOBAL_KMEM, MAP_ALLOCS, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES, MAP_KERNEL_STACKS, MAP_LOST,
-    MAP_MMAPS, MAP_PENDING, MAP_PTHREADS, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS,
-    MAP_THREAD_SITES, MAP_UNWIND_ROWS, UNWIND_CHUNK_ROWS,
+    CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, CONFIG_PIDNS, CONFIG_TRACE,
+    GLOBAL_CONFIG, GLOBAL_KMEM, MAP_ALLOCS, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES,
+    MAP_KERNEL_STACKS, MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PTHREADS, MAP_STACKS, MAP_STACK_STATS,
+    MAP_THREADS, MAP_THREAD_SITES, MAP_TRACE_EVENTS, MAP_UNWIND_ROWS, TRACE_EVENTS_BYTES,
+    UNWIND_CHUNK_ROWS,
 };
 
 use probes::ALL_SETS;
@@ -51,6 +52,8 @@ pub struct LoadOptions {
     /// Whether the programs log their rare paths (-vv). Off, the verifier
     /// prunes the log calls: they cost nothing.
     pub kernel_log: bool,
+    /// `-t`: every allocation and free goes to the trace ring buffer.
+    pub trace: bool,
     /// A target's allocator is traced (not the system mode): its uprobe
     /// programs and thread tracepoints are loaded.
     pub user: bool,
@@ -74,7 +77,8 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         flags: if options.glibc_allocator { CONFIG_GLIBC_CHUNKS } else { 0 }
             | if options.glibc_pthread { CONFIG_GLIBC_PTHREAD } else { 0 }
             | if options.hold { CONFIG_HOLD } else { 0 }
-            | if options.pid_namespace.is_some() { CONFIG_PIDNS } else { 0 },
+            | if options.pid_namespace.is_some() { CONFIG_PIDNS } else { 0 }
+            | if options.trace { CONFIG_TRACE } else { 0 },
         epoch_ns: options.epoch_ns,
         min_size: options.min_size,
         max_size: options.max_size,
@@ -92,6 +96,7 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         .override_global(GLOBAL_CONFIG, &config, true)
         .override_global(GLOBAL_KMEM, &kmem, true)
         .override_global(aya_log::LEVEL, &kernel_log_level(options.kernel_log), false)
+        .map_max_entries(MAP_TRACE_EVENTS, if options.trace { TRACE_EVENTS_BYTES } else { 4096 })
         .map_max_entries(MAP_KERNEL_ALLOCS, kernel_allocations)
         .map_max_entries(MAP_KERNEL_STACKS, kernel_stacks)
         .map_max_entries(MAP_KERNEL_CACHES, kernel_stacks)

@@ -12,12 +12,12 @@ use aya::{
     Ebpf,
 };
 use leaktrace_common::{
-    AllocInfo, Lost, StackEnd, StackStats, ThreadInfo, ThreadSiteStats, UserStack, MAP_LOST,
-    MAP_MMAPS, MAP_PREATTACH_FREES, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES,
-    PREATTACH_BYTES, PREATTACH_COUNT, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED,
-    YOUNG_EPOCHS,
+    AllocInfo, Lost, StackEnd, StackStats, ThreadInfo, ThreadSiteStats, UserStack, MAP_ALLOCS,
+    MAP_LOST, MAP_MMAPS, MAP_PREATTACH_FREES, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS,
+    MAP_THREAD_SITES, PREATTACH_BYTES, PREATTACH_COUNT, THREAD_DETACHED, THREAD_EXITED,
+    THREAD_REGISTERED, YOUNG_EPOCHS,
 };
-use leaktrace_report::ThreadCounts;
+use leaktrace_report::{AllocReport, ThreadCounts};
 
 /// Outstanding memory of one stack.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -126,6 +126,51 @@ impl Collector {
         Ok(Snapshot { stacks, lost, preattach_frees })
     }
 
+    /// The outstanding allocations of the stacks `wanted`, at most `cap` a
+    /// stack, the oldest first, with their age (to an epoch).
+    pub fn collect_allocs(
+        &self,
+        ebpf: &Ebpf,
+        wanted: &HashSet<u32>,
+        cap: usize,
+    ) -> anyhow::Result<HashMap<u32, Vec<AllocReport>>> {
+        let now_epoch = self.now_epoch();
+        let mut per_stack: HashMap<u32, Vec<(u32, u64, u64)>> = HashMap::new();
+        for name in [MAP_ALLOCS, MAP_MMAPS] {
+            let allocs: BpfHashMap<&MapData, u64, AllocInfo> =
+                BpfHashMap::try_from(map(ebpf, name)?)?;
+            for (address, info) in allocs.iter().filter_map(Result::ok) {
+                if !wanted.contains(&info.stack_id) || self.is_young(info.epoch, now_epoch) {
+                    continue;
+                }
+                let list = per_stack.entry(info.stack_id).or_default();
+                list.push((info.epoch, address, info.size));
+                // Keep the oldest `cap`, trimmed now and then, not per entry.
+                if list.len() >= cap * 8 {
+                    list.sort_unstable();
+                    list.truncate(cap);
+                }
+            }
+        }
+        let epoch_ms = self.epoch_ns / 1_000_000;
+        Ok(per_stack
+            .into_iter()
+            .map(|(stack_id, mut list)| {
+                list.sort_unstable();
+                list.truncate(cap);
+                let allocs = list
+                    .into_iter()
+                    .map(|(epoch, address, size)| AllocReport {
+                        address,
+                        size,
+                        age_ms: u64::from(now_epoch.wrapping_sub(epoch)) * epoch_ms,
+                    })
+                    .collect();
+                (stack_id, allocs)
+            })
+            .collect())
+    }
+
     fn now_epoch(&self) -> u32 {
         if self.epoch_ns == 0 {
             return 0;
@@ -221,6 +266,22 @@ pub fn user_stack(ebpf: &Ebpf, stack_id: u32) -> anyhow::Result<(Vec<u64>, Stack
         stacks.get(&stack_id, 0).with_context(|| format!("failed to read stack {stack_id}"))?;
     let len = (stack.len as usize).min(stack.ips.len());
     Ok((stack.ips[..len].to_vec(), StackEnd::from_u32(stack.end)))
+}
+
+/// Heap allocations tracked now, and the stacks holding them (young ones
+/// too): for the status line before the first report.
+pub fn tracked(ebpf: &Ebpf) -> anyhow::Result<(u64, u64)> {
+    let stats: PerCpuHashMap<&MapData, u32, StackStats> =
+        PerCpuHashMap::try_from(map(ebpf, MAP_STACK_STATS)?)?;
+    let (mut allocations, mut stacks) = (0u64, 0u64);
+    for (_, per_cpu) in stats.iter().filter_map(Result::ok) {
+        let held: i64 = per_cpu.iter().map(|stats| stats.allocs).sum();
+        if held > 0 {
+            allocations += held as u64;
+            stacks += 1;
+        }
+    }
+    Ok((allocations, stacks))
 }
 
 /// The lost-event counters, in `Lost::ALL` order.

@@ -1,10 +1,17 @@
 //! Rendering a [`Report`] (the model, `leaktrace-report`): the text shape
 //! bcc memleak users know ([`text`]), and JSON Lines for scripts.
 
+mod flamegraph;
+mod folded;
 mod memory;
+pub mod outputs;
+mod pprof;
+mod push;
 mod system;
 pub mod text;
 pub mod units;
+
+pub use push::Pusher;
 
 use std::io::{self, Write};
 

@@ -4,11 +4,15 @@
 use std::io::{self, Write};
 
 use leaktrace_report::{
-    short_module, Ended, Finding, Frame, Growth, KernelSummary, Lost, Report, StackEnd,
+    short_module, DiffInputs, Ended, Finding, Frame, Growth, KernelSummary, Lost, Report, StackEnd,
     ThreadFinding, ThreadsReport, Trend,
 };
 
-use super::{memory::write_memory, system::write_system, units::human_bytes};
+use super::{
+    memory::write_memory,
+    system::write_system,
+    units::{human_bytes, human_bytes_signed},
+};
 
 pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
     // "2026-11-22T06:41:02Z" -> "06:41:02"
@@ -17,6 +21,9 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
         Some(inner) => format!("{} (pid {inner} in its namespace)", report.pid),
         None => report.pid.to_string(),
     };
+    if let Some(diff) = &report.diff {
+        return write_diff(report, diff, out);
+    }
     if report.system.is_some() {
         writeln!(
             out,
@@ -86,6 +93,17 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
         }
         if let Some(note) = stack_end_note(stack.stack_end) {
             writeln!(out, "\t\t{note}")?;
+        }
+        for alloc in &stack.allocs {
+            writeln!(
+                out,
+                "\t\t\taddr = {:#x} size = {} age = {} ms",
+                alloc.address, alloc.size, alloc.age_ms
+            )?;
+        }
+        let listed = stack.allocs.len() as u64;
+        if listed > 0 && stack.allocations > listed {
+            writeln!(out, "\t\t\t... and {} more", stack.allocations - listed)?;
         }
     }
     if let Some(threads) = &report.threads {
@@ -172,6 +190,44 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
             verdict_text(&verdict.findings)
         };
         writeln!(out, "\tVerdict: {text}")?;
+    }
+    writeln!(out)?;
+    out.flush()
+}
+
+/// `leaktrace diff`: each stack's change, the greatest growth first.
+fn write_diff(report: &Report, diff: &DiffInputs, out: &mut impl Write) -> io::Result<()> {
+    let (bytes, allocations) = report
+        .stacks
+        .iter()
+        .filter_map(|stack| stack.delta)
+        .fold((0i64, 0i64), |(bytes, allocations), delta| {
+            (bytes + delta.bytes, allocations + delta.allocations)
+        });
+    writeln!(
+        out,
+        "Diff of {} ({}) and {} ({}): {} stacks shown, {} ({allocations:+} allocations) in all",
+        diff.before,
+        diff.before_time,
+        diff.after,
+        diff.after_time,
+        report.stacks.len(),
+        human_bytes_signed(bytes),
+    )?;
+    for stack in &report.stacks {
+        let Some(delta) = stack.delta else { continue };
+        writeln!(
+            out,
+            "\t{:+} bytes ({:+} allocations): {} -> {} bytes from {}",
+            delta.bytes,
+            delta.allocations,
+            delta.bytes_before,
+            stack.bytes,
+            if stack.kind.is_some() { "kernel stack" } else { "stack" }
+        )?;
+        for frame in &stack.frames {
+            writeln!(out, "\t\t{}", frame_line(frame))?;
+        }
     }
     writeln!(out)?;
     out.flush()

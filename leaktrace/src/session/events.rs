@@ -3,7 +3,7 @@
 //! held `-c` target let go once they are published), and the programs' log.
 
 use std::{
-    io,
+    io::{self, Write as _},
     os::fd::AsRawFd,
     time::{Duration, Instant},
 };
@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use aya_log::EbpfLogger;
 use bytes::Buf as _;
-use leaktrace_common::{MappingsChanged, CHANGE_EXEC};
+use leaktrace_common::{MappingsChanged, TraceEvent, CHANGE_EXEC, TRACE_ALLOC, TRACE_FREE};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
@@ -165,4 +165,76 @@ pub fn flush_now(logger: &mut Option<AsyncFd<Logger>>) {
     if let Some(logger) = logger {
         logger.get_mut().flush();
     }
+}
+
+/// `-t`: the trace events printed on stderr, at most [`TRACE_LINES_PER_SECOND`]
+/// lines a second; the others are counted and the count said.
+#[derive(Default)]
+pub struct TraceLines {
+    window: Option<Instant>,
+    printed: u64,
+    dropped: u64,
+    dropped_total: u64,
+}
+
+/// The most `-t` lines printed in a second.
+const TRACE_LINES_PER_SECOND: u64 = 1000;
+
+impl TraceLines {
+    /// Resolves once the events that arrived are printed (or counted).
+    pub async fn print(&mut self, events: &mut Option<AsyncFd<RingBuf<MapData>>>) {
+        let Some(events) = events else {
+            return std::future::pending().await;
+        };
+        let Ok(mut guard) = events.readable_mut().await else {
+            return std::future::pending().await;
+        };
+        let mut out = std::io::stderr().lock();
+        while let Some(item) = guard.get_inner_mut().next() {
+            let Some(line) = trace_line(&item) else { continue };
+            let now = Instant::now();
+            if self.window.is_none_or(|start| now.duration_since(start) >= Duration::from_secs(1)) {
+                if self.dropped > 0 {
+                    let _ = writeln!(out, "leaktrace: trace: {} lines not shown (over {TRACE_LINES_PER_SECOND} a second)", self.dropped);
+                }
+                self.window = Some(now);
+                self.printed = 0;
+                self.dropped = 0;
+            }
+            if self.printed < TRACE_LINES_PER_SECOND {
+                self.printed += 1;
+                let _ = writeln!(out, "{line}");
+            } else {
+                self.dropped += 1;
+                self.dropped_total += 1;
+            }
+        }
+        guard.clear_ready();
+    }
+
+    /// Say how many lines were not shown in all.
+    pub fn finish(&self) {
+        if self.dropped_total > 0 {
+            eprintln!(
+                "leaktrace: trace: {} lines not shown in all (over {TRACE_LINES_PER_SECOND} a second)",
+                self.dropped_total
+            );
+        }
+    }
+}
+
+/// One `TraceEvent` as a line: `alloc tid=42 size=64 addr=0x...`.
+fn trace_line(mut record: &[u8]) -> Option<String> {
+    if record.remaining() < std::mem::size_of::<TraceEvent>() {
+        return None;
+    }
+    let kind = record.get_u32_le();
+    let tid = record.get_u32_le();
+    let address = record.get_u64_le();
+    let size = record.get_u64_le();
+    Some(match kind {
+        TRACE_ALLOC => format!("trace: alloc tid={tid} size={size} addr={address:#x}"),
+        TRACE_FREE => format!("trace: free tid={tid} addr={address:#x}"),
+        _ => return None,
+    })
 }

@@ -12,7 +12,7 @@ mod system;
 
 use std::{
     io::{self, Write as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -21,22 +21,22 @@ use aya::maps::RingBuf;
 use aya_log::EbpfLogger;
 use leaktrace_common::{
     KmemConfig, CHANGE_EXEC, DEFAULT_MAX_KERNEL_STACKS, KMEM_ON, KMEM_TARGET, MAP_LINK_MAP_CHANGES,
-    YOUNG_EPOCHS,
+    MAP_TRACE_EVENTS, YOUNG_EPOCHS,
 };
-use leaktrace_report::Ended;
+use leaktrace_report::{read_reports, Ended, Report};
 use tokio::time::{interval, interval_at, MissedTickBehavior};
 
 use events::{
     after_change, flush_log, flush_now, keep_unwinding, mappings_changed, poll_every, resume,
-    until, watch, Signals,
+    until, watch, Signals, TraceLines,
 };
 
 use crate::{
-    analyze::{kernel::KernelAnalyzer, Analyzer, ReportOptions},
+    analyze::{self, kernel::KernelAnalyzer, Analyzer, ReportOptions},
     attach::{self, KernelLoad, LoadOptions},
-    cli::Args,
+    cli::{Args, DiffArgs, SortKey},
     collect::Collector,
-    report,
+    report::{self, outputs::Outputs},
     target::{objects_to_probe, Target},
     unwind::Unwinder,
 };
@@ -53,6 +53,18 @@ const EXIT_POLL: Duration = Duration::from_millis(100);
 const FAST_MAPS_POLL: Duration = Duration::from_millis(5);
 const FAST_PERIOD: Duration = Duration::from_secs(1);
 const MAPS_POLL: Duration = Duration::from_millis(100);
+/// How often the status line before the first report is redrawn.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// The next tick of `timer`, or never without one.
+async fn tick(timer: &mut Option<tokio::time::Interval>) {
+    match timer {
+        Some(timer) => {
+            timer.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
 
 /// Run a session. Returns leaktrace's exit code: 0, or for a `-c` program
 /// that ended by itself, its own (the status, or 128 + the signal that
@@ -66,14 +78,29 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .build()
         .context("failed to start the event loop")?;
     if args.is_system() {
-        return runtime.block_on(system::trace(&args));
+        let mut outputs = outputs(&args, "kernel", None)?;
+        return runtime.block_on(system::trace(&args, &mut outputs));
     }
     let mut target = match (&args.command, args.pid) {
         (Some(command), _) => Target::spawn(command, args.json)?,
         (None, Some(pid)) => Target::existing(pid)?,
         (None, None) => bail!("give a PID with -p or a command with -c"),
     };
-    let result = runtime.block_on(trace(&args, &mut target));
+    let comm = match &args.command {
+        Some(command) => shlex::split(command)
+            .and_then(|words| words.into_iter().next())
+            .map(|program| leaktrace_report::short_module(&program).to_string())
+            .unwrap_or_default(),
+        None => crate::proc::system::comm(target.pid).unwrap_or_default(),
+    };
+    let mut outputs = match outputs(&args, &comm, Some(target.pid)) {
+        Ok(outputs) => outputs,
+        Err(err) => {
+            target.kill_child();
+            return Err(err);
+        }
+    };
+    let result = runtime.block_on(trace(&args, &mut target, &mut outputs));
     if result.is_err() {
         target.kill_child();
     }
@@ -89,7 +116,7 @@ enum End {
     Counted,
 }
 
-async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
+async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyhow::Result<u8> {
     let pid = target.pid;
     let objects = objects_to_probe(target, args.obj.as_deref())?;
     let plan = attach::plan(
@@ -138,6 +165,7 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
         hold,
         pid_namespace,
         kernel_log: args.verbose >= 2,
+        trace: args.trace,
         user: true,
         kernel: kernel.as_ref().map(|(plan, _)| KernelLoad {
             config: KmemConfig { flags: KMEM_ON | KMEM_TARGET, ..plan.config },
@@ -178,6 +206,15 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
         .ok_or_else(|| anyhow!("map {MAP_LINK_MAP_CHANGES} missing from the eBPF object"))?;
     let mut link_changes = watch(RingBuf::try_from(link_changes)?)
         .context("failed to watch the dynamic linker's hook")?;
+    let mut trace_events = if args.trace {
+        let map = ebpf
+            .take_map(MAP_TRACE_EVENTS)
+            .ok_or_else(|| anyhow!("map {MAP_TRACE_EVENTS} missing from the eBPF object"))?;
+        Some(watch(RingBuf::try_from(map)?).context("failed to watch the trace events")?)
+    } else {
+        None
+    };
+    let mut trace_lines = TraceLines::default();
     let probed = attach::attach_all(&mut ebpf, &plan).map_err(|err| attach_error(err, target))?;
     attach::attach_tracepoints(&mut ebpf)?;
     if let Some((plan, _)) = &kernel {
@@ -206,6 +243,8 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
             baseline_now: target.program().is_none(),
             glibc_allocator: plan.glibc_allocator,
             global_tids: pid_namespace.is_none(),
+            sort_by_count: args.sort == SortKey::Count,
+            show_allocs: args.show_allocs,
         },
     );
     if let Some((_, kernel)) = kernel {
@@ -213,17 +252,18 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
     }
     target.release()?;
     let json = args.json;
-    let emit = |ebpf: &aya::Ebpf,
-                analyzer: &mut Analyzer,
-                unwinder: &Unwinder,
-                ended: Option<&Ended>,
-                is_final: bool,
-                exited: bool|
+    let mut emit = |ebpf: &aya::Ebpf,
+                    analyzer: &mut Analyzer,
+                    unwinder: &Unwinder,
+                    ended: Option<&Ended>,
+                    is_final: bool,
+                    exited: bool|
      -> anyhow::Result<()> {
         let mut report =
             analyzer.report(ebpf, unwinder.mappings(), unwinder.file_paths(), is_final, exited)?;
         report.ended = ended.cloned();
         report::finish(&mut report);
+        outputs.write(&mut report);
         let mut out = io::stdout().lock();
         if json {
             report::write_json(&report, &mut out)?;
@@ -247,10 +287,22 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
     let mut fast_maps_poll = true;
     let mut unwinding = true;
     let mut reports = 0u64;
+    // Until the first report, a status line on a terminal says it works.
+    // SAFETY: isatty only inspects the descriptor.
+    let mut status = (unsafe { libc::isatty(2) } == 1).then(|| interval(STATUS_EVERY));
     let end = loop {
         tokio::select! {
             biased;
             () = signals.any() => break End::Stopped,
+            _ = tick(&mut status) => {
+                if let Ok((allocations, stacks)) = crate::collect::tracked(&ebpf) {
+                    let next = (started + period).saturating_duration_since(Instant::now());
+                    eprint!(
+                        "\rleaktrace: {allocations} allocations tracked in {stacks} stacks; first report in {:.0} s\x1b[K",
+                        next.as_secs_f64().ceil()
+                    );
+                }
+            }
             () = until(deadline) => break End::Stopped,
             _ = exit_poll.tick() => {
                 if target.has_exited() {
@@ -259,6 +311,9 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
                 }
             }
             _ = report_tick.tick() => {
+                if status.take().is_some() {
+                    eprint!("\r\x1b[K");
+                }
                 reports += 1;
                 let last = args.count == Some(reports);
                 emit(&ebpf, &mut analyzer, &unwinder, None, last, false)?;
@@ -290,8 +345,13 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
                 unwinding = keep_unwinding(&mut unwinder);
             }
             () = flush_log(&mut logger) => {}
+            () = trace_lines.print(&mut trace_events) => {}
         }
     };
+    trace_lines.finish();
+    if status.is_some() {
+        eprint!("\r\x1b[K");
+    }
     if hold {
         // Whatever happened, a held target must not stay stopped.
         resume(pid);
@@ -315,6 +375,48 @@ async fn trace(args: &Args, target: &mut Target) -> anyhow::Result<u8> {
         target.stop_child();
     }
     result.map(|()| code)
+}
+
+/// `leaktrace diff`: read both files' final reports, compare, print.
+pub fn diff(args: &DiffArgs) -> anyhow::Result<()> {
+    let read = |path: &Path| -> anyhow::Result<Report> {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let reports = read_reports(io::BufReader::new(file))
+            .map_err(|err| anyhow!("{} is not leaktrace --json output: {err}", path.display()))?;
+        let last = reports.iter().rposition(|report| report.is_final).unwrap_or(reports.len() - 1);
+        Ok(reports.into_iter().nth(last).expect("read_reports returns at least one"))
+    };
+    let before = read(&args.before)?;
+    let after = read(&args.after)?;
+    let names = (args.before.display().to_string(), args.after.display().to_string());
+    let mut report = analyze::diff::diff(&before, &after, (&names.0, &names.1));
+    report.stacks.truncate(args.top);
+    let mut out = io::stdout().lock();
+    if args.json {
+        report::write_json(&report, &mut out)?;
+    } else {
+        report::write_text(&report, &mut out)?;
+    }
+    Ok(out.flush()?)
+}
+
+/// Where each report also goes (`--folded`, `--svg`, `--pprof`, `--push`),
+/// checked before tracing starts. `comm` names the application pushed.
+fn outputs(args: &Args, comm: &str, pid: Option<u32>) -> anyhow::Result<Outputs> {
+    let push = match &args.push {
+        Some(url) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let mut labels = Vec::new();
+            if let Some(pid) = pid {
+                labels.push(("pid", pid.to_string()));
+            }
+            labels.push(("host", host.trim().to_string()));
+            Some(report::Pusher::new(url, comm, &labels)?)
+        }
+        None => None,
+    };
+    Outputs::new(args.folded.clone(), args.svg.clone(), args.pprof.clone(), push)
 }
 
 /// The analysis of kernel allocations, for the events in `plan`.

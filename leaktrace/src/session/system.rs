@@ -17,10 +17,10 @@ use crate::{
     analyze::system::SystemAnalyzer,
     attach::{self, KernelLoad, LoadOptions},
     cli::Args,
-    report,
+    report::{self, outputs::Outputs},
 };
 
-pub async fn trace(args: &Args) -> anyhow::Result<u8> {
+pub async fn trace(args: &Args, outputs: &mut Outputs) -> anyhow::Result<u8> {
     let plan = attach::kmem::plan(args.percpu)?;
     let kernel = super::kernel_analyzer(args, &plan)?;
     let flags = KMEM_ON | if args.percpu { KMEM_PERCPU } else { 0 };
@@ -39,6 +39,7 @@ pub async fn trace(args: &Args) -> anyhow::Result<u8> {
         hold: false,
         pid_namespace: None,
         kernel_log: args.verbose >= 2,
+        trace: false,
         user: false,
         kernel: Some(KernelLoad {
             config: KmemConfig { flags, own_tgid: std::process::id(), ..plan.config },
@@ -56,9 +57,10 @@ pub async fn trace(args: &Args) -> anyhow::Result<u8> {
         plan.events.len()
     );
     let mut signals = Signals::new()?;
-    let emit = |analyzer: &mut SystemAnalyzer, is_final: bool| -> anyhow::Result<()> {
+    let mut emit = |analyzer: &mut SystemAnalyzer, is_final: bool| -> anyhow::Result<()> {
         let mut report = analyzer.report(&ebpf, is_final)?;
         report::finish(&mut report);
+        outputs.write(&mut report);
         let mut out = io::stdout().lock();
         if args.json {
             report::write_json(&report, &mut out)?;
