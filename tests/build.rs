@@ -48,6 +48,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("exec_old.c", "exec_old"),
     ("exec_new.c", "exec_new"),
     ("kernel_leak.c", "kernel_leak"),
+    ("sort_leak.c", "sort_leak"),
 ];
 
 /// Flags of the unwinding fixtures: optimized code without frame pointers,

@@ -16,8 +16,8 @@ pub use tracer::{run_tracer, Finished, Tracer};
 
 pub use leaktrace_report::{
     is_runtime_symbol, read_reports, Ended, Finding, Frame, KernelKind, Lost, MemoryReport,
-    ReadError, Report, StackEnd, StackReport, ThreadSiteReport, ThreadsBeforeAttach, Trend,
-    Verdict, VerdictKind,
+    ReadError, RecordKind, Report, StackEnd, StackReport, ThreadSiteReport, ThreadsBeforeAttach,
+    Trend, Verdict, VerdictKind,
 };
 
 /// Directory holding the compiled fixtures (set by build.rs).

@@ -173,10 +173,11 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// Debian packages the test fixtures build with: the allocators leaktrace
-/// must find (jemalloc, tcmalloc, mimalloc) and musl for a static musl program.
-const TEST_PACKAGES: [&str; 4] =
-    ["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev", "musl-tools"];
+/// Debian packages the tests need: the allocators leaktrace must find
+/// (jemalloc, tcmalloc, mimalloc), musl for a static musl program, and Go
+/// for `go tool pprof`, which reads the pprof output back.
+const TEST_PACKAGES: [&str; 5] =
+    ["libjemalloc-dev", "libgoogle-perftools-dev", "libmimalloc-dev", "musl-tools", "golang-go"];
 
 /// Install the Debian packages in `packages` that are missing.
 fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
@@ -318,6 +319,9 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Where `cargo xtask demo` writes its flame graph (the README shows it).
+const DEMO_FLAME_GRAPH: &str = "docs/demo-flamegraph.svg";
+
 fn demo(leaktrace: &Path, json: bool) -> anyhow::Result<()> {
     let source = workspace_root().join("xtask/demo/leaky_server.c");
     let server = compile_c(&source, "leaky_server", &["-g", "-O1", "-fno-omit-frame-pointer"])?;
@@ -329,9 +333,14 @@ fn demo(leaktrace: &Path, json: bool) -> anyhow::Result<()> {
     let pid = demo.0.id();
     // Let it get going: its leaks should be older than --older by the first report.
     std::thread::sleep(Duration::from_millis(300));
-    eprintln!("xtask: tracing the demo server (pid {pid}): 4 reports, 2 s apart\n");
+    // The flame graph of its last report, shown in the README.
+    let svg = workspace_root().join(DEMO_FLAME_GRAPH);
+    eprintln!(
+        "xtask: tracing the demo server (pid {pid}): 4 reports, 2 s apart; flame graph in {}\n",
+        svg.display()
+    );
     let mut cmd = Command::new(leaktrace);
-    cmd.args(["-p", &pid.to_string(), "2", "4", "--top", "5"]);
+    cmd.args(["-p", &pid.to_string(), "2", "4", "--top", "5"]).arg("--svg").arg(&svg);
     if json {
         cmd.arg("--json");
     }
