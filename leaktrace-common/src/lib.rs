@@ -124,8 +124,9 @@ pub const MAP_DETACH_ATTRS: &str = "DETACH_ATTRS";
 /// The load-time configuration, a `Global<Config>`.
 pub const GLOBAL_CONFIG: &str = "CONFIG";
 
-/// Default capacity of [`MAP_ALLOCS`].
-pub const DEFAULT_MAX_ALLOCATIONS: u32 = 1_000_000;
+/// Default capacity of [`MAP_ALLOCS`]: a power of two, as the kernel's
+/// bucket count is, so that none of the buckets' memory goes unused.
+pub const DEFAULT_MAX_ALLOCATIONS: u32 = 1 << 20;
 /// Default capacity of [`MAP_MMAPS`].
 pub const DEFAULT_MAX_MAPPINGS: u32 = 65_536;
 /// Default number of distinct user stacks kept.

@@ -60,10 +60,13 @@ pub static KERNEL_STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_
 pub static KERNEL_CACHES: HashMap<i32, CacheName> =
     HashMap::with_max_entries(DEFAULT_MAX_KERNEL_STACKS, 0);
 
-/// Live heap allocations. Preallocated: inserts on the hot path must not
-/// allocate, and a full map must fail fast (counted as `AllocMapFull`).
+/// Live heap allocations. Allocated as used (the kernel's per-CPU caches
+/// serve the hot path): a small target costs its buckets alone (16 B an
+/// entry of capacity), not a million preallocated elements; a full map
+/// fails fast (counted as `AllocMapFull`).
 #[map]
-pub static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_ALLOCATIONS, 0);
+pub static ALLOCS: HashMap<u64, AllocInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_ALLOCATIONS, BPF_F_NO_PREALLOC);
 
 /// Live anonymous mappings; few, so allocated on demand.
 #[map]
@@ -71,9 +74,10 @@ pub static MMAPS: HashMap<u64, AllocInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_MAPPINGS, BPF_F_NO_PREALLOC);
 
 /// Per-CPU so that the hot path needs no atomics and no shared cache line.
+/// An entry is made once per new stack: allocated as used.
 #[map]
 pub static STACK_STATS: PerCpuHashMap<u32, StackStats> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
 
 /// Distinct user stacks; inserted rarely, so allocated on demand.
 #[map]
@@ -123,7 +127,7 @@ pub static PTHREADS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_THREADS, 
 
 #[map]
 pub static THREAD_SITES: PerCpuHashMap<u32, ThreadSiteStats> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
 
 /// LRU: attributes are rarely destroyed through a probed call.
 #[map]

@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use leaktrace_common::{
-    DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_KERNEL_ALLOCATIONS, DEFAULT_MAX_STACKS,
-    DEFAULT_UNWIND_CHUNKS, UNWIND_CHUNK_ROWS,
+    DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_KERNEL_ALLOCATIONS, DEFAULT_MAX_STACKS, UNWIND_CHUNK_ROWS,
 };
 
 #[derive(Debug, Parser)]
@@ -129,7 +128,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub sysroot: Option<PathBuf>,
 
-    /// Live allocations that can be tracked at once [default: 1000000, divided by N with -s N]
+    /// Live allocations that can be tracked at once [default: 1048576, divided by N with -s N]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_allocations: Option<u32>,
 
@@ -138,9 +137,10 @@ pub struct Args {
     pub max_stacks: u32,
 
     /// Rows of call-frame information the kernel unwinder can hold, for all
-    /// the target's objects together (12 bytes each; libc has ~28,000).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_UNWIND_CHUNKS as u64 * UNWIND_CHUNK_ROWS as u64, value_parser = clap::value_parser!(u64).range(UNWIND_CHUNK_ROWS as u64..=1 << 28))]
-    pub unwind_rows: u64,
+    /// the target's objects together (12 bytes each; libc has ~28,000)
+    /// [default: twice what the target's objects need, at least 262,144]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(UNWIND_CHUNK_ROWS as u64..=1 << 28))]
+    pub unwind_rows: Option<u64>,
 
     /// With -p or -c: also trace the kernel allocations made in the
     /// target's threads (fds, sockets, pipes, ...), each under the user call
@@ -334,8 +334,8 @@ mod tests {
             argv.extend_from_slice(extra);
             Args::try_parse_from(argv).unwrap().allocation_slots()
         };
-        assert_eq!(slots(&[]), 1_000_000);
-        assert_eq!(slots(&["-s", "10"]), 100_000);
+        assert_eq!(slots(&[]), 1_048_576);
+        assert_eq!(slots(&["-s", "10"]), 104_857);
         assert_eq!(slots(&["-s", "1000000"]), 4096);
         assert_eq!(slots(&["-s", "10", "--max-allocations", "500000"]), 500_000);
     }

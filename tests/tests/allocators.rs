@@ -99,6 +99,22 @@ fn jemalloc_operator_new_leak_counted() {
         "Widgets deleted again in churn() are reported: {}",
         json(&report)
     );
+    // jemalloc's malloc and operator new begin with `cmp $0x1000,%rdi`,
+    // which the kernel single-steps: their entry and return probes share
+    // the `ja` after it, and the counts above are exact through it.
+    let jemalloc = report
+        .probed
+        .iter()
+        .find(|object| object.object.contains("libjemalloc.so.2"))
+        .unwrap_or_else(|| panic!("libjemalloc.so.2 not probed: {}", json(&report)));
+    for symbol in ["malloc", "_Znwm"] {
+        let placement = jemalloc
+            .probes
+            .iter()
+            .find(|probe| probe.symbol == symbol)
+            .unwrap_or_else(|| panic!("no placement for {symbol}: {}", json(&report)));
+        assert!(placement.skipped > 0, "{symbol} probed at its entry: {}", json(&report));
+    }
 }
 
 /// Check that a leak through tcmalloc's malloc is counted at its caller, with libtcmalloc probed.

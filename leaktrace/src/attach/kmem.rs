@@ -3,11 +3,13 @@
 //! (layouts differ across kernels), and attaching them. An event this kernel
 //! lacks is skipped with a warning.
 
-use anyhow::Context as _;
 use aya::Ebpf;
 use leaktrace_common::{KmemConfig, KmemField, NO_FIELD};
 
-use super::tracepoints::{format_of, parse_field_offset, tracepoint};
+use super::{
+    tracepoints::{attach_tracepoint, format_of, parse_field_offset},
+    Links,
+};
 
 /// One kernel-allocation tracepoint: its program, event, and the fields
 /// read from its record.
@@ -152,11 +154,9 @@ pub fn programs(plan: &KmemPlan) -> impl Iterator<Item = &'static str> + '_ {
 
 /// Attach the planned events. They fire machine-wide; the programs keep
 /// what the configuration asks for.
-pub fn attach(ebpf: &mut Ebpf, plan: &KmemPlan) -> anyhow::Result<()> {
+pub fn attach(ebpf: &mut Ebpf, plan: &KmemPlan, links: &mut Links) -> anyhow::Result<()> {
     for (program, category, event) in &plan.events {
-        tracepoint(ebpf, program)?
-            .attach(category, event)
-            .with_context(|| format!("failed to attach to tracepoint {category}:{event}"))?;
+        attach_tracepoint(ebpf, program, category, event, links)?;
     }
     Ok(())
 }

@@ -4,13 +4,17 @@
 //! ([`tracepoints`]).
 
 pub mod kmem;
+mod links;
 mod probes;
 mod tracepoints;
 mod uprobes;
 
+use std::collections::HashSet;
+
 use anyhow::{anyhow, Context as _};
 use aya::{
     maps::{HashMap as AyaHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    programs::Program,
     Ebpf, EbpfLoader, Pod,
 };
 use leaktrace_common::{
@@ -22,10 +26,9 @@ use leaktrace_common::{
     UNWIND_CHUNK_ROWS,
 };
 
-use probes::ALL_SETS;
+pub use links::Links;
 pub use tracepoints::attach_tracepoints;
-use tracepoints::{fork_child_pid_offset, tracepoint, TRACEPOINTS};
-use uprobes::program;
+use tracepoints::{fork_child_pid_offset, TRACEPOINTS};
 pub use uprobes::{attach_all, plan, plan_new, AttachOptions};
 
 /// What the programs are told at load time.
@@ -54,9 +57,11 @@ pub struct LoadOptions {
     pub kernel_log: bool,
     /// `-t`: every allocation and free goes to the trace ring buffer.
     pub trace: bool,
-    /// A target's allocator is traced (not the system mode): its uprobe
-    /// programs and thread tracepoints are loaded.
+    /// A target's allocator is traced (not the system mode): its thread
+    /// tracepoints are loaded, and `programs`.
     pub user: bool,
+    /// The uprobe programs the plan's probes run (others load on demand).
+    pub programs: HashSet<&'static str>,
     /// Kernel allocations are traced (`--kernel`, the system mode).
     pub kernel: Option<KernelLoad>,
 }
@@ -112,29 +117,62 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
         )
         .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace")))
         .context("failed to load the eBPF programs")?;
+    let mut names: HashSet<&str> = HashSet::new();
     if options.user {
-        let mut names: Vec<&str> = ALL_SETS
-            .iter()
-            .flat_map(|set| set.iter())
-            .flat_map(|p| [Some(p.enter), p.exit])
-            .flatten()
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        for name in names {
-            program(&mut ebpf, name)?
-                .load()
-                .with_context(|| format!("failed to load program {name}"))?;
-        }
+        names.extend(options.programs.iter().copied());
+        names.extend(TRACEPOINTS.iter().map(|(name, ..)| *name));
     }
-    let tracepoints = TRACEPOINTS.iter().map(|(name, ..)| *name).filter(|_| options.user);
-    let kernel = options.kernel.iter().flat_map(|kernel| kernel.programs.iter().copied());
-    for name in tracepoints.chain(kernel) {
-        tracepoint(&mut ebpf, name)?
-            .load()
-            .with_context(|| format!("failed to load program {name}"))?;
+    if let Some(kernel) = &options.kernel {
+        names.extend(kernel.programs.iter().copied());
     }
+    load_programs(&mut ebpf, &names)?;
     Ok(ebpf)
+}
+
+/// Load the programs `names`, on as many threads as there are CPUs (at
+/// most 4): the verifier takes most of the start-up time (~0.15-0.3 s for
+/// each program that walks a stack), and programs verify independently.
+fn load_programs(ebpf: &mut Ebpf, names: &HashSet<&str>) -> anyhow::Result<()> {
+    let mut programs: Vec<(&str, &mut Program)> =
+        ebpf.programs_mut().filter(|(name, _)| names.contains(name)).collect();
+    for wanted in names {
+        anyhow::ensure!(
+            programs.iter().any(|(name, _)| name == wanted),
+            "program {wanted} missing from the eBPF object"
+        );
+    }
+    // The return probes walk stacks: the slow ones to verify, taken first,
+    // each thread taking the next program as it is done with one.
+    programs.sort_by_key(|(name, _)| (!name.contains("exit") && !name.starts_with("kmem"), *name));
+    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(programs));
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        // The lock is held for the pop alone.
+                        let next = queue
+                            .lock()
+                            .map_err(|_| anyhow!("a thread loading programs failed"))?
+                            .pop_front();
+                        let Some((name, program)) = next else {
+                            return Ok(());
+                        };
+                        let loaded = match program {
+                            Program::UProbe(program) => program.load(),
+                            Program::TracePoint(program) => program.load(),
+                            _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+                        };
+                        loaded.with_context(|| format!("failed to load program {name}"))?;
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|handle| {
+            handle.join().map_err(|_| anyhow!("a thread loading programs panicked"))?
+        })
+    })
 }
 
 /// aya-log-ebpf's level: calls at or below it are kept (log's order, Error

@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::{anyhow, Context as _};
 use aya::{programs::TracePoint, Ebpf};
 
+use super::Links;
+
 /// Kernel tracepoints: (program, category, name).
 pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("kernel_sched_process_fork", "sched", "sched_process_fork"),
@@ -24,12 +26,27 @@ pub fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut 
 
 /// Attach the thread tracepoints. They fire for every process; the
 /// programs keep only the target's events.
-pub fn attach_tracepoints(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+pub fn attach_tracepoints(ebpf: &mut Ebpf, links: &mut Links) -> anyhow::Result<()> {
     for (name, category, event) in TRACEPOINTS {
-        tracepoint(ebpf, name)?
-            .attach(category, event)
-            .with_context(|| format!("failed to attach to tracepoint {category}:{event}"))?;
+        attach_tracepoint(ebpf, name, category, event, links)?;
     }
+    Ok(())
+}
+
+/// Attach program `name` to tracepoint `category:event`, its link kept in
+/// `links`.
+pub fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &str,
+    category: &str,
+    event: &str,
+    links: &mut Links,
+) -> anyhow::Result<()> {
+    let program = tracepoint(ebpf, name)?;
+    let id = program
+        .attach(category, event)
+        .with_context(|| format!("failed to attach to tracepoint {category}:{event}"))?;
+    links.add_tracepoint(program.take_link(id)?);
     Ok(())
 }
 

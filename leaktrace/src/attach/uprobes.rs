@@ -20,8 +20,12 @@ use aya::{
 use leaktrace_report::{ProbePlacement, ProbedObject};
 
 use super::probes::*;
+use super::Links;
 use crate::{
-    elf::{placement::entry_probe_offset, ElfFile, Function},
+    elf::{
+        placement::{call_probe_offset, entry_probe_offset},
+        ElfFile, Function,
+    },
     proc::file_key,
     target::Object,
 };
@@ -79,6 +83,17 @@ pub fn plan_new(
 }
 
 impl Plan {
+    /// The programs the planned probes run.
+    pub fn programs(&self) -> HashSet<&'static str> {
+        self.objects
+            .iter()
+            .flat_map(|object| object.sets.iter())
+            .flat_map(|(set, _)| set.iter())
+            .flat_map(|spec| [Some(spec.enter), spec.exit])
+            .flatten()
+            .collect()
+    }
+
     /// The planned objects' files, by device and inode.
     pub fn files(&self) -> HashSet<(u64, u64)> {
         self.objects.iter().filter_map(|object| file_key(&object.object.open).ok()).collect()
@@ -187,20 +202,16 @@ fn is_glibc_malloc(name: &str) -> Option<String> {
 const GLIBC_MALLOC: &str = "__libc_malloc";
 
 /// Attach what `plan` says, for its process only.
-pub fn attach_all(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<ProbedObject>> {
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    plan: &Plan,
+    links: &mut Links,
+) -> anyhow::Result<Vec<ProbedObject>> {
     let mut probed = Vec::new();
     for object in &plan.objects {
         let mut probes = Vec::new();
         for (set, prefix) in &object.sets {
-            attach_set(
-                ebpf,
-                &object.object.open,
-                plan.pid,
-                set,
-                &object.functions,
-                prefix,
-                &mut probes,
-            )?;
+            attach_set(ebpf, object, plan.pid, set, prefix, &mut probes, links)?;
         }
         if !probes.is_empty() {
             probed.push(ProbedObject {
@@ -218,13 +229,14 @@ pub fn attach_all(ebpf: &mut Ebpf, plan: &Plan) -> anyhow::Result<Vec<ProbedObje
 /// process mapping the library would trap.
 fn attach_set(
     ebpf: &mut Ebpf,
-    path: &Path,
+    object: &ObjectPlan,
     pid: u32,
     set: &[ProbeSpec],
-    functions: &HashMap<String, Function>,
     prefix: &str,
     probes: &mut Vec<ProbePlacement>,
+    links: &mut Links,
 ) -> anyhow::Result<()> {
+    let (path, functions) = (object.object.open.as_path(), &object.functions);
     let scope = UProbeScope::OneProcess(
         NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 cannot be traced"))?,
     );
@@ -246,23 +258,30 @@ fn attach_set(
             probes.push(alias);
             continue;
         }
+        // With a return probe too, both share the one place (see
+        // `elf::placement`).
         let skipped = match spec.exit {
-            Some(_) => 0,
+            Some(_) => call_probe_offset(&function.code),
             None => entry_probe_offset(&function.code),
         };
         let offset = function.offset + skipped;
         let mut attach_one = |name: &str, at: u64| -> anyhow::Result<()> {
-            program(ebpf, name)?
-                .attach(UProbeAttachLocation::AbsoluteOffset(at), path, scope)
-                .with_context(|| {
-                    format!("failed to attach {name} to {} in {}", spec.symbol, path.display())
-                })?;
+            let uprobe = program(ebpf, name)?;
+            // Programs no probe needed at start (an exec's new objects).
+            if uprobe.fd().is_err() {
+                uprobe.load().with_context(|| format!("failed to load program {name}"))?;
+            }
+            let id =
+                uprobe.attach(UProbeAttachLocation::AbsoluteOffset(at), path, scope).with_context(
+                    || format!("failed to attach {name} to {} in {}", spec.symbol, path.display()),
+                )?;
+            links.add_uprobe(uprobe.take_link(id)?);
             Ok(())
         };
         // Return probe first: a call entered between the two attaches would
         // otherwise leave an entry record that no return ever takes.
         if let Some(exit) = spec.exit {
-            attach_one(exit, function.offset)?;
+            attach_one(exit, offset)?;
         }
         attach_one(spec.enter, offset)?;
         match skipped {

@@ -8,8 +8,14 @@
 //! `test %rdi,%rdi; je`; jemalloc's runs ten arithmetic instructions before
 //! its first branch. When unsure, the probe stays at the entry.
 //!
-//! Return probes always go at the entry: the kernel hijacks the return
-//! address there.
+//! A return probe needs only that the word at the stack pointer still be
+//! the return address when it fires: the kernel swaps it for its
+//! trampoline. So a function with a return probe is probed at the same
+//! place as one without, on the first emulated instruction, when nothing
+//! before it moves the stack pointer, writes memory, or writes an argument
+//! register the entry program reads (the first six): its entry and return
+//! handlers then share one cheap trap. jemalloc's malloc begins with
+//! `cmp $0x1000,%rdi; ja`: both go on the `ja`.
 
 use iced_x86::{
     Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
@@ -23,12 +29,35 @@ const MAX_SKIPPED: usize = 16;
 /// munmap, pthread_attr_setdetachstate) and the stack pointer.
 const PRESERVED: [Register; 3] = [Register::RDI, Register::RSI, Register::RSP];
 
+/// Registers the programs of a function with a return probe may read: every
+/// argument register, and the stack pointer (whose word is the return
+/// address the kernel hijacks).
+const PRESERVED_CALL: [Register; 7] = [
+    Register::RDI,
+    Register::RSI,
+    Register::RDX,
+    Register::RCX,
+    Register::R8,
+    Register::R9,
+    Register::RSP,
+];
+
 /// Bytes of a function's start handed to [`entry_probe_offset`].
 pub const CODE_BYTES: usize = 96;
 
 /// Offset from the function's start for an entry-only probe, given the
 /// function's first bytes.
 pub fn entry_probe_offset(code: &[u8]) -> u64 {
+    probe_offset(code, &PRESERVED)
+}
+
+/// Offset from the function's start for an entry probe and a return probe
+/// sharing one trap, given the function's first bytes.
+pub fn call_probe_offset(code: &[u8]) -> u64 {
+    probe_offset(code, &PRESERVED_CALL)
+}
+
+fn probe_offset(code: &[u8], preserved: &[Register]) -> u64 {
     let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
     let mut instruction = Instruction::default();
@@ -43,7 +72,7 @@ pub fn entry_probe_offset(code: &[u8]) -> u64 {
         if is_emulated(&instruction) {
             return instruction.ip();
         }
-        if !is_harmless(&instruction, &mut info) {
+        if !is_harmless(&instruction, &mut info, preserved) {
             break;
         }
     }
@@ -61,7 +90,11 @@ fn is_emulated(instruction: &Instruction) -> bool {
 
 /// Whether an instruction can be passed over: it falls through, writes no
 /// memory and no preserved register.
-fn is_harmless(instruction: &Instruction, info: &mut InstructionInfoFactory) -> bool {
+fn is_harmless(
+    instruction: &Instruction,
+    info: &mut InstructionInfoFactory,
+    preserved: &[Register],
+) -> bool {
     if instruction.flow_control() != FlowControl::Next {
         return false;
     }
@@ -76,7 +109,7 @@ fn is_harmless(instruction: &Instruction, info: &mut InstructionInfoFactory) -> 
     let writes_preserved = info
         .used_registers()
         .iter()
-        .any(|used| writes(used.access()) && PRESERVED.contains(&used.register().full_register()));
+        .any(|used| writes(used.access()) && preserved.contains(&used.register().full_register()));
     !writes_memory && !writes_preserved
 }
 
@@ -131,6 +164,22 @@ mod tests {
         // mov %rdi,(%rax); je
         let code = [0x48, 0x89, 0x38, 0x74, 0x05];
         assert_eq!(entry_probe_offset(&code), 0);
+    }
+
+    /// Check that jemalloc 5.3's malloc (`cmp $0x1000,%rdi; ja`) gets its
+    /// entry and return probes on the `ja`, and that a function whose
+    /// first instructions write an argument register or the stack does not.
+    #[test]
+    fn call_probes_past_compare() {
+        let malloc = [0x48, 0x81, 0xff, 0x00, 0x10, 0x00, 0x00, 0x0f, 0x87, 0x10, 0x00, 0x00, 0x00];
+        assert_eq!(call_probe_offset(&malloc), 7);
+        // mov %rsi,%rdx; ja: rdx is posix_memalign's size.
+        assert_eq!(call_probe_offset(&[0x48, 0x89, 0xf2, 0x77, 0x05]), 0);
+        assert_eq!(entry_probe_offset(&[0x48, 0x89, 0xf2, 0x77, 0x05]), 3);
+        // sub $0x8,%rsp; je: the return address moves.
+        assert_eq!(call_probe_offset(&[0x48, 0x83, 0xec, 0x08, 0x74, 0x05]), 0);
+        // glibc's malloc starts with an emulated push: at the entry.
+        assert_eq!(call_probe_offset(&[0x41, 0x54, 0x55, 0x53]), 0);
     }
 
     /// Check that a test not followed by an emulated instruction is left alone.

@@ -7,7 +7,7 @@ use std::{collections::HashSet, path::PathBuf};
 use aya::Ebpf;
 
 use crate::{
-    attach::{self, AttachOptions},
+    attach::{self, AttachOptions, Links},
     target::{objects_to_probe, Target},
 };
 
@@ -18,6 +18,7 @@ pub fn forget_image(
     target: &Target,
     symbol_prefix: Option<&str>,
     probed_files: &mut HashSet<(u64, u64)>,
+    links: &mut Links,
 ) -> anyhow::Result<PathBuf> {
     let pid = target.pid;
     let program = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
@@ -26,7 +27,7 @@ pub fn forget_image(
     let objects = objects_to_probe(target, None)?;
     let options = AttachOptions { pid, symbol_prefix, allocator: None };
     let plan = attach::plan_new(&objects, &options, probed_files)?;
-    let probed = attach::attach_all(ebpf, &plan)?;
+    let probed = attach::attach_all(ebpf, &plan, links)?;
     for object in &probed {
         log::info!("after exec: {} functions probed in {}", object.functions.len(), object.object);
     }

@@ -20,8 +20,8 @@ use anyhow::{anyhow, bail, Context as _};
 use aya::maps::RingBuf;
 use aya_log::EbpfLogger;
 use leaktrace_common::{
-    KmemConfig, CHANGE_EXEC, DEFAULT_MAX_KERNEL_STACKS, KMEM_ON, KMEM_TARGET, MAP_LINK_MAP_CHANGES,
-    MAP_TRACE_EVENTS, YOUNG_EPOCHS,
+    KmemConfig, CHANGE_EXEC, DEFAULT_MAX_KERNEL_STACKS, DEFAULT_UNWIND_CHUNKS, KMEM_ON,
+    KMEM_TARGET, MAP_LINK_MAP_CHANGES, MAP_TRACE_EVENTS, UNWIND_CHUNK_ROWS, YOUNG_EPOCHS,
 };
 use leaktrace_report::{read_reports, Ended, Report};
 use tokio::time::{interval, interval_at, MissedTickBehavior};
@@ -33,7 +33,7 @@ use events::{
 
 use crate::{
     analyze::{self, kernel::KernelAnalyzer, Analyzer, ReportOptions},
-    attach::{self, KernelLoad, LoadOptions},
+    attach::{self, KernelLoad, Links, LoadOptions},
     cli::{Args, DiffArgs, SortKey},
     collect::Collector,
     report::{self, outputs::Outputs},
@@ -159,7 +159,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
         max_allocations: args.allocation_slots(),
         max_stacks: args.max_stacks,
         sample_rate: args.sample_rate,
-        unwind_rows: args.unwind_rows,
+        unwind_rows: args.unwind_rows.unwrap_or_else(|| unwind_capacity(&objects)),
         glibc_allocator: plan.glibc_allocator,
         glibc_pthread: plan.glibc_pthread,
         hold,
@@ -167,6 +167,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
         kernel_log: args.verbose >= 2,
         trace: args.trace,
         user: true,
+        programs: plan.programs(),
         kernel: kernel.as_ref().map(|(plan, _)| KernelLoad {
             config: KmemConfig { flags: KMEM_ON | KMEM_TARGET, ..plan.config },
             programs: attach::kmem::programs(plan).collect(),
@@ -215,10 +216,13 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
         None
     };
     let mut trace_lines = TraceLines::default();
-    let probed = attach::attach_all(&mut ebpf, &plan).map_err(|err| attach_error(err, target))?;
-    attach::attach_tracepoints(&mut ebpf)?;
+    // Declared after `ebpf`, so dropped before it on every way out.
+    let mut links = Links::default();
+    let probed = attach::attach_all(&mut ebpf, &plan, &mut links)
+        .map_err(|err| attach_error(err, target))?;
+    attach::attach_tracepoints(&mut ebpf, &mut links)?;
     if let Some((plan, _)) = &kernel {
-        attach::kmem::attach(&mut ebpf, plan)?;
+        attach::kmem::attach(&mut ebpf, plan, &mut links)?;
     }
     attach::reset_lost(&mut ebpf)?;
     let summary: Vec<String> = probed
@@ -332,6 +336,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
                         target,
                         args.symbol_prefix.as_deref(),
                         &mut probed_files,
+                        &mut links,
                     )?;
                     analyzer.exec(program);
                 }
@@ -365,6 +370,10 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
     if program_stats.is_some() {
         attach::print_program_stats(&ebpf);
     }
+    let detaching = Instant::now();
+    let count = links.len();
+    links.detach_all();
+    log::info!("{count} probes detached in {:.0} ms", detaching.elapsed().as_secs_f64() * 1e3);
     // A -c program ended by itself gives leaktrace its exit code; one still
     // running is ended with leaktrace unless --keep-running.
     let code = match (end, target.ended()) {
@@ -418,6 +427,26 @@ fn outputs(args: &Args, comm: &str, pid: Option<u32>) -> anyhow::Result<Outputs>
     };
     Outputs::new(args.folded.clone(), args.svg.clone(), args.pprof.clone(), push)
 }
+
+/// Unwind rows to make room for: twice what the target's objects need (an
+/// estimate from their call-frame sections), room for libraries it loads
+/// later, at least [`MIN_UNWIND_ROWS`], at most the old fixed size.
+fn unwind_capacity(objects: &[crate::target::Object]) -> u64 {
+    let needed: u64 = objects
+        .iter()
+        .filter_map(|object| crate::elf::ElfFile::open(&object.open).ok())
+        .map(|elf| crate::unwind::table::estimated_rows(&elf))
+        .sum();
+    let rows = (2 * needed).clamp(MIN_UNWIND_ROWS, MAX_UNWIND_ROWS);
+    log::info!("unwind tables: room for {rows} rows (the target's objects need ~{needed})");
+    rows
+}
+
+/// The least room made for unwind rows (3 MiB): libc and libstdc++ loaded
+/// later fit.
+const MIN_UNWIND_ROWS: u64 = 1 << 18;
+/// The most made without --unwind-rows (24 MiB).
+const MAX_UNWIND_ROWS: u64 = DEFAULT_UNWIND_CHUNKS as u64 * UNWIND_CHUNK_ROWS as u64;
 
 /// The analysis of kernel allocations, for the events in `plan`.
 fn kernel_analyzer(args: &Args, plan: &attach::kmem::KmemPlan) -> anyhow::Result<KernelAnalyzer> {

@@ -15,7 +15,7 @@ use tokio::time::{interval_at, MissedTickBehavior};
 use super::events::{until, Signals};
 use crate::{
     analyze::system::SystemAnalyzer,
-    attach::{self, KernelLoad, LoadOptions},
+    attach::{self, KernelLoad, Links, LoadOptions},
     cli::Args,
     report::{self, outputs::Outputs},
 };
@@ -41,6 +41,7 @@ pub async fn trace(args: &Args, outputs: &mut Outputs) -> anyhow::Result<u8> {
         kernel_log: args.verbose >= 2,
         trace: false,
         user: false,
+        programs: Default::default(),
         kernel: Some(KernelLoad {
             config: KmemConfig { flags, own_tgid: std::process::id(), ..plan.config },
             programs: attach::kmem::programs(&plan).collect(),
@@ -50,7 +51,8 @@ pub async fn trace(args: &Args, outputs: &mut Outputs) -> anyhow::Result<u8> {
     })?;
     let mut analyzer = SystemAnalyzer::new(kernel, args.older, args.sample_rate);
     analyzer.baseline()?;
-    attach::kmem::attach(&mut ebpf, &plan)?;
+    let mut links = Links::default();
+    attach::kmem::attach(&mut ebpf, &plan, &mut links)?;
     attach::reset_lost(&mut ebpf)?;
     eprintln!(
         "leaktrace: attached to the kernel's allocation events machine-wide ({} events), and watching the machine's memory; Ctrl-C to stop",

@@ -57,6 +57,18 @@ impl FramePointerCheck {
     }
 }
 
+/// Rows [`object_rows`] would make of an object, over-estimated from the
+/// size of its call-frame sections alone (no parse): glibc's libc has ~6
+/// bytes of .eh_frame a row, libstdc++ ~7.
+pub fn estimated_rows(elf: &ElfFile) -> u64 {
+    let file = elf.parse();
+    let size = |name: &str| file.section_by_name(name).map_or(0, |section| section.size());
+    (size(".eh_frame") + size(".debug_frame")) / BYTES_PER_ROW_AT_LEAST
+}
+
+/// Fewer call-frame bytes than any object seen here spends on a row.
+const BYTES_PER_ROW_AT_LEAST: u64 = 4;
+
 /// The unwind table of an object file.
 pub fn object_rows(elf: &ElfFile) -> anyhow::Result<ObjectTable> {
     let file = elf.parse();

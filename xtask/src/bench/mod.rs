@@ -14,6 +14,7 @@ mod kernel;
 mod links;
 mod live;
 mod process;
+mod redis;
 
 use crate::{compile_c, install_packages, output_of, workspace_root};
 use links::LinkFloor;
@@ -69,12 +70,18 @@ pub struct BenchArgs {
     /// Leave out the cost of tracing kernel allocations.
     #[arg(long)]
     no_kernel: bool,
+    /// Leave out the real service (redis-server under redis-benchmark).
+    #[arg(long)]
+    no_redis: bool,
 }
 
 /// Run both parts of the benchmark and print their results on stdout.
 pub fn run(leaktrace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let bpftrace = if args.no_bpftrace { None } else { Some(find_bpftrace()?) };
     time_pairs(leaktrace, bpftrace.as_ref(), args)?;
+    if !args.no_redis {
+        redis::measure_redis(leaktrace, args.rounds)?;
+    }
     if !args.no_kernel {
         kernel::measure_kernel(leaktrace, args.rounds)?;
     }
