@@ -14,6 +14,19 @@ const fn probe(symbol: &'static str, enter: &'static str, exit: Option<&'static 
     ProbeSpec { symbol, enter, exit }
 }
 
+/// How many leading argument registers an entry program reads (all six
+/// for one not listed): where its probe may go depends on it.
+pub fn arguments_read(program: &str) -> usize {
+    match program {
+        "alloc_enter_malloc" | "thread_enter_pthread_join" | "thread_enter_pthread_detach" => 1,
+        "alloc_enter_calloc" | "alloc_enter_memalign" | "alloc_enter_realloc" => 2,
+        "thread_enter_pthread_create" => 2,
+        "alloc_enter_reallocarray" | "alloc_enter_posix_memalign" | "mmap_enter_mremap" => 3,
+        "alloc_enter_rust_realloc" | "mmap_enter_mmap" => 4,
+        _ => 6,
+    }
+}
+
 /// The C allocator API. Programs are shared by functions of one prototype.
 pub const ALLOCATOR_PROBES: &[ProbeSpec] = &[
     probe("malloc", "alloc_enter_malloc", Some("alloc_exit_malloc")),

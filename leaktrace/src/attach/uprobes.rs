@@ -261,7 +261,7 @@ fn attach_set(
         // With a return probe too, both share the one place (see
         // `elf::placement`).
         let skipped = match spec.exit {
-            Some(_) => call_probe_offset(&function.code),
+            Some(_) => call_probe_offset(&function.code, arguments_read(spec.enter)),
             None => entry_probe_offset(&function.code),
         };
         let offset = function.offset + skipped;

@@ -13,9 +13,11 @@
 //! trampoline. So a function with a return probe is probed at the same
 //! place as one without, on the first emulated instruction, when nothing
 //! before it moves the stack pointer, writes memory, or writes an argument
-//! register the entry program reads (the first six): its entry and return
+//! register the entry program reads: its entry and return
 //! handlers then share one cheap trap. jemalloc's malloc begins with
-//! `cmp $0x1000,%rdi; ja`: both go on the `ja`.
+//! `cmp $0x1000,%rdi; ja`: both go on the `ja`; tcmalloc's on its first
+//! `jne`, past a copy of the size to r8; mimalloc's at its entry, as it
+//! reuses rdi at once.
 
 use iced_x86::{
     Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
@@ -29,18 +31,9 @@ const MAX_SKIPPED: usize = 16;
 /// munmap, pthread_attr_setdetachstate) and the stack pointer.
 const PRESERVED: [Register; 3] = [Register::RDI, Register::RSI, Register::RSP];
 
-/// Registers the programs of a function with a return probe may read: every
-/// argument register, and the stack pointer (whose word is the return
-/// address the kernel hijacks).
-const PRESERVED_CALL: [Register; 7] = [
-    Register::RDI,
-    Register::RSI,
-    Register::RDX,
-    Register::RCX,
-    Register::R8,
-    Register::R9,
-    Register::RSP,
-];
+/// The argument registers, in order (System V x86-64).
+const ARGUMENTS: [Register; 6] =
+    [Register::RDI, Register::RSI, Register::RDX, Register::RCX, Register::R8, Register::R9];
 
 /// Bytes of a function's start handed to [`entry_probe_offset`].
 pub const CODE_BYTES: usize = 96;
@@ -52,9 +45,14 @@ pub fn entry_probe_offset(code: &[u8]) -> u64 {
 }
 
 /// Offset from the function's start for an entry probe and a return probe
-/// sharing one trap, given the function's first bytes.
-pub fn call_probe_offset(code: &[u8]) -> u64 {
-    probe_offset(code, &PRESERVED_CALL)
+/// sharing one trap, given the function's first bytes and how many of its
+/// leading arguments the entry program reads: those registers and the
+/// stack pointer (whose word is the return address the kernel hijacks)
+/// must be as they were at the call.
+pub fn call_probe_offset(code: &[u8], arguments: usize) -> u64 {
+    let mut preserved: Vec<Register> = ARGUMENTS[..arguments.min(ARGUMENTS.len())].to_vec();
+    preserved.push(Register::RSP);
+    probe_offset(code, &preserved)
 }
 
 fn probe_offset(code: &[u8], preserved: &[Register]) -> u64 {
@@ -172,14 +170,29 @@ mod tests {
     #[test]
     fn call_probes_past_compare() {
         let malloc = [0x48, 0x81, 0xff, 0x00, 0x10, 0x00, 0x00, 0x0f, 0x87, 0x10, 0x00, 0x00, 0x00];
-        assert_eq!(call_probe_offset(&malloc), 7);
-        // mov %rsi,%rdx; ja: rdx is posix_memalign's size.
-        assert_eq!(call_probe_offset(&[0x48, 0x89, 0xf2, 0x77, 0x05]), 0);
-        assert_eq!(entry_probe_offset(&[0x48, 0x89, 0xf2, 0x77, 0x05]), 3);
+        assert_eq!(call_probe_offset(&malloc, 1), 7);
+        // mov %rsi,%rdx; ja: rdx is posix_memalign's size, not malloc's.
+        assert_eq!(call_probe_offset(&[0x48, 0x89, 0xf2, 0x77, 0x05], 3), 0);
+        assert_eq!(call_probe_offset(&[0x48, 0x89, 0xf2, 0x77, 0x05], 1), 3);
         // sub $0x8,%rsp; je: the return address moves.
-        assert_eq!(call_probe_offset(&[0x48, 0x83, 0xec, 0x08, 0x74, 0x05]), 0);
+        assert_eq!(call_probe_offset(&[0x48, 0x83, 0xec, 0x08, 0x74, 0x05], 1), 0);
         // glibc's malloc starts with an emulated push: at the entry.
-        assert_eq!(call_probe_offset(&[0x41, 0x54, 0x55, 0x53]), 0);
+        assert_eq!(call_probe_offset(&[0x41, 0x54, 0x55, 0x53], 1), 0);
+        // tcmalloc 2.10's malloc: mov 0x132f9(%rip),%rax; mov %rdi,%r8;
+        // test %rax,%rax; jne: the size is kept, so on the jne.
+        let tcmalloc = [
+            0x48, 0x8b, 0x05, 0xf9, 0x32, 0x01, 0x00, 0x49, 0x89, 0xf8, 0x48, 0x85, 0xc0, 0x0f,
+            0x85, 0x8e, 0x00, 0x00, 0x00,
+        ];
+        assert_eq!(call_probe_offset(&tcmalloc, 1), 13);
+        // mimalloc 2.0's malloc moves the size to rsi and reuses rdi: entry.
+        // mov 0xb449(%rip),%rax; mov %rdi,%rsi; mov %fs:(%rax),%rdi;
+        // cmp $0x400,%rsi; ja
+        let mimalloc = [
+            0x48, 0x8b, 0x05, 0x49, 0xb4, 0x00, 0x00, 0x48, 0x89, 0xfe, 0x64, 0x48, 0x8b, 0x38,
+            0x48, 0x81, 0xfe, 0x00, 0x04, 0x00, 0x00, 0x77, 0x29,
+        ];
+        assert_eq!(call_probe_offset(&mimalloc, 1), 0);
     }
 
     /// Check that a test not followed by an emulated instruction is left alone.

@@ -118,7 +118,7 @@ fn redis_run(leaktrace: &Path, mode: RedisMode) -> anyhow::Result<(Vec<f64>, Opt
                         last = report.verdict.map(|verdict| verdict.text);
                         seen += 1;
                     }
-                    seen >= 3
+                    seen >= 5
                 },
             )?;
             last
