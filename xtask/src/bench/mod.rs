@@ -15,6 +15,7 @@ mod links;
 mod live;
 mod process;
 mod redis;
+mod service;
 
 use crate::{compile_c, install_packages, output_of, workspace_root};
 use links::LinkFloor;
@@ -79,6 +80,7 @@ pub struct BenchArgs {
 pub fn run(leaktrace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let bpftrace = if args.no_bpftrace { None } else { Some(find_bpftrace()?) };
     time_pairs(leaktrace, bpftrace.as_ref(), args)?;
+    service::measure_service(leaktrace, args.pairs, args.rounds)?;
     if !args.no_redis {
         redis::measure_redis(leaktrace, args.rounds)?;
     }
