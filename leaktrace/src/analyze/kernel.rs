@@ -10,7 +10,8 @@ use std::{
 use aya::Ebpf;
 use leaktrace_common::{KernelKind as CommonKind, Lost, StackEnd, NO_STACK};
 use leaktrace_report::{
-    site_label, Finding, Frame, KernelKind, KernelSummary, ProcessShare, StackReport, Trend,
+    site_label, FdReport, Finding, Frame, KernelKind, KernelSummary, ProcessShare, StackReport,
+    Trend,
 };
 
 use super::growth::History;
@@ -19,7 +20,7 @@ use crate::{
         kernel::{cache_name, collect_kernel, kernel_stack, KernelUsage},
         user_stack,
     },
-    proc::system::{slab_reclaimable, Comms},
+    proc::system::{fd_count, slab_reclaimable, Comms},
     symbolize::{kernel::KernelSymbolizer, Symbolizer},
 };
 
@@ -274,6 +275,36 @@ impl KernelAnalyzer {
             allocs: Vec::new(),
             delta: None,
         }
+    }
+}
+
+/// A target's open fds over time (`--kernel`).
+pub struct FdCount {
+    pid: u32,
+    start: u64,
+    history: History<()>,
+}
+
+impl FdCount {
+    pub fn new(pid: u32) -> Option<Self> {
+        let start = fd_count(pid).ok()?;
+        Some(Self { pid, start, history: History::new(0.5) })
+    }
+
+    /// The count at `t` seconds, with its change since attach and trend.
+    pub fn read(&mut self, t: f64, alive: bool) -> Option<FdReport> {
+        if !alive {
+            return None;
+        }
+        let count = fd_count(self.pid).ok()?;
+        self.history.record(t, [((), count as f64)]);
+        let growth = self.history.growth(());
+        Some(FdReport {
+            count,
+            delta: count as i64 - self.start as i64,
+            trend: growth.map_or(Trend::New, |growth| growth.trend),
+            per_second: growth.map_or(0.0, |growth| growth.bytes_per_second),
+        })
     }
 }
 

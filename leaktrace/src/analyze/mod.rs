@@ -17,9 +17,9 @@ use std::{
 use aya::Ebpf;
 use leaktrace_common::{Lost, StackEnd, NO_STACK};
 use leaktrace_report::{
-    site_label, ExecEvent, FdReport, Finding, Frame, MemoryReport, PreattachFrees, ProbedObject,
-    RecordKind, Report, StackReport, ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals,
-    Trend, Verdict, SCHEMA,
+    site_label, ExecEvent, Finding, Frame, MemoryReport, PreattachFrees, ProbedObject, RecordKind,
+    Report, StackReport, ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals, Trend,
+    Verdict, SCHEMA,
 };
 
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
     symbolize::Symbolizer,
 };
 use growth::History;
-use kernel::{kernel_losses, KernelAnalyzer};
+use kernel::{kernel_losses, FdCount, KernelAnalyzer};
 use verdict::{GrowingSite, LiveEvidence, Replacement, RetentionEvidence, ThreadSiteEvidence};
 
 /// Byte changes below this are noise for a call site.
@@ -101,9 +101,8 @@ pub struct Analyzer {
     exec: Option<ExecEvent>,
     /// Kernel allocations in the target's context (`--kernel`).
     kernel: Option<KernelAnalyzer>,
-    /// Open fds (`--kernel`): at attach, and over time.
-    fds_start: Option<u64>,
-    fds: History<()>,
+    /// Open fds (`--kernel`).
+    fds: Option<FdCount>,
 }
 
 impl Analyzer {
@@ -135,15 +134,14 @@ impl Analyzer {
             threads_held: HashSet::new(),
             exec: None,
             kernel: None,
-            fds_start: None,
-            fds: History::new(0.5),
+            fds: None,
         }
     }
 
     /// Also report the kernel allocations made in the target's context,
     /// and its open fds.
     pub fn with_kernel(mut self, kernel: KernelAnalyzer) -> Self {
-        self.fds_start = proc::system::fd_count(self.options.pid).ok();
+        self.fds = FdCount::new(self.options.pid);
         self.kernel = Some(kernel);
         self
     }
@@ -298,7 +296,7 @@ impl Analyzer {
             }
             verdict = Verdict::new(findings);
         }
-        let fds = self.fds(t, alive);
+        let fds = self.fds.as_mut().and_then(|fds| fds.read(t, alive));
         let memory = memory.map(|picture| {
             let baseline = self.baseline.get_or_insert_with(|| picture.clone());
             MemoryReport { since_attach: picture.since(baseline), picture }
@@ -332,23 +330,6 @@ impl Analyzer {
             fds,
             push: None,
             diff: None,
-        })
-    }
-
-    /// The target's open fds and their trend (`--kernel`).
-    fn fds(&mut self, t: f64, alive: bool) -> Option<FdReport> {
-        let start = self.fds_start?;
-        if !alive {
-            return None;
-        }
-        let count = proc::system::fd_count(self.options.pid).ok()?;
-        self.fds.record(t, [((), count as f64)]);
-        let growth = self.fds.growth(());
-        Some(FdReport {
-            count,
-            delta: count as i64 - start as i64,
-            trend: growth.map_or(Trend::New, |growth| growth.trend),
-            per_second: growth.map_or(0.0, |growth| growth.bytes_per_second),
         })
     }
 

@@ -1,6 +1,7 @@
 //! Rendering a [`Report`] (the model, `leaktrace-report`): the text shape
 //! bcc memleak users know ([`text`]), and JSON Lines for scripts.
 
+mod diff;
 mod flamegraph;
 mod folded;
 mod memory;
@@ -36,3 +37,14 @@ pub fn write_json(report: &Report, out: &mut impl Write) -> io::Result<()> {
 }
 
 pub use text::write_text;
+
+/// Print a report on stdout, as text or as one JSON line.
+pub fn print(report: &Report, json: bool) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    if json {
+        write_json(report, &mut out)?;
+    } else {
+        write_text(report, &mut out)?;
+    }
+    out.flush()
+}

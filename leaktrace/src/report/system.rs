@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 
-use leaktrace_report::SystemReport;
+use leaktrace_report::{KernelSummary, Report, SystemReport};
 
 use super::units::{human_bytes, human_bytes_signed};
 
@@ -68,6 +68,31 @@ pub fn write_system(system: &SystemReport, out: &mut impl Write) -> io::Result<(
                 human_bytes(process.rss)
             )?;
         }
+    }
+    Ok(())
+}
+
+/// What kernel allocations were traced, and whether frames are named.
+pub fn write_kernel_summary(
+    report: &Report,
+    kernel: &KernelSummary,
+    out: &mut impl Write,
+) -> io::Result<()> {
+    let whose = if report.system.is_some() { "" } else { " in the target's context" };
+    writeln!(
+        out,
+        "\tKernel memory allocated{whose} since attach, outstanding: {} in {} allocations over {} stacks; frames named from {}.",
+        human_bytes(kernel.bytes),
+        kernel.allocations,
+        kernel.stack_count,
+        kernel.symbols
+    )?;
+    if !kernel.missing_events.is_empty() {
+        writeln!(
+            out,
+            "\tNot traced (this kernel lacks the events): {}.",
+            kernel.missing_events.join(", ")
+        )?;
     }
     Ok(())
 }

@@ -4,15 +4,11 @@
 use std::io::{self, Write};
 
 use leaktrace_report::{
-    short_module, DiffInputs, Ended, Finding, Frame, Growth, KernelSummary, Lost, Report, StackEnd,
-    ThreadFinding, ThreadsReport, Trend,
+    short_module, Ended, Finding, Frame, Growth, Lost, Report, StackEnd, ThreadFinding,
+    ThreadsReport, Trend,
 };
 
-use super::{
-    memory::write_memory,
-    system::write_system,
-    units::{human_bytes, human_bytes_signed},
-};
+use super::{memory::write_memory, system::write_system, units::human_bytes};
 
 pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
     // "2026-11-22T06:41:02Z" -> "06:41:02"
@@ -22,7 +18,7 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
         None => report.pid.to_string(),
     };
     if let Some(diff) = &report.diff {
-        return write_diff(report, diff, out);
+        return super::diff::write_diff(report, diff, out);
     }
     if report.system.is_some() {
         writeln!(
@@ -46,7 +42,7 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
         )?;
     }
     if let Some(kernel) = &report.kernel {
-        write_kernel_summary(report, kernel, out)?;
+        super::system::write_kernel_summary(report, kernel, out)?;
     }
     if let Some(exec) = &report.exec {
         writeln!(
@@ -195,68 +191,6 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
     out.flush()
 }
 
-/// `leaktrace diff`: each stack's change, the greatest growth first.
-fn write_diff(report: &Report, diff: &DiffInputs, out: &mut impl Write) -> io::Result<()> {
-    let (bytes, allocations) = report
-        .stacks
-        .iter()
-        .filter_map(|stack| stack.delta)
-        .fold((0i64, 0i64), |(bytes, allocations), delta| {
-            (bytes + delta.bytes, allocations + delta.allocations)
-        });
-    writeln!(
-        out,
-        "Diff of {} ({}) and {} ({}): {} stacks shown, {} ({allocations:+} allocations) in all",
-        diff.before,
-        diff.before_time,
-        diff.after,
-        diff.after_time,
-        report.stacks.len(),
-        human_bytes_signed(bytes),
-    )?;
-    for stack in &report.stacks {
-        let Some(delta) = stack.delta else { continue };
-        writeln!(
-            out,
-            "\t{:+} bytes ({:+} allocations): {} -> {} bytes from {}",
-            delta.bytes,
-            delta.allocations,
-            delta.bytes_before,
-            stack.bytes,
-            if stack.kind.is_some() { "kernel stack" } else { "stack" }
-        )?;
-        for frame in &stack.frames {
-            writeln!(out, "\t\t{}", frame_line(frame))?;
-        }
-    }
-    writeln!(out)?;
-    out.flush()
-}
-
-fn write_kernel_summary(
-    report: &Report,
-    kernel: &KernelSummary,
-    out: &mut impl Write,
-) -> io::Result<()> {
-    let whose = if report.system.is_some() { "" } else { " in the target's context" };
-    writeln!(
-        out,
-        "\tKernel memory allocated{whose} since attach, outstanding: {} in {} allocations over {} stacks; frames named from {}.",
-        human_bytes(kernel.bytes),
-        kernel.allocations,
-        kernel.stack_count,
-        kernel.symbols
-    )?;
-    if !kernel.missing_events.is_empty() {
-        writeln!(
-            out,
-            "\tNot traced (this kernel lacks the events): {}.",
-            kernel.missing_events.join(", ")
-        )?;
-    }
-    Ok(())
-}
-
 fn write_threads(threads: &ThreadsReport, out: &mut impl Write) -> io::Result<()> {
     let before = &threads.before_attach;
     let before = if before.alive > 0 {
@@ -315,7 +249,7 @@ fn stack_end_note(end: StackEnd) -> Option<&'static str> {
 }
 
 /// `func+0x1d (file.c:12) [module]`, or `[module]+0x1234` when unknown.
-fn frame_line(frame: &Frame) -> String {
+pub(super) fn frame_line(frame: &Frame) -> String {
     let module = frame.module.as_deref().map(short_module);
     let mut line = match (&frame.symbol, frame.inlined) {
         (Some(symbol), true) => format!("{symbol} [inlined]"),

@@ -11,7 +11,7 @@ mod exec;
 mod system;
 
 use std::{
-    io::{self, Write as _},
+    io,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -268,13 +268,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
         report.ended = ended.cloned();
         report::finish(&mut report);
         outputs.write(&mut report);
-        let mut out = io::stdout().lock();
-        if json {
-            report::write_json(&report, &mut out)?;
-        } else {
-            report::write_text(&report, &mut out)?;
-        }
-        Ok(out.flush()?)
+        Ok(report::print(&report, json)?)
     };
     // The files probed so far, so that an exec probes only what is new.
     let mut probed_files = plan.files();
@@ -401,13 +395,7 @@ pub fn diff(args: &DiffArgs) -> anyhow::Result<()> {
     let names = (args.before.display().to_string(), args.after.display().to_string());
     let mut report = analyze::diff::diff(&before, &after, (&names.0, &names.1));
     report.stacks.truncate(args.top);
-    let mut out = io::stdout().lock();
-    if args.json {
-        report::write_json(&report, &mut out)?;
-    } else {
-        report::write_text(&report, &mut out)?;
-    }
-    Ok(out.flush()?)
+    Ok(report::print(&report, args.json)?)
 }
 
 /// Where each report also goes (`--folded`, `--svg`, `--pprof`, `--push`),

@@ -2,10 +2,7 @@
 //! kernel's allocations, machine-wide, reported until Ctrl-C, SIGTERM,
 //! COUNT or --duration.
 
-use std::{
-    io::{self, Write as _},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use leaktrace_common::{
     KmemConfig, DEFAULT_MAX_KERNEL_STACKS, KMEM_ON, KMEM_PERCPU, UNWIND_CHUNK_ROWS,
@@ -63,13 +60,7 @@ pub async fn trace(args: &Args, outputs: &mut Outputs) -> anyhow::Result<u8> {
         let mut report = analyzer.report(&ebpf, is_final)?;
         report::finish(&mut report);
         outputs.write(&mut report);
-        let mut out = io::stdout().lock();
-        if args.json {
-            report::write_json(&report, &mut out)?;
-        } else {
-            report::write_text(&report, &mut out)?;
-        }
-        Ok(out.flush()?)
+        Ok(report::print(&report, args.json)?)
     };
     let started = Instant::now();
     let period = Duration::from_secs_f64(args.interval);
