@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{ensure, Context as _};
 
+mod footprint;
 mod kernel;
 mod links;
 mod live;
@@ -81,6 +82,7 @@ pub fn run(leaktrace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let bpftrace = if args.no_bpftrace { None } else { Some(find_bpftrace()?) };
     time_pairs(leaktrace, bpftrace.as_ref(), args)?;
     service::measure_service(leaktrace, args.pairs, args.rounds)?;
+    footprint::measure_small_process(leaktrace, args.rounds)?;
     if !args.no_redis {
         redis::measure_redis(leaktrace, args.rounds)?;
     }
