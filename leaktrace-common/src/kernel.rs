@@ -77,9 +77,12 @@ impl Default for KmemConfig {
     }
 }
 
-/// What kind of kernel memory an allocation is.
+/// What kind of kernel memory an allocation is (reports carry it, as
+/// `"kind"`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum KernelKind {
     /// kmalloc and friends (a kmalloc-N cache, or pages past 8 KiB).
     Kmalloc = 0,

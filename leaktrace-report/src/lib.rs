@@ -15,12 +15,10 @@ mod verdict;
 use std::{collections::BTreeMap, io::BufRead};
 
 pub use frame::{is_runtime_frame, is_runtime_symbol, short_module, site_label, Frame};
-pub use leaktrace_common::{Lost, StackEnd};
+pub use leaktrace_common::{KernelKind, Lost, StackEnd};
 pub use memory::{MemoryDelta, MemoryPicture, MemoryReport, Usage};
 use serde::{Deserialize, Serialize};
-pub use system::{
-    FdReport, KernelKind, KernelSummary, ProcessReport, ProcessShare, SlabReport, SystemReport,
-};
+pub use system::{FdReport, KernelSummary, ProcessReport, ProcessShare, SlabReport, SystemReport};
 pub use verdict::{Finding, ThreadFinding, Verdict, VerdictKind};
 
 /// The version of this model that a report was written with.

@@ -56,27 +56,6 @@ pub struct ProcessReport {
     pub kernel_bytes: u64,
 }
 
-/// What kind of kernel memory a stack holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KernelKind {
-    Kmalloc,
-    Slab,
-    Page,
-    Percpu,
-}
-
-impl KernelKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KernelKind::Kmalloc => "kmalloc",
-            KernelKind::Slab => "slab",
-            KernelKind::Page => "page",
-            KernelKind::Percpu => "percpu",
-        }
-    }
-}
-
 /// A process in whose context a kernel stack's outstanding memory was
 /// allocated.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,10 +8,9 @@ use std::{
 };
 
 use aya::Ebpf;
-use leaktrace_common::{KernelKind as CommonKind, Lost, StackEnd, NO_STACK};
+use leaktrace_common::{KernelKind, Lost, StackEnd, NO_STACK};
 use leaktrace_report::{
-    site_label, FdReport, Finding, Frame, KernelKind, KernelSummary, ProcessShare, StackReport,
-    Trend,
+    site_label, FdReport, Finding, Frame, KernelSummary, ProcessShare, StackReport, Trend,
 };
 
 use super::growth::History;
@@ -135,7 +134,7 @@ impl KernelAnalyzer {
         // Pages that back slab objects, or a kmalloc past the caches, are
         // counted already, as those objects.
         usages.retain(|usage| {
-            usage.kind != CommonKind::Page || !self.counted_elsewhere(ebpf, usage.kernel_stack)
+            usage.kind != KernelKind::Page || !self.counted_elsewhere(ebpf, usage.kernel_stack)
         });
         self.history.record(t, usages.iter().map(|usage| (usage.key(), usage.bytes as f64)));
         let mut growing: Vec<(&KernelUsage, f64)> = usages
@@ -181,7 +180,7 @@ impl KernelAnalyzer {
                 Some(Finding::KernelLeak {
                     stacks: leaking.len(),
                     bytes_per_second: *rate,
-                    kind: kind_of(usage.kind),
+                    kind: usage.kind,
                     cache: cache.clone(),
                     site: kernel_site(&kernel_frames),
                     user_site: (!user_frames.is_empty()).then(|| site_label(&user_frames)),
@@ -269,7 +268,7 @@ impl KernelAnalyzer {
             frames,
             stack_end,
             growth: self.history.growth(usage.key()),
-            kind: Some(kind_of(usage.kind)),
+            kind: Some(usage.kind),
             cache: cache_name(ebpf, usage.kernel_stack),
             processes,
             allocs: Vec::new(),
@@ -314,15 +313,6 @@ pub fn kernel_losses(lost: &[(Lost, u64)]) -> u64 {
         .filter(|(reason, _)| *reason == Lost::KernelAllocMapFull)
         .map(|(_, count)| count)
         .sum()
-}
-
-fn kind_of(kind: CommonKind) -> KernelKind {
-    match kind {
-        CommonKind::Kmalloc => KernelKind::Kmalloc,
-        CommonKind::Slab => KernelKind::Slab,
-        CommonKind::Page => KernelKind::Page,
-        CommonKind::Percpu => KernelKind::Percpu,
-    }
 }
 
 fn is_kernel_frame(frame: &Frame) -> bool {

@@ -162,7 +162,7 @@ pub fn profile(report: &Report, build_ids: &mut BuildIds) -> Profile {
             label.push(builder.label("trend", growth.trend.as_str()));
         }
         if let Some(kind) = stack.kind {
-            label.push(builder.label("kind", kind.as_str()));
+            label.push(builder.label("kind", kind.name()));
         }
         if let Some(cache) = &stack.cache {
             label.push(builder.label("cache", cache));

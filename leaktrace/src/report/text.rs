@@ -67,8 +67,8 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
             Some(growth) => format!(" ({})", growth.trend.as_str()),
         };
         let from = match (stack.kind, &stack.cache) {
-            (Some(kind), Some(cache)) => format!("kernel stack ({} {cache})", kind.as_str()),
-            (Some(kind), None) => format!("kernel stack ({})", kind.as_str()),
+            (Some(kind), Some(cache)) => format!("kernel stack ({} {cache})", kind.name()),
+            (Some(kind), None) => format!("kernel stack ({})", kind.name()),
             (None, _) => "stack".to_string(),
         };
         writeln!(
@@ -355,8 +355,8 @@ fn finding_text(finding: &Finding) -> String {
             comm,
         } => {
             let what = match cache {
-                Some(cache) => format!("{} {cache}", kind.as_str()),
-                None => kind.as_str().to_string(),
+                Some(cache) => format!("{} {cache}", kind.name()),
+                None => kind.name().to_string(),
             };
             let mut text = format!(
                 "kernel: {what} +{}/s, allocated in {site}",
