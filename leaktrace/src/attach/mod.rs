@@ -5,6 +5,7 @@
 
 pub mod kmem;
 mod links;
+mod multi;
 mod probes;
 mod tracepoints;
 mod uprobes;
@@ -75,8 +76,12 @@ pub struct KernelLoad {
     pub max_stacks: u32,
 }
 
-/// Load every program, configured for one target.
-pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
+/// The object the kernel programs are built into.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"));
+
+/// Load every program, configured for one target; the links to come hold
+/// the uprobe programs when they are loaded for multi links.
+pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
     let config = Config {
         tgid: options.tgid,
         flags: if options.glibc_allocator { CONFIG_GLIBC_CHUNKS } else { 0 }
@@ -115,18 +120,27 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<Ebpf> {
             MAP_UNWIND_ROWS,
             options.unwind_rows.div_ceil(UNWIND_CHUNK_ROWS as u64) as u32,
         )
-        .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace")))
+        .load(OBJECT)
         .context("failed to load the eBPF programs")?;
     let mut names: HashSet<&str> = HashSet::new();
+    let mut links = Links::default();
     if options.user {
-        names.extend(options.programs.iter().copied());
+        if multi::supported() {
+            let mut programs = multi::MultiPrograms::new(OBJECT, &ebpf)?;
+            let uprobes: Vec<&str> = options.programs.iter().copied().collect();
+            programs.load(&uprobes)?;
+            links = Links::with_multi(programs);
+        } else {
+            log::info!("this kernel makes no uprobe_multi links: perf-event uprobes instead");
+            names.extend(options.programs.iter().copied());
+        }
         names.extend(TRACEPOINTS.iter().map(|(name, ..)| *name));
     }
     if let Some(kernel) = &options.kernel {
         names.extend(kernel.programs.iter().copied());
     }
     load_programs(&mut ebpf, &names)?;
-    Ok(ebpf)
+    Ok((ebpf, links))
 }
 
 /// Load the programs `names`, on as many threads as there are CPUs (at
@@ -239,18 +253,18 @@ fn clear<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
 
 /// `--program-stats`: each program that ran, with its runs and mean time,
 /// on stderr; the last line says how many.
-pub fn print_program_stats(ebpf: &Ebpf) {
+pub fn print_program_stats(ebpf: &Ebpf, links: &Links) {
+    let aya_loaded = ebpf.programs().filter_map(|(name, program)| {
+        let info = program.info().ok()?;
+        Some((name, info.run_count(), info.run_time().as_nanos() as u64))
+    });
     let mut ran = 0;
-    for (name, program) in ebpf.programs() {
-        let Ok(info) = program.info() else {
-            continue;
-        };
-        let runs = info.run_count();
+    for (name, runs, time_ns) in aya_loaded.chain(links.program_stats()) {
         if runs == 0 {
             continue;
         }
         ran += 1;
-        let mean = info.run_time().as_nanos() / u128::from(runs);
+        let mean = time_ns / runs;
         eprintln!("leaktrace: program {name}: {runs} runs, {mean} ns mean");
     }
     eprintln!("leaktrace: program stats: {ran} programs ran");

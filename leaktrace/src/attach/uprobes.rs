@@ -5,22 +5,15 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    num::NonZeroU32,
     path::Path,
 };
 
 use anyhow::{anyhow, bail, Context as _};
-use aya::{
-    programs::{
-        uprobe::{UProbeAttachLocation, UProbeScope},
-        UProbe,
-    },
-    Ebpf,
-};
+use aya::{programs::UProbe, Ebpf};
 use leaktrace_report::{ProbePlacement, ProbedObject};
 
 use super::probes::*;
-use super::Links;
+use super::{links::Probe, Links};
 use crate::{
     elf::{
         placement::{call_probe_offset, entry_probe_offset},
@@ -237,9 +230,7 @@ fn attach_set(
     links: &mut Links,
 ) -> anyhow::Result<()> {
     let (path, functions) = (object.object.open.as_path(), &object.functions);
-    let scope = UProbeScope::OneProcess(
-        NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 cannot be traced"))?,
-    );
+    let mut planned = Vec::new();
     for spec in set {
         let Some(function) = functions.get(&format!("{prefix}{}", spec.symbol)) else {
             log::debug!("{} has no {}: not probed", path.display(), spec.symbol);
@@ -265,25 +256,10 @@ fn attach_set(
             None => entry_probe_offset(&function.code),
         };
         let offset = function.offset + skipped;
-        let mut attach_one = |name: &str, at: u64| -> anyhow::Result<()> {
-            let uprobe = program(ebpf, name)?;
-            // Programs no probe needed at start (an exec's new objects).
-            if uprobe.fd().is_err() {
-                uprobe.load().with_context(|| format!("failed to load program {name}"))?;
-            }
-            let id =
-                uprobe.attach(UProbeAttachLocation::AbsoluteOffset(at), path, scope).with_context(
-                    || format!("failed to attach {name} to {} in {}", spec.symbol, path.display()),
-                )?;
-            links.add_uprobe(uprobe.take_link(id)?);
-            Ok(())
-        };
-        // Return probe first: a call entered between the two attaches would
-        // otherwise leave an entry record that no return ever takes.
+        planned.push(Probe { program: spec.enter, offset, at_return: false });
         if let Some(exit) = spec.exit {
-            attach_one(exit, offset)?;
+            planned.push(Probe { program: exit, offset, at_return: true });
         }
-        attach_one(spec.enter, offset)?;
         match skipped {
             0 => log::info!("{}: probe at entry (file offset {offset:#x})", spec.symbol),
             n => log::info!(
@@ -298,7 +274,7 @@ fn attach_set(
             alias_of: None,
         });
     }
-    Ok(())
+    links.attach_uprobes(ebpf, path, pid, &planned)
 }
 
 pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {

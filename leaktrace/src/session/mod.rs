@@ -33,7 +33,7 @@ use events::{
 
 use crate::{
     analyze::{self, kernel::KernelAnalyzer, Analyzer, ReportOptions},
-    attach::{self, KernelLoad, Links, LoadOptions},
+    attach::{self, KernelLoad, LoadOptions},
     cli::{Args, DiffArgs, SortKey},
     collect::Collector,
     report::{self, outputs::Outputs},
@@ -150,7 +150,8 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
     } else {
         None
     };
-    let mut ebpf = attach::load(&LoadOptions {
+    // `links` after `ebpf`, so dropped before it on every way out.
+    let (mut ebpf, mut links) = attach::load(&LoadOptions {
         // PID 0 never allocates: the programs stop at their first check.
         tgid: if args.floor { 0 } else { pid },
         epoch_ns,
@@ -216,8 +217,6 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
         None
     };
     let mut trace_lines = TraceLines::default();
-    // Declared after `ebpf`, so dropped before it on every way out.
-    let mut links = Links::default();
     let probed = attach::attach_all(&mut ebpf, &plan, &mut links)
         .map_err(|err| attach_error(err, target))?;
     attach::attach_tracepoints(&mut ebpf, &mut links)?;
@@ -362,7 +361,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
     };
     flush_now(&mut logger);
     if program_stats.is_some() {
-        attach::print_program_stats(&ebpf);
+        attach::print_program_stats(&ebpf, &links);
     }
     let detaching = Instant::now();
     let count = links.len();

@@ -12,7 +12,7 @@ use tokio::time::{interval_at, MissedTickBehavior};
 use super::events::{until, Signals};
 use crate::{
     analyze::system::SystemAnalyzer,
-    attach::{self, KernelLoad, Links, LoadOptions},
+    attach::{self, KernelLoad, LoadOptions},
     cli::Args,
     report::{self, outputs::Outputs},
 };
@@ -21,7 +21,7 @@ pub async fn trace(args: &Args, outputs: &mut Outputs) -> anyhow::Result<u8> {
     let plan = attach::kmem::plan(args.percpu)?;
     let kernel = super::kernel_analyzer(args, &plan)?;
     let flags = KMEM_ON | if args.percpu { KMEM_PERCPU } else { 0 };
-    let mut ebpf = attach::load(&LoadOptions {
+    let (mut ebpf, mut links) = attach::load(&LoadOptions {
         tgid: 0,
         epoch_ns: 0,
         min_size: args.min_size.unwrap_or(0),
@@ -48,7 +48,6 @@ pub async fn trace(args: &Args, outputs: &mut Outputs) -> anyhow::Result<u8> {
     })?;
     let mut analyzer = SystemAnalyzer::new(kernel, args.older, args.sample_rate);
     analyzer.baseline()?;
-    let mut links = Links::default();
     attach::kmem::attach(&mut ebpf, &plan, &mut links)?;
     attach::reset_lost(&mut ebpf)?;
     eprintln!(
