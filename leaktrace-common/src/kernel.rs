@@ -69,11 +69,20 @@ pub struct KmemConfig {
     pub page_size: u64,
     /// Each [`KmemField`]'s offset in its record, or [`NO_FIELD`].
     pub offsets: [u16; KMEM_FIELDS],
+    /// One kernel allocation in this many is kept, chosen by address (the
+    /// tracepoints cost no trap: sampling them saves their work).
+    pub sample_rate: u64,
 }
 
 impl Default for KmemConfig {
     fn default() -> Self {
-        Self { flags: 0, own_tgid: 0, page_size: 4096, offsets: [NO_FIELD; KMEM_FIELDS] }
+        Self {
+            flags: 0,
+            own_tgid: 0,
+            page_size: 4096,
+            offsets: [NO_FIELD; KMEM_FIELDS],
+            sample_rate: 1,
+        }
     }
 }
 
@@ -165,3 +174,5 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CacheName {}
 }
+
+const _: () = assert!(core::mem::size_of::<KmemConfig>() == 56);

@@ -65,6 +65,11 @@ pub const CONFIG_PIDNS: u32 = 8;
 /// [`Config::flags`]: `-t`: every allocation and free of the target goes to
 /// [`MAP_TRACE_EVENTS`].
 pub const CONFIG_TRACE: u32 = 16;
+
+/// [`Config::flags`]: `-s N` by time windows: the allocating functions are
+/// probed for one window in N. A free of a block never seen allocated was
+/// most likely allocated between windows, not before attach: not counted.
+pub const CONFIG_WINDOWS: u32 = 32;
 /// `-t`: one [`TraceEvent`] per allocation and free (a ring buffer).
 pub const MAP_TRACE_EVENTS: &str = "TRACE_EVENTS";
 /// Bytes of [`MAP_TRACE_EVENTS`] with `-t` (one page without).

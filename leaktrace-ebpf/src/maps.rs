@@ -44,6 +44,7 @@ pub static KMEM: Global<KmemConfig> = Global::new(KmemConfig {
     own_tgid: 0,
     page_size: 4096,
     offsets: [NO_FIELD; KMEM_FIELDS],
+    sample_rate: 1,
 });
 
 /// Outstanding kernel allocations. Preallocated, as `ALLOCS`: these

@@ -15,7 +15,8 @@ use aya_log_ebpf::warn;
 use leaktrace_common::{
     is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
     ThreadSiteStats, TraceEvent, YoungSlot, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE,
-    NO_STACK, PREATTACH_BYTES, PREATTACH_COUNT, TRACE_ALLOC, TRACE_FREE, YOUNG_SLOTS,
+    CONFIG_WINDOWS, NO_STACK, PREATTACH_BYTES, PREATTACH_COUNT, TRACE_ALLOC, TRACE_FREE,
+    YOUNG_SLOTS,
 };
 
 use crate::{
@@ -107,10 +108,16 @@ pub fn in_flight(tid: u32) -> Option<&'static mut Pending> {
 
 /// Take the record of the call whose return probe this is. `None` for the
 /// return of a nested call (its sp is not above the outer entry's sp).
+///
+/// With sampling windows, a return without an entry is the edge of a
+/// window (the entry probes go in after the return probes, and out before
+/// them, so that no entry is left without its return): not a loss.
 #[inline(always)]
 pub fn exit(ctx: &RetProbeContext, tid: u32) -> Option<Pending> {
     let Some(pending) = in_flight(tid) else {
-        count_lost(Lost::ReturnWithoutEntry);
+        if config().flags & CONFIG_WINDOWS == 0 {
+            count_lost(Lost::ReturnWithoutEntry);
+        }
         return None;
     };
     if stack_pointer(ctx) <= pending.sp {
@@ -184,7 +191,8 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
 
 /// Forget the heap allocation at `addr`, if we recorded it. Frees of memory
 /// allocated before attach find nothing, and are counted; with a size filter
-/// a block may also have been filtered out, so nothing is counted then.
+/// a block may also have been filtered out, and with sampling windows
+/// allocated between windows, so nothing is counted then.
 #[inline(always)]
 pub fn release(addr: u64) {
     let config = config();
@@ -196,6 +204,7 @@ pub fn release(addr: u64) {
         && !forget(addr, &config)
         && config.min_size == 0
         && config.max_size == u64::MAX
+        && config.flags & CONFIG_WINDOWS == 0
     {
         count_replaced(addr, &config);
     }

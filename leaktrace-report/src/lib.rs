@@ -85,6 +85,9 @@ pub struct Report {
     /// One heap allocation in this many was tracked; heap figures are scaled.
     #[serde(default = "one")]
     pub sample_rate: u64,
+    /// How the heap was sampled, when it was (`sample_rate` > 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<Sampling>,
     /// The system mode (no `-p`): the machine's memory picture.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<SystemReport>,
@@ -209,6 +212,18 @@ pub struct StackReport {
     /// Its change from the first run to the second (`leaktrace diff`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<StackDelta>,
+}
+
+/// How `-s N` chose the heap allocations it tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// The allocating functions' probes were attached one window of time
+    /// in N (the target took no trap on them between windows); every free
+    /// was seen.
+    Windows,
+    /// One allocation in N, chosen by address; every call trapped.
+    Address,
 }
 
 /// How a value moved over the last reports.

@@ -61,11 +61,20 @@ pub struct Args {
     #[arg(short = 'Z', long, value_name = "BYTES")]
     pub max_size: Option<u64>,
 
-    /// Track one allocation in N (heap, and kernel ones), chosen by address
-    /// so that its free is recognised; bytes and counts are scaled by N in
-    /// the report.
+    /// Track about one allocation in N, and scale bytes and counts by N in
+    /// the report. Heap: the allocating functions' probes are attached one
+    /// window of time in N, so the target takes no trap on them between
+    /// windows (frees stay traced); see --sampling. Kernel allocations: one
+    /// in N by address.
     #[arg(short = 's', long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub sample_rate: u64,
+
+    /// How -s chooses heap allocations: `windows` (time windows, which skip
+    /// the traps; a burst between windows is missed) or `address` (one
+    /// allocation in N by address, bcc memleak's way: exact for bursts, but
+    /// every call still traps).
+    #[arg(long, value_name = "HOW", value_enum, default_value_t = SampleBy::Windows)]
+    pub sampling: SampleBy,
 
     /// Stop after this many seconds, with a final report.
     #[arg(long, value_name = "SECS", value_parser = positive_seconds)]
@@ -203,6 +212,15 @@ pub enum SortKey {
     Size,
     /// Outstanding allocations.
     Count,
+}
+
+/// How `-s N` chooses heap allocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SampleBy {
+    /// Allocation probes attached one window of time in N.
+    Windows,
+    /// One allocation in N by address; every call traps.
+    Address,
 }
 
 /// The longest INTERVAL or --duration: a year. Longer ones would overflow

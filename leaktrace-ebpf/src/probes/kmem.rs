@@ -67,7 +67,7 @@ fn record(
     kind: KernelKind,
 ) -> Option<i32> {
     let config = config();
-    if !size_wanted(size, &config) || !is_sampled(key, config.sample_rate) {
+    if !size_wanted(size, &config) || !is_sampled(key, kmem.sample_rate) {
         return None;
     }
     let kernel_stack = match ctx.get_stackid(&KERNEL_STACKS, 0) {

@@ -18,8 +18,8 @@ use aya::Ebpf;
 use leaktrace_common::{Lost, StackEnd, NO_STACK};
 use leaktrace_report::{
     site_label, ExecEvent, Finding, Frame, MemoryReport, PreattachFrees, ProbedObject, RecordKind,
-    Report, StackReport, ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals, Trend,
-    Verdict, SCHEMA,
+    Report, Sampling, StackReport, ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals,
+    Trend, Verdict, SCHEMA,
 };
 
 use crate::{
@@ -71,6 +71,8 @@ pub struct ReportOptions {
     /// Whether the target runs its own program yet (a `-c` child may still
     /// be exec'ing): the memory baseline is read now, or at the first report.
     pub baseline_now: bool,
+    /// How the heap is sampled, under `-s N`.
+    pub sampling: Option<Sampling>,
 }
 
 pub struct Analyzer {
@@ -325,6 +327,7 @@ impl Analyzer {
             freed_before_attach,
             probed: self.options.probed.clone(),
             sample_rate: self.collector.sample_rate,
+            sampling: self.options.sampling,
             system: None,
             kernel: kernel_summary,
             fds,

@@ -128,6 +128,7 @@ impl SystemAnalyzer {
             freed_before_attach: None,
             probed: Vec::new(),
             sample_rate: self.sample_rate,
+            sampling: None,
             system: Some(system),
             kernel: Some(kernel.summary),
             fds: None,

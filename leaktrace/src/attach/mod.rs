@@ -21,7 +21,7 @@ use aya::{
 use leaktrace_common::{
     AllocInfo, Config, KmemConfig, Lost, Pending, StackStats, ThreadInfo, ThreadSiteStats,
     CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, CONFIG_PIDNS, CONFIG_TRACE,
-    GLOBAL_CONFIG, GLOBAL_KMEM, MAP_ALLOCS, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES,
+    CONFIG_WINDOWS, GLOBAL_CONFIG, GLOBAL_KMEM, MAP_ALLOCS, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES,
     MAP_KERNEL_STACKS, MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PTHREADS, MAP_STACKS, MAP_STACK_STATS,
     MAP_THREADS, MAP_THREAD_SITES, MAP_TRACE_EVENTS, MAP_UNWIND_ROWS, TRACE_EVENTS_BYTES,
     UNWIND_CHUNK_ROWS,
@@ -41,6 +41,9 @@ pub struct LoadOptions {
     pub max_allocations: u32,
     pub max_stacks: u32,
     pub sample_rate: u64,
+    /// `-s N` samples the heap by time windows (when the kernel makes
+    /// multi links; by address otherwise).
+    pub windows: bool,
     /// Capacity of the unwind tables, in rows.
     pub unwind_rows: u64,
     /// The one allocator is glibc's (see `uprobes::Plan::glibc_allocator`).
@@ -82,19 +85,26 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/le
 /// Load every program, configured for one target; the links to come hold
 /// the uprobe programs when they are loaded for multi links.
 pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
+    let multi = options.user && multi::supported();
+    if options.user && !multi {
+        log::info!("this kernel makes no uprobe_multi links: perf-event uprobes instead");
+    }
+    let windows = multi && options.windows && options.sample_rate > 1;
     let config = Config {
         tgid: options.tgid,
         flags: if options.glibc_allocator { CONFIG_GLIBC_CHUNKS } else { 0 }
             | if options.glibc_pthread { CONFIG_GLIBC_PTHREAD } else { 0 }
             | if options.hold { CONFIG_HOLD } else { 0 }
             | if options.pid_namespace.is_some() { CONFIG_PIDNS } else { 0 }
-            | if options.trace { CONFIG_TRACE } else { 0 },
+            | if options.trace { CONFIG_TRACE } else { 0 }
+            | if windows { CONFIG_WINDOWS } else { 0 },
         epoch_ns: options.epoch_ns,
         min_size: options.min_size,
         max_size: options.max_size,
         fork_child_pid_offset: fork_child_pid_offset()?,
         _pad2: 0,
-        sample_rate: options.sample_rate,
+        // In a window, every allocation is kept.
+        sample_rate: if windows { 1 } else { options.sample_rate },
         pidns_dev: options.pid_namespace.map_or(0, |(dev, _)| dev),
         pidns_ino: options.pid_namespace.map_or(0, |(_, ino)| ino),
     };
@@ -125,13 +135,12 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
     let mut names: HashSet<&str> = HashSet::new();
     let mut links = Links::default();
     if options.user {
-        if multi::supported() {
+        if multi {
             let mut programs = multi::MultiPrograms::new(OBJECT, &ebpf)?;
             let uprobes: Vec<&str> = options.programs.iter().copied().collect();
             programs.load(&uprobes)?;
-            links = Links::with_multi(programs);
+            links = Links::with_multi(programs, windows);
         } else {
-            log::info!("this kernel makes no uprobe_multi links: perf-event uprobes instead");
             names.extend(options.programs.iter().copied());
         }
         names.extend(TRACEPOINTS.iter().map(|(name, ..)| *name));

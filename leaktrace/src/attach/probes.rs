@@ -27,6 +27,24 @@ pub fn arguments_read(program: &str) -> usize {
     }
 }
 
+/// Whether `program` runs only where memory is allocated, never where it
+/// is freed: `-s N` attaches these for one sampling window in N (see
+/// [`super::Links`]); the rest stay on, so that every free of a tracked
+/// block is seen (realloc frees too).
+pub fn allocates_only(program: &str) -> bool {
+    matches!(
+        program,
+        "alloc_enter_malloc"
+            | "alloc_enter_calloc"
+            | "alloc_enter_memalign"
+            | "alloc_enter_posix_memalign"
+            | "alloc_exit_malloc"
+            | "alloc_exit_posix_memalign"
+            | "mmap_enter_mmap"
+            | "mmap_exit_mmap"
+    )
+}
+
 /// The C allocator API. Programs are shared by functions of one prototype.
 pub const ALLOCATOR_PROBES: &[ProbeSpec] = &[
     probe("malloc", "alloc_enter_malloc", Some("alloc_exit_malloc")),

@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 
 use leaktrace_report::{
-    short_module, Ended, Finding, Frame, Growth, Lost, Report, StackEnd, ThreadFinding,
+    short_module, Ended, Finding, Frame, Growth, Lost, Report, Sampling, StackEnd, ThreadFinding,
     ThreadsReport, Trend,
 };
 
@@ -51,12 +51,16 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
             exec.program, exec.after_seconds
         )?;
     }
-    if report.sample_rate > 1 {
-        writeln!(
+    match (report.sample_rate, report.sampling) {
+        (1, _) => {}
+        (rate, Some(Sampling::Windows)) => writeln!(
             out,
-            "\tSampled: 1 heap allocation in {} tracked; bytes and counts are scaled estimates.",
-            report.sample_rate
-        )?;
+            "\tSampled: allocations traced one time window in {rate}; bytes, counts and rates are scaled estimates, and an allocation made only between windows is not seen."
+        )?,
+        (rate, _) => writeln!(
+            out,
+            "\tSampled: 1 heap allocation in {rate} tracked; bytes and counts are scaled estimates."
+        )?,
     }
     for stack in &report.stacks {
         let growth = match stack.growth {

@@ -9,6 +9,7 @@
 mod events;
 mod exec;
 mod system;
+mod windows;
 
 use std::{
     io,
@@ -23,7 +24,7 @@ use leaktrace_common::{
     KmemConfig, CHANGE_EXEC, DEFAULT_MAX_KERNEL_STACKS, DEFAULT_UNWIND_CHUNKS, KMEM_ON,
     KMEM_TARGET, MAP_LINK_MAP_CHANGES, MAP_TRACE_EVENTS, UNWIND_CHUNK_ROWS, YOUNG_EPOCHS,
 };
-use leaktrace_report::{read_reports, Ended, Report};
+use leaktrace_report::{read_reports, Ended, Report, Sampling};
 use tokio::time::{interval, interval_at, MissedTickBehavior};
 
 use events::{
@@ -34,7 +35,7 @@ use events::{
 use crate::{
     analyze::{self, kernel::KernelAnalyzer, Analyzer, ReportOptions},
     attach::{self, KernelLoad, LoadOptions},
-    cli::{Args, DiffArgs, SortKey},
+    cli::{Args, DiffArgs, SampleBy, SortKey},
     collect::Collector,
     report::{self, outputs::Outputs},
     target::{objects_to_probe, Target},
@@ -160,6 +161,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
         max_allocations: args.allocation_slots(),
         max_stacks: args.max_stacks,
         sample_rate: args.sample_rate,
+        windows: args.sampling == SampleBy::Windows,
         unwind_rows: args.unwind_rows.unwrap_or_else(|| unwind_capacity(&objects)),
         glibc_allocator: plan.glibc_allocator,
         glibc_pthread: plan.glibc_pthread,
@@ -170,7 +172,11 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
         user: true,
         programs: plan.programs(),
         kernel: kernel.as_ref().map(|(plan, _)| KernelLoad {
-            config: KmemConfig { flags: KMEM_ON | KMEM_TARGET, ..plan.config },
+            config: KmemConfig {
+                flags: KMEM_ON | KMEM_TARGET,
+                sample_rate: args.sample_rate,
+                ..plan.config
+            },
             programs: attach::kmem::programs(plan).collect(),
             max_allocations: args.max_kernel_allocations,
             max_stacks: DEFAULT_MAX_KERNEL_STACKS,
@@ -233,6 +239,11 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
         summary.join(", ")
     );
     let mut signals = Signals::new()?;
+    let mut windows = links.windows().then(|| windows::Windows::new(args.sample_rate));
+    let sampling = (args.sample_rate > 1).then(|| match windows {
+        Some(_) => Sampling::Windows,
+        None => Sampling::Address,
+    });
 
     let mut analyzer = Analyzer::new(
         Collector { epoch_ns, sample_rate: args.sample_rate },
@@ -248,6 +259,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
             global_tids: pid_namespace.is_none(),
             sort_by_count: args.sort == SortKey::Count,
             show_allocs: args.show_allocs,
+            sampling,
         },
     );
     if let Some((_, kernel)) = kernel {
@@ -301,6 +313,11 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
                 }
             }
             () = until(deadline) => break End::Stopped,
+            () = until(windows.as_ref().map(windows::Windows::next)) => {
+                if let Some(windows) = &mut windows {
+                    windows.toggle(&mut links);
+                }
+            }
             _ = exit_poll.tick() => {
                 if target.has_exited() {
                     log::info!("pid {pid} {}", target.exit_status().unwrap_or("exited"));

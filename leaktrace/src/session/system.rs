@@ -30,6 +30,7 @@ pub async fn trace(args: &Args, outputs: &mut Outputs) -> anyhow::Result<u8> {
         max_allocations: 1,
         max_stacks: 1,
         sample_rate: args.sample_rate,
+        windows: false,
         unwind_rows: UNWIND_CHUNK_ROWS as u64,
         glibc_allocator: false,
         glibc_pthread: false,
@@ -40,7 +41,12 @@ pub async fn trace(args: &Args, outputs: &mut Outputs) -> anyhow::Result<u8> {
         user: false,
         programs: Default::default(),
         kernel: Some(KernelLoad {
-            config: KmemConfig { flags, own_tgid: std::process::id(), ..plan.config },
+            config: KmemConfig {
+                flags,
+                own_tgid: std::process::id(),
+                sample_rate: args.sample_rate,
+                ..plan.config
+            },
             programs: attach::kmem::programs(&plan).collect(),
             max_allocations: args.max_kernel_allocations,
             max_stacks: DEFAULT_MAX_KERNEL_STACKS,
