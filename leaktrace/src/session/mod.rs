@@ -240,10 +240,8 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
     );
     let mut signals = Signals::new()?;
     let mut windows = links.windows().then(|| windows::Windows::new(args.sample_rate));
-    let sampling = (args.sample_rate > 1).then(|| match windows {
-        Some(_) => Sampling::Windows,
-        None => Sampling::Address,
-    });
+    let how = if windows.is_some() { Sampling::Windows } else { Sampling::Address };
+    let sampling = (args.sample_rate > 1).then_some(how);
 
     let mut analyzer = Analyzer::new(
         Collector { epoch_ns, sample_rate: args.sample_rate },
