@@ -34,6 +34,9 @@ pub const MAP_LINK_MAP_CHANGES: &str = "LINK_MAP_CHANGES";
 pub const MAP_UNWIND_STATE: &str = "UNWIND_STATE";
 /// Calls in flight, between entry and return probe: thread id -> [`Pending`].
 pub const MAP_PENDING: &str = "PENDING";
+/// With [`CONFIG_WINDOWS`]: the sampling window's number (a `u32` at index
+/// 0), raised by the loader before each window's probes go in.
+pub const MAP_WINDOW: &str = "WINDOW";
 /// Per-CPU counters of lost events, indexed by [`Lost`].
 pub const MAP_LOST: &str = "LOST";
 /// Per-CPU counters of frees of blocks the programs never saw allocated
@@ -257,6 +260,22 @@ pub struct Pending {
     /// operator new[] jumps to operator new): each has its own return
     /// probe, and the last of them to fire takes the record.
     pub tail_calls: u32,
+    /// With [`CONFIG_WINDOWS`]: the sampling window the call entered in. A
+    /// window's return probe may go before its entry probe (they are
+    /// detached together): an allocating call's record from an earlier
+    /// window is stale, not an outer call.
+    pub window: u32,
+    pub _pad: u32,
+}
+
+impl CallKind {
+    /// Calls of the functions `-s N` probes in sampling windows only.
+    pub fn windowed(kind: u32) -> bool {
+        kind == Self::Alloc as u32
+            || kind == Self::PosixMemalign as u32
+            || kind == Self::Mmap as u32
+            || kind == Self::MmapIgnored as u32
+    }
 }
 
 /// [`ThreadInfo::state`] bit: the thread has exited.
@@ -296,7 +315,7 @@ const _: () = assert!(core::mem::size_of::<ThreadInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<ThreadSiteStats>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<StackStats>() == 16 + 24 * YOUNG_SLOTS);
-const _: () = assert!(core::mem::size_of::<Pending>() == 40);
+const _: () = assert!(core::mem::size_of::<Pending>() == 48);
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 12);
 const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 40);
 const _: () = assert!(core::mem::size_of::<MappingsChanged>() == 16);

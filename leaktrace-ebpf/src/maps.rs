@@ -10,10 +10,10 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     AllocInfo, CacheName, Config, KernelAlloc, KmemConfig, Lost, Pending, StackStats, ThreadInfo,
-    ThreadSiteStats, UnwindChunk, UnwindMapping, UnwindState, UserStack, DEFAULT_MAX_ALLOCATIONS,
-    DEFAULT_MAX_KERNEL_ALLOCATIONS, DEFAULT_MAX_KERNEL_STACKS, DEFAULT_MAX_MAPPINGS,
-    DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, KMEM_FIELDS, MAX_PENDING, MAX_THREADS,
-    MAX_UNWIND_MAPPINGS, NO_FIELD,
+    ThreadSiteStats, UnwindChunk, UnwindMapping, UnwindState, UserStack, CONFIG_WINDOWS,
+    DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_KERNEL_ALLOCATIONS, DEFAULT_MAX_KERNEL_STACKS,
+    DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, KMEM_FIELDS, MAX_PENDING,
+    MAX_THREADS, MAX_UNWIND_MAPPINGS, NO_FIELD,
 };
 
 use crate::types::CachedAddress;
@@ -118,6 +118,19 @@ pub static LINK_MAP_CHANGES: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 #[map]
 pub static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(MAX_PENDING, 0);
+
+/// The sampling window's number (`-s N` by windows), written by the loader.
+#[map]
+pub static WINDOW: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The sampling window's number; 0 without windows (not looked up).
+#[inline(always)]
+pub fn window(config: &Config) -> u32 {
+    if config.flags & CONFIG_WINDOWS == 0 {
+        return 0;
+    }
+    WINDOW.get(0).copied().unwrap_or(0)
+}
 
 #[map]
 pub static THREADS: HashMap<u32, ThreadInfo> =

@@ -22,8 +22,8 @@ use leaktrace_common::{
 use crate::{
     context::stack_pointer,
     maps::{
-        config, count_lost, count_preattach, worth_logging, ALLOCS, EEXIST, PENDING, PTHREADS,
-        STACK_STATS, THREADS, THREAD_SITES, TRACE_EVENTS,
+        config, count_lost, count_preattach, window, worth_logging, ALLOCS, EEXIST, PENDING,
+        PTHREADS, STACK_STATS, THREADS, THREAD_SITES, TRACE_EVENTS,
     },
     unwind::stack_id,
 };
@@ -69,12 +69,24 @@ pub fn target_tid() -> Option<u32> {
 #[inline(always)]
 pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) -> bool {
     let sp = stack_pointer(ctx);
-    let pending = Pending { sp, size, arg, kind: kind as u32, child: 0, flags: 0, tail_calls: 0 };
+    let window = window(&config());
+    let pending = Pending {
+        sp,
+        size,
+        arg,
+        kind: kind as u32,
+        child: 0,
+        flags: 0,
+        tail_calls: 0,
+        window,
+        _pad: 0,
+    };
     if let Some(outer) = PENDING.get_ptr_mut(tid) {
         // SAFETY: a pointer from a successful lookup, valid for this run;
         // only this thread reads or writes its own entry.
         let outer = unsafe { &mut *outer };
-        if outer.sp != IDLE {
+        let stale = outer.window != window && CallKind::windowed(outer.kind);
+        if outer.sp != IDLE && !stale {
             if outer.sp > sp {
                 return false;
             }
@@ -110,16 +122,23 @@ pub fn in_flight(tid: u32) -> Option<&'static mut Pending> {
 /// return of a nested call (its sp is not above the outer entry's sp).
 ///
 /// With sampling windows, a return without an entry is the edge of a
-/// window (the entry probes go in after the return probes, and out before
-/// them, so that no entry is left without its return): not a loss.
+/// window (the return probes go in first): not a loss; and the record of
+/// an allocating call from an earlier window is stale (its return probe
+/// went before its entry probe): dropped.
 #[inline(always)]
 pub fn exit(ctx: &RetProbeContext, tid: u32) -> Option<Pending> {
+    let config = config();
     let Some(pending) = in_flight(tid) else {
-        if config().flags & CONFIG_WINDOWS == 0 {
+        if config.flags & CONFIG_WINDOWS == 0 {
             count_lost(Lost::ReturnWithoutEntry);
         }
         return None;
     };
+    if pending.window != window(&config) && CallKind::windowed(pending.kind) {
+        // An entry of an earlier window whose return probe went first.
+        pending.sp = IDLE;
+        return None;
+    }
     if stack_pointer(ctx) <= pending.sp {
         return None;
     }

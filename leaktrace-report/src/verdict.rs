@@ -25,6 +25,9 @@ pub enum VerdictKind {
     KernelLeak,
     /// A process's own memory grows (the system mode): trace it with -p.
     ProcessGrowth,
+    /// The heap was sampled (`-s N`) and no leak was seen: one too slow to
+    /// show in the sample may still be there.
+    Sampled,
 }
 
 /// Threads of one kind of thread leak, and the worst site.
@@ -92,6 +95,8 @@ pub enum Finding {
     NoLeakYet { outstanding: u64, reports_needed: usize },
     /// Nothing grows.
     NoLeak { outstanding: u64 },
+    /// No heap leak was seen in a sample of one allocation in `rate`.
+    Sampled { rate: u64 },
 }
 
 impl Finding {
@@ -108,6 +113,7 @@ impl Finding {
             }
             Finding::KernelLeak { .. } => VerdictKind::KernelLeak,
             Finding::ProcessGrowth { .. } => VerdictKind::ProcessGrowth,
+            Finding::Sampled { .. } => VerdictKind::Sampled,
         }
     }
 }

@@ -122,13 +122,20 @@ fn free_of_memory_from_before_attach_ignored() {
     );
 }
 
-/// Check that -s 4 tracks about one allocation in four and scales the
-/// report back: 2000 leaked blocks are estimated within 15%, and the report
-/// says it is sampled.
+/// Check that -s 4 --sampling address tracks about one allocation in four
+/// and scales the report back: a burst of 2000 leaked blocks is estimated
+/// within 15%, and the report says it is sampled, and how.
 #[test]
-fn sampling_scales_estimates() {
-    let report = trace_fixture("args_leak", &["2000", "100"], &["-s", "4"]);
+fn sampling_by_address_scales_estimates() {
+    let report =
+        trace_fixture("args_leak", &["2000", "100"], &["-s", "4", "--sampling", "address"]);
     assert_eq!(report.sample_rate, 4, "report does not say it is sampled: {}", json(&report));
+    assert_eq!(
+        report.sampling,
+        Some(leaktrace_report::Sampling::Address),
+        "report does not say how it sampled: {}",
+        json(&report)
+    );
     let (bytes, allocations) = totals(report.stacks_by_first_frame("arg_leak"));
     assert!(
         within(allocations, 2000, 15) && within(bytes, 200_000, 15),

@@ -19,7 +19,7 @@ use leaktrace_common::{Lost, StackEnd, NO_STACK};
 use leaktrace_report::{
     site_label, ExecEvent, Finding, Frame, MemoryReport, PreattachFrees, ProbedObject, RecordKind,
     Report, Sampling, StackReport, ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals,
-    Trend, Verdict, SCHEMA,
+    Trend, Verdict, VerdictKind, SCHEMA,
 };
 
 use crate::{
@@ -296,6 +296,13 @@ impl Analyzer {
                 findings.retain(|finding| !matches!(finding, Finding::NoLeak { .. }));
                 findings.push(Finding::Incomplete { lost: dropped });
             }
+            verdict = Verdict::new(findings);
+        }
+        // A sample that shows no leak is not the whole story.
+        let rate = self.collector.sample_rate;
+        if rate > 1 && !verdict.findings.iter().any(|finding| finding.kind() == VerdictKind::Leak) {
+            let mut findings = verdict.findings;
+            findings.push(Finding::Sampled { rate });
             verdict = Verdict::new(findings);
         }
         let fds = self.fds.as_mut().and_then(|fds| fds.read(t, alive));

@@ -25,12 +25,15 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use aya::{
+    maps::{Array, MapData},
     programs::{
         trace_point::TracePointLink,
         uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
     Ebpf,
 };
+
+use leaktrace_common::MAP_WINDOW;
 
 use super::{multi, probes::allocates_only, uprobes::program};
 
@@ -58,12 +61,15 @@ pub struct Links {
     multi_links: Vec<OwnedFd>,
     uprobes: Vec<UProbeLink>,
     tracepoints: Vec<TracePointLink>,
-    /// `-s N` by windows: the groups attached for sampling windows only, ...
+    /// `-s N` by windows (multi links only).
     windows: bool,
+    /// The groups attached for sampling windows only, ...
     windowed: Vec<Group>,
-    /// ... their links while a window is open (at return?), ...
-    window_links: Vec<(bool, OwnedFd)>,
+    /// ... their links while a window is open, ...
+    window_links: Vec<OwnedFd>,
     window_open: bool,
+    /// The window's number, as the programs see it in `WINDOW`.
+    window: u32,
     /// ... and the threads closing the links of windows past.
     closing: Vec<JoinHandle<()>>,
 }
@@ -116,7 +122,7 @@ impl Links {
                     if windowed {
                         let path = path.to_path_buf();
                         self.windowed.push(Group { program: name, path, offsets, at_return, pid });
-                        self.window_links.push((at_return, link));
+                        self.window_links.push(link);
                     } else {
                         self.multi_links.push(link);
                     }
@@ -151,10 +157,11 @@ impl Links {
         self.multi.as_ref().map(|programs| programs.stats()).unwrap_or_default()
     }
 
-    /// Open a sampling window: attach the windowed groups again, returns
-    /// first. A group that fails (its file gone with an exec) is left out
-    /// of this window, with a warning.
-    pub fn open_window(&mut self) {
+    /// Open a sampling window: raise the window's number (records of calls
+    /// from earlier windows become stale), then attach the windowed groups
+    /// again, return probes first. A group that fails (its file gone with
+    /// an exec) is left out of this window, with a warning.
+    pub fn open_window(&mut self, ebpf: &mut Ebpf) {
         let Some(programs) = &mut self.multi else {
             return;
         };
@@ -162,6 +169,10 @@ impl Links {
             return;
         }
         self.window_open = true;
+        self.window = self.window.wrapping_add(1);
+        if let Err(err) = set_window(ebpf, self.window) {
+            log::warn!("sampling window: {err:#}");
+        }
         self.windowed.sort_by_key(|group| !group.at_return);
         for group in &self.windowed {
             let attached = programs.fd(group.program).and_then(|fd| {
@@ -169,7 +180,7 @@ impl Links {
                 Ok(multi::attach(fd, path, offsets, *at_return, *pid)?)
             });
             match attached {
-                Ok(link) => self.window_links.push((group.at_return, link)),
+                Ok(link) => self.window_links.push(link),
                 Err(err) => log::warn!(
                     "sampling window: {} in {} not attached: {err:#}",
                     group.program,
@@ -179,24 +190,20 @@ impl Links {
         }
     }
 
-    /// Close the sampling window: its links go on a thread of their own
-    /// (the kernel's grace periods are waited out there), the entry probes
-    /// before the return probes.
+    /// Close the sampling window: its links go on a thread of their own,
+    /// where the kernel's grace periods are waited out, all at once (an
+    /// entry left without its return probe for a moment leaves a record
+    /// the next window's number marks stale).
     pub fn close_window(&mut self) {
         if !self.window_open {
             return;
         }
         self.window_open = false;
         self.closing.retain(|thread| !thread.is_finished());
-        let (returns, entries): (Vec<_>, Vec<_>) = std::mem::take(&mut self.window_links)
-            .into_iter()
-            .partition(|(at_return, _)| *at_return);
-        let returns: Vec<OwnedFd> = returns.into_iter().map(|(_, link)| link).collect();
-        let entries: Vec<OwnedFd> = entries.into_iter().map(|(_, link)| link).collect();
-        let closer = std::thread::Builder::new().name("leaktrace-window".into()).spawn(move || {
-            close_together(entries);
-            close_together(returns);
-        });
+        let links = std::mem::take(&mut self.window_links);
+        let closer = std::thread::Builder::new()
+            .name("leaktrace-window".into())
+            .spawn(move || close_together(links));
         match closer {
             Ok(thread) => self.closing.push(thread),
             Err(err) => log::warn!("sampling window: no thread to detach on: {err}"),
@@ -206,8 +213,7 @@ impl Links {
     /// Detach every link; returns once all are gone. The multi links are
     /// closed from a thread each, so that their grace periods overlap.
     pub fn detach_all(&mut self) {
-        let mut links: Vec<OwnedFd> =
-            std::mem::take(&mut self.window_links).into_iter().map(|(_, link)| link).collect();
+        let mut links = std::mem::take(&mut self.window_links);
         links.append(&mut self.multi_links);
         close_together(links);
         self.uprobes.clear();
@@ -223,6 +229,14 @@ impl Links {
             + self.uprobes.len()
             + self.tracepoints.len()
     }
+}
+
+/// Tell the programs the sampling window's number.
+fn set_window(ebpf: &mut Ebpf, window: u32) -> anyhow::Result<()> {
+    let map = ebpf.map_mut(MAP_WINDOW).ok_or_else(|| anyhow!("map {MAP_WINDOW} missing"))?;
+    let mut numbers: Array<&mut MapData, u32> = Array::try_from(map)?;
+    numbers.set(0, window, 0).context("failed to set the sampling window's number")?;
+    Ok(())
 }
 
 /// Close `links` from a thread each, so that the kernel's grace periods

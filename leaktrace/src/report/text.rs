@@ -345,6 +345,10 @@ fn finding_text(finding: &Finding) -> String {
             "no leak seen yet: a trend needs {reports_needed} reports of settled memory ({} outstanding)",
             human_bytes(*outstanding)
         ),
+        Finding::Sampled { rate } => format!(
+            "sampled 1 in {rate}: a leak of fewer than ~{rate} allocations a report may not show \
+             (run without -s to be sure)"
+        ),
         Finding::NoLeak { outstanding } => {
             format!("no leak: live memory flat ({} outstanding)", human_bytes(*outstanding))
         }

@@ -313,7 +313,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
             () = until(deadline) => break End::Stopped,
             () = until(windows.as_ref().map(windows::Windows::next)) => {
                 if let Some(windows) = &mut windows {
-                    windows.toggle(&mut links);
+                    windows.toggle(&mut links, &mut ebpf);
                 }
             }
             _ = exit_poll.tick() => {

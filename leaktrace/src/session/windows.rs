@@ -1,9 +1,20 @@
 //! `-s N` by time: the allocating functions' probes attached for one
 //! window in N ([`crate::attach::Links::open_window`]). A period is a
-//! second, or longer when N is large, so that a window lasts at least
-//! 10 ms (attaching the probes takes ~0.5 ms a link).
+//! second, or longer when N is large, so that a window lasts at least 10
+//! ms. Attaching a window's probes takes 5-9 ms here (glibc's 8 links; the
+//! kernel walks every mapping of the file for each): with 10 ms windows
+//! every 100 ms, the windows' edges were half of each window and the rates
+//! came out twice too high (measured), so windows are long and the attach
+//! time is taken out of the time between them.
+//!
+//! Each window starts at a random place in its period: at a fixed place, a
+//! target that allocates on a timer of about the period (a leak every 100
+//! ms) fell between the windows for seconds at a time, and its leak looked
+//! flat (seen here).
 
 use std::time::{Duration, Instant};
+
+use aya::Ebpf;
 
 use crate::attach::Links;
 
@@ -12,9 +23,13 @@ const SHORTEST_WINDOW: Duration = Duration::from_millis(10);
 
 pub struct Windows {
     on: Duration,
-    off: Duration,
+    period: Duration,
     open: bool,
+    /// When the current period began.
+    began: Instant,
     next: Instant,
+    /// xorshift64 state, for each window's place in its period.
+    random: u64,
 }
 
 impl Windows {
@@ -24,7 +39,20 @@ impl Windows {
         let rate = u32::try_from(rate.max(1)).unwrap_or(u32::MAX);
         let period = PERIOD.max(SHORTEST_WINDOW.saturating_mul(rate));
         let on = period / rate;
-        Self { on, off: period - on, open: true, next: Instant::now() + on }
+        let now = Instant::now();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9E37_79B9_7F4A_7C15, |since| since.as_nanos() as u64);
+        Self { on, period, open: true, began: now, next: now + on, random: seed | 1 }
+    }
+
+    /// A random time in `0..max`.
+    fn random_below(&mut self, max: Duration) -> Duration {
+        self.random ^= self.random << 13;
+        self.random ^= self.random >> 7;
+        self.random ^= self.random << 17;
+        let max = max.as_nanos() as u64;
+        Duration::from_nanos(if max == 0 { 0 } else { self.random % max })
     }
 
     /// When the window opens or closes next.
@@ -33,20 +61,21 @@ impl Windows {
     }
 
     /// Open the window if it is closed, close it if it is open.
-    pub fn toggle(&mut self, links: &mut Links) {
+    pub fn toggle(&mut self, links: &mut Links, ebpf: &mut Ebpf) {
+        let now = Instant::now();
         if self.open {
             links.close_window();
-            self.next += self.off;
+            // Behind (a long report): the next period starts from now.
+            self.began = (self.began + self.period).max(now);
+            self.next = self.began + self.random_below(self.period - self.on);
         } else {
-            links.open_window();
-            self.next += self.on;
+            links.open_window(ebpf);
+            // The entry probes go in last: the window counts from halfway
+            // through the attach (5-9 ms for glibc's 8 links here).
+            let attach = now.elapsed();
+            self.next = now + attach / 2 + self.on;
         }
         self.open = !self.open;
-        // Behind (a long report): start over from now, not in a burst.
-        let now = Instant::now();
-        if self.next < now {
-            self.next = now + if self.open { self.on } else { self.off };
-        }
     }
 }
 
@@ -54,16 +83,31 @@ impl Windows {
 mod tests {
     use super::*;
 
-    /// Check the window lengths: a tenth of a second for -s 10, stretched
-    /// periods for large N, and a window for -s 1 that never closes.
+    /// Check the window lengths: 100 ms of a second for -s 10 and -s 2's
+    /// half, stretched periods for large N, and -s 1's window the whole
+    /// period.
     #[test]
     fn window_lengths() {
-        let ten = Windows::new(10);
-        assert_eq!((ten.on, ten.off), (Duration::from_millis(100), Duration::from_millis(900)));
-        let thousand = Windows::new(1000);
-        assert_eq!(thousand.on, Duration::from_millis(10));
-        assert_eq!(thousand.off, Duration::from_millis(9990));
-        let one = Windows::new(1);
-        assert_eq!((one.on, one.off), (PERIOD, Duration::ZERO));
+        let ms = Duration::from_millis;
+        let lengths = |rate| {
+            let windows = Windows::new(rate);
+            (windows.on, windows.period)
+        };
+        assert_eq!(lengths(10), (ms(100), ms(1000)));
+        assert_eq!(lengths(2), (ms(500), ms(1000)));
+        assert_eq!(lengths(1000), (ms(10), ms(10_000)));
+        assert_eq!(lengths(1), (PERIOD, PERIOD));
+    }
+
+    /// Check that windows start anywhere in their period, never so late
+    /// that they would run into the next one.
+    #[test]
+    fn window_places_spread() {
+        let mut windows = Windows::new(10);
+        let room = windows.period - windows.on;
+        let places: Vec<Duration> = (0..1000).map(|_| windows.random_below(room)).collect();
+        assert!(places.iter().all(|place| *place < room));
+        let early = places.iter().filter(|place| **place < room / 2).count();
+        assert!((400..600).contains(&early), "{early} of 1000 in the first half");
     }
 }

@@ -169,7 +169,7 @@ fn time_pairs(
     let threads = if args.threads == 1 { "thread" } else { "threads" };
     let rounds = if args.rounds == 1 { "round" } else { "rounds" };
     println!(
-        "leaktrace bench: {} malloc/free pairs x {} {threads}, {} {rounds}, kernel {}",
+        "leaktrace bench: {} malloc/free pairs x {} {threads} ({SAMPLED_RUN_FACTOR}x as many under -s 10, sampled by time), {} {rounds}, kernel {}",
         grouped(args.pairs),
         args.threads,
         args.rounds,
@@ -409,7 +409,14 @@ impl Mode {
     }
 }
 
-/// One run of alloc_loop in `mode`, the tracer attached before the loop starts.
+/// How many times longer the `-s 10` runs are: its sampling windows are
+/// 100 ms of each second, at a random place, and a 200,000-pair run lasts a
+/// quarter of a second; ten times that spans a few windows. The figure is
+/// per pair, so runs of other lengths compare.
+const SAMPLED_RUN_FACTOR: u64 = 10;
+
+/// One run of a workload (PAIRS THREADS) in `mode`, the tracer attached
+/// before the loop starts.
 fn timed_run(
     mode: Mode,
     tools: &Tools,
@@ -418,7 +425,12 @@ fn timed_run(
     args: &[String],
 ) -> anyhow::Result<f64> {
     let leaktrace = tools.leaktrace;
-    let mut run = Workload::start(workload, args)?;
+    let mut args = args.to_vec();
+    if mode == Mode::Sampled {
+        let pairs: u64 = args[0].parse().context("bad pair count")?;
+        args[0] = (pairs * SAMPLED_RUN_FACTOR).to_string();
+    }
+    let mut run = Workload::start(workload, &args)?;
     let pid = run.pid;
     let link_floor = |kind: &str| -> anyhow::Result<Option<Tracer>> {
         let floor = tools.link_floor.expect("link kinds run only when link_floor was built");

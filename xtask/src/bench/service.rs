@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use super::{timed_run, Mode, Summary, Tools, C_FLAGS};
+use super::{timed_run, Mode, Summary, Tools, C_FLAGS, SAMPLED_RUN_FACTOR};
 use crate::{compile_c, workspace_root};
 
 const MODES: [Mode; 4] = [Mode::Untraced, Mode::Floor, Mode::Leaktrace, Mode::Sampled];
@@ -19,7 +19,7 @@ pub(super) fn measure_service(leaktrace: &Path, pairs: u64, rounds: u32) -> anyh
     let tools = Tools { leaktrace, bpftrace: None, link_floor: None };
     println!();
     println!(
-        "service-shaped workload (xtask/bench/service_loop.c): {pairs} pairs a thread, {rounds} rounds, median ns per pair"
+        "service-shaped workload (xtask/bench/service_loop.c): {pairs} pairs a thread ({SAMPLED_RUN_FACTOR}x as many under -s 10), {rounds} rounds, median ns per pair"
     );
     println!(
         "{:<8} {:>10} {:>10} {:>10} {:>10} {:>14} {:>16}",
