@@ -360,8 +360,10 @@ impl MultiPrograms {
                             let Some((name, code)) = next else {
                                 return Ok(done);
                             };
+                            let started = std::time::Instant::now();
                             let fd = load(name, code, btf)
                                 .with_context(|| format!("failed to load program {name}"))?;
+                            log::debug!("program {name} loaded in {:?}", started.elapsed());
                             done.push((name.to_string(), fd));
                         }
                     })
