@@ -237,7 +237,9 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     // belongs to the frame's function (a call to a noreturn function can be
     // its last instruction). The first frame's ip is where it resumes.
     let lookup = if index == 0 { walk.ip } else { walk.ip.wrapping_sub(1) };
-    let resolved = resolve(walk, lookup);
+    // rbp lost in a frame below: even code with frame pointers needs its
+    // real row.
+    let resolved = resolve(walk, lookup, walk.bp_known == 0);
     // A return address outside every executable mapping is not code we
     // know: it is left out rather than shown as a frame.
     if index > 0 && resolved.kind == OUTSIDE {
@@ -256,20 +258,13 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     }
     let row = if resolved.kind == ROW {
         resolved.row
-    } else if resolved.kind == FRAME_POINTERS && walk.bp_known != 0 {
+    } else if resolved.kind == FRAME_POINTERS {
         // The fast path: code built with frame pointers. rbp 0 marks the
         // outermost frame (_start and clone clear it).
         if walk.bp == 0 {
             return STOP;
         }
         FRAME_POINTER_ROW
-    } else if resolved.kind == FRAME_POINTERS {
-        // rbp was lost in a frame below: this frame needs its real row.
-        let Some(row) = find_mapping(walk, lookup).and_then(|mapping| find_row(&mapping, lookup))
-        else {
-            return cut(walk, StackEnd::NoInfo);
-        };
-        row
     } else {
         return cut(walk, StackEnd::NoInfo);
     };
@@ -330,22 +325,29 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
 
 /// What `addr` resolves to under the walk's mapping set: from this CPU's
 /// cache when it holds the address for that set, else by the two searches
-/// (and then cached).
+/// (and then cached). With `want_row`, code built with frame pointers
+/// resolves to its real row too. The searches are inlined here only, once:
+/// each inlined copy is verified again, and the stack-walking programs'
+/// verification is most of leaktrace's start-up.
 #[inline(always)]
-fn resolve(walk: &Walk, addr: u64) -> Resolved {
+fn resolve(walk: &Walk, addr: u64, want_row: bool) -> Resolved {
     let slot = (addr.wrapping_mul(CACHE_MULTIPLIER) >> (64 - UNWIND_CACHE_BITS)) as u32;
     let cached = UNWIND_CACHE.get_ptr_mut(slot);
     if let Some(cached) = cached {
         // SAFETY: a pointer from a successful lookup in a per-CPU array,
         // valid for this program run; the checksum rejects a torn slot.
         let cached = unsafe { &*cached };
-        if cached.addr == addr && cached.state == walk.state && cached.check == checksum(cached) {
+        if cached.addr == addr
+            && cached.state == walk.state
+            && cached.check == checksum(cached)
+            && !(want_row && cached.kind == FRAME_POINTERS)
+        {
             return Resolved { row: cached.row, kind: cached.kind };
         }
     }
     let resolved = match find_mapping(walk, addr) {
         None => Resolved { row: UnwindRow::EMPTY, kind: OUTSIDE },
-        Some(mapping) if mapping.flags & MAPPING_FRAME_POINTERS != 0 => {
+        Some(mapping) if mapping.flags & MAPPING_FRAME_POINTERS != 0 && !want_row => {
             Resolved { row: FRAME_POINTER_ROW, kind: FRAME_POINTERS }
         }
         Some(mapping) => match find_row(&mapping, addr) {
@@ -385,25 +387,91 @@ fn hash_of(stack: &UserStack) -> u64 {
     hash
 }
 
+/// A binary search's bounds, handed to each `bpf_loop` step of it. The
+/// searches run as `bpf_loop` callbacks, not as unrolled loops: the
+/// verifier then checks one step instead of every halving (the two
+/// searches were about half of each stack-walking program's verification,
+/// and that verification most of leaktrace's start-up). They run on a
+/// cache miss only (`resolve`), so the calls cost little.
+#[repr(C)]
+struct Search {
+    /// The key: an address (mappings) or a pc (rows).
+    key: u64,
+    /// First index of the searched set (mappings: the live set's base).
+    base: u32,
+    low: u32,
+    high: u32,
+    /// Mappings: the index found, or [`NOT_FOUND`].
+    found: u32,
+}
+
+const NOT_FOUND: u32 = u32::MAX;
+
+/// One halving of the mapping search.
+#[inline(never)]
+extern "C" fn mapping_step(_index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `find_mapping` gave it, to
+    // a `Search` on that function's stack.
+    let search = unsafe { &mut *ctx.cast::<Search>() };
+    if search.low >= search.high {
+        return STOP;
+    }
+    let middle = search.low + (search.high - search.low) / 2;
+    let Some(mapping) = UNWIND_MAPPINGS.get(search.base + middle) else {
+        return STOP;
+    };
+    if search.key < mapping.start {
+        search.high = middle;
+    } else if search.key >= mapping.end {
+        search.low = middle + 1;
+    } else {
+        search.found = search.base + middle;
+        return STOP;
+    }
+    CONTINUE
+}
+
 /// The live mapping containing `addr`.
 #[inline(always)]
 fn find_mapping(walk: &Walk, addr: u64) -> Option<UnwindMapping> {
-    let (mut low, mut high) = (0u32, walk.count);
-    for _ in 0..MAPPING_SEARCH_STEPS {
-        if low >= high {
-            return None;
-        }
-        let middle = low + (high - low) / 2;
-        let mapping = UNWIND_MAPPINGS.get(walk.set_base + middle)?;
-        if addr < mapping.start {
-            high = middle;
-        } else if addr >= mapping.end {
-            low = middle + 1;
-        } else {
-            return Some(*mapping);
-        }
+    let mut search =
+        Search { key: addr, base: walk.set_base, low: 0, high: walk.count, found: NOT_FOUND };
+    // SAFETY: `mapping_step` has the callback signature bpf_loop expects,
+    // and `search` outlives the call.
+    unsafe {
+        bpf_loop(
+            MAPPING_SEARCH_STEPS,
+            mapping_step as *const () as *mut c_void,
+            (&raw mut search).cast(),
+            0,
+        )
+    };
+    if search.found == NOT_FOUND {
+        return None;
     }
-    None
+    UNWIND_MAPPINGS.get(search.found).copied()
+}
+
+/// One halving of the row search.
+#[inline(never)]
+extern "C" fn row_step(_index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `find_row` gave it, to a
+    // `Search` on that function's stack.
+    let search = unsafe { &mut *ctx.cast::<Search>() };
+    if search.high <= search.low + 1 {
+        return STOP;
+    }
+    let middle = search.low + (search.high - search.low) / 2;
+    let Some(row) = row(middle) else {
+        search.found = NOT_FOUND;
+        return STOP;
+    };
+    if u64::from(row.pc) <= search.key {
+        search.low = middle;
+    } else {
+        search.high = middle;
+    }
+    CONTINUE
 }
 
 /// The row in force at `addr` in `mapping`'s object: the last row whose pc
@@ -414,22 +482,24 @@ fn find_row(mapping: &UnwindMapping, addr: u64) -> Option<UnwindRow> {
     if mapping.rows == 0 || pc > u32::MAX as u64 {
         return None;
     }
-    let pc = pc as u32;
-    // The answer is in [low, high).
-    let (mut low, mut high) = (mapping.first_row, mapping.first_row + mapping.rows);
-    for _ in 0..ROW_SEARCH_STEPS {
-        if high - low <= 1 {
-            break;
-        }
-        let middle = low + (high - low) / 2;
-        if row(middle)?.pc <= pc {
-            low = middle;
-        } else {
-            high = middle;
-        }
+    // The answer is in [low, high); `found` is cleared if a row is missing.
+    let (low, high) = (mapping.first_row, mapping.first_row + mapping.rows);
+    let mut search = Search { key: pc, base: 0, low, high, found: 0 };
+    // SAFETY: `row_step` has the callback signature bpf_loop expects, and
+    // `search` outlives the call.
+    unsafe {
+        bpf_loop(
+            ROW_SEARCH_STEPS,
+            row_step as *const () as *mut c_void,
+            (&raw mut search).cast(),
+            0,
+        )
+    };
+    if search.found == NOT_FOUND || search.high > search.low + 1 {
+        return None;
     }
-    let found = row(low)?;
-    (high - low <= 1 && found.pc <= pc).then_some(found)
+    let found = row(search.low)?;
+    (u64::from(found.pc) <= pc).then_some(found)
 }
 
 #[inline(always)]

@@ -326,9 +326,7 @@ impl MultiPrograms {
         Ok(Self { code, btf, loaded: HashMap::new() })
     }
 
-    /// Load `names` (those not loaded yet), on as many threads as there
-    /// are CPUs (at most 4): the verifier takes most of the start-up time,
-    /// and programs verify independently.
+    /// Load `names` (those not loaded yet), in parallel.
     pub fn load(&mut self, names: &[&str]) -> anyhow::Result<()> {
         let mut wanted = Vec::new();
         for name in names {
@@ -344,37 +342,12 @@ impl MultiPrograms {
         // The return probes walk stacks: the slow ones to verify, taken first.
         wanted.sort_by_key(|(name, _)| (!name.contains("exit"), *name));
         let btf = self.btf.as_ref().map(|fd| fd.as_fd());
-        let queue = std::sync::Mutex::new(std::collections::VecDeque::from(wanted));
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
-        let loaded = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(|| -> anyhow::Result<Vec<(String, OwnedFd)>> {
-                        let mut done = Vec::new();
-                        loop {
-                            // The lock is held for the pop alone.
-                            let next = queue
-                                .lock()
-                                .map_err(|_| anyhow!("a thread loading programs failed"))?
-                                .pop_front();
-                            let Some((name, code)) = next else {
-                                return Ok(done);
-                            };
-                            let started = std::time::Instant::now();
-                            let fd = load(name, code, btf)
-                                .with_context(|| format!("failed to load program {name}"))?;
-                            log::debug!("program {name} loaded in {:?}", started.elapsed());
-                            done.push((name.to_string(), fd));
-                        }
-                    })
-                })
-                .collect();
-            handles.into_iter().try_fold(Vec::new(), |mut all, handle| {
-                all.extend(
-                    handle.join().map_err(|_| anyhow!("a thread loading programs panicked"))??,
-                );
-                anyhow::Ok(all)
-            })
+        let loaded = super::in_parallel(wanted, |(name, code)| {
+            let started = std::time::Instant::now();
+            let fd =
+                load(name, code, btf).with_context(|| format!("failed to load program {name}"))?;
+            log::debug!("program {name} loaded in {:?}", started.elapsed());
+            Ok((name.to_string(), fd))
         })?;
         self.loaded.extend(loaded);
         Ok(())
