@@ -37,6 +37,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("cache_plateau.c", "cache_plateau"),
     ("arena_retention.c", "arena_retention"),
     ("steady_leak.c", "steady_leak"),
+    ("steady_realloc.c", "steady_realloc"),
     ("stable.c", "stable"),
     ("mntns_leak.c", "mntns_leak"),
     ("sysroot_leak.c", "sysroot_leak"),

@@ -35,7 +35,8 @@ pub const MAP_UNWIND_STATE: &str = "UNWIND_STATE";
 /// Calls in flight, between entry and return probe: thread id -> [`Pending`].
 pub const MAP_PENDING: &str = "PENDING";
 /// With [`CONFIG_WINDOWS`]: the sampling window's number (a `u32` at index
-/// 0), raised by the loader before each window's probes go in.
+/// 0), raised by the loader as each window opens and as it closes: odd
+/// while it is open, even between windows.
 pub const MAP_WINDOW: &str = "WINDOW";
 /// Per-CPU counters of lost events, indexed by [`Lost`].
 pub const MAP_LOST: &str = "LOST";

@@ -123,13 +123,21 @@ pub static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(MAX_PENDIN
 #[map]
 pub static WINDOW: Array<u32> = Array::with_max_entries(1, 0);
 
-/// The sampling window's number; 0 without windows (not looked up).
+/// The sampling window's number (odd while the window is open, even
+/// between windows); 1 without windows (not looked up).
 #[inline(always)]
 pub fn window(config: &Config) -> u32 {
     if config.flags & CONFIG_WINDOWS == 0 {
-        return 0;
+        return 1;
     }
-    WINDOW.get(0).copied().unwrap_or(0)
+    WINDOW.get(0).copied().unwrap_or(1)
+}
+
+/// Whether allocations made now are sampled: always, but between sampling
+/// windows.
+#[inline(always)]
+pub fn window_open(config: &Config) -> bool {
+    window(config) & 1 == 1
 }
 
 #[map]

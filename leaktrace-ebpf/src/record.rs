@@ -211,22 +211,26 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
 /// Forget the heap allocation at `addr`, if we recorded it. Frees of memory
 /// allocated before attach find nothing, and are counted; with a size filter
 /// a block may also have been filtered out, and with sampling windows
-/// allocated between windows, so nothing is counted then.
+/// allocated between windows, so nothing is counted then. Returns whether
+/// the block was tracked.
 #[inline(always)]
-pub fn release(addr: u64) {
+pub fn release(addr: u64) -> bool {
     let config = config();
     if config.flags & CONFIG_TRACE != 0 && addr != 0 {
         trace_event(TRACE_FREE, addr, 0, NO_STACK);
     }
-    if addr != 0
-        && is_sampled(addr, config.sample_rate)
-        && !forget(addr, &config)
+    if addr == 0 || !is_sampled(addr, config.sample_rate) {
+        return false;
+    }
+    let tracked = forget(addr, &config);
+    if !tracked
         && config.min_size == 0
         && config.max_size == u64::MAX
         && config.flags & CONFIG_WINDOWS == 0
     {
         count_replaced(addr, &config);
     }
+    tracked
 }
 
 /// `-t`: one allocation or free for the loader to print; a full buffer

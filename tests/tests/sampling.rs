@@ -67,6 +67,45 @@ fn sampling_windows_skip_traps_and_find_the_leak() {
     );
 }
 
+/// Allocations of the stacks through `function`, in the final report.
+fn allocations_through(report: &Report, function: &str) -> u64 {
+    report
+        .stacks
+        .iter()
+        .filter(|stack| has_symbol(&stack.frames, function))
+        .map(|stack| stack.allocations)
+        .sum()
+}
+
+/// Check that blocks grown by realloc are estimated, not multiplied, under
+/// `-s 10`: realloc's probes stay on between windows, and a realloc there
+/// must keep a block tracked only if it was (else every grown block would
+/// be tracked and then scaled by 10). The estimate of grow_chain's blocks
+/// is within a factor of 2.5 of what full tracing counts over as long a
+/// run, and churn_chain's freed blocks are absent from both.
+#[test]
+fn sampling_windows_estimate_realloc_chains() {
+    let full = trace_over_time_with("steady_realloc", 8, &[]);
+    let sampled = trace_over_time_with("steady_realloc", 8, &["-s", "10"]);
+    let (full, sampled) = (final_report(&full), final_report(&sampled));
+    let counted = allocations_through(full, "grow_chain");
+    let estimated = allocations_through(sampled, "grow_chain");
+    assert!(counted >= 300, "full tracing counted {counted} grown blocks: {}", json(full));
+    assert!(
+        estimated * 5 >= counted * 2 && estimated * 2 <= counted * 5,
+        "-s 10 estimated {estimated} grown blocks against {counted} counted in full: {}",
+        json(sampled)
+    );
+    for report in [full, sampled] {
+        assert_eq!(
+            allocations_through(report, "churn_chain"),
+            0,
+            "freed chains reported: {}",
+            json(report)
+        );
+    }
+}
+
 /// The start of the executable mapping of `object` in process `pid`:
 /// (start address, file offset, end address).
 fn text_mapping(pid: u32, object: &str) -> (u64, u64, u64) {

@@ -15,7 +15,7 @@ use leaktrace_common::{CallKind, Lost};
 use super::Result;
 use crate::{
     context::arg,
-    maps::count_lost,
+    maps::{config, count_lost, window_open},
     record::{enter, exit, record_alloc, release, target_tid},
 };
 
@@ -143,7 +143,10 @@ fn try_alloc_enter_rust_realloc(ctx: &ProbeContext) -> Result {
 /// __rust_realloc: the record moves to the new block and is charged to this
 /// call's stack. realloc(NULL, n) allocates, realloc(p, 0) returning NULL
 /// frees, any other NULL is a failure that leaves the old block (and its
-/// record) alone.
+/// record) alone. Between sampling windows (its probes stay on: it frees),
+/// the new block is kept only if the old one was: else every realloc would
+/// be tracked and scaled as a sample (redis's outstanding memory came out
+/// 35x too high).
 #[uretprobe]
 pub fn alloc_exit_realloc(ctx: RetProbeContext) -> u32 {
     let _ = try_alloc_exit_realloc(&ctx);
@@ -161,8 +164,9 @@ fn try_alloc_exit_realloc(ctx: &RetProbeContext) -> Result {
         }
         return Ok(());
     }
-    if old != 0 {
-        release(old);
+    let tracked = old != 0 && release(old);
+    if !tracked && !window_open(&config()) {
+        return Ok(());
     }
     record_alloc(ctx, new, pending.size);
     Ok(())

@@ -18,8 +18,10 @@
 
 use std::{
     collections::BTreeMap,
-    os::fd::OwnedFd,
+    fs::File,
+    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
+    sync::Arc,
     thread::JoinHandle,
 };
 
@@ -48,10 +50,22 @@ pub struct Probe {
 /// One multi link's worth of probes: a program at offsets of one file.
 struct Group {
     program: &'static str,
-    path: PathBuf,
+    /// The file, held open: the path leaktrace found it under
+    /// (`/proc/PID/map_files/...`) goes with the mapping, at an exec or an
+    /// unmap, but the file is probed through `/proc/self/fd/N` for as long
+    /// as leaktrace runs.
+    file: Arc<File>,
+    /// Where it was found, for messages.
+    shown: PathBuf,
     offsets: Vec<u64>,
     at_return: bool,
     pid: u32,
+}
+
+impl Group {
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
 }
 
 #[derive(Default)]
@@ -68,7 +82,8 @@ pub struct Links {
     /// ... their links while a window is open, ...
     window_links: Vec<OwnedFd>,
     window_open: bool,
-    /// The window's number, as the programs see it in `WINDOW`.
+    /// The window's number, as the programs see it in `WINDOW`: odd while
+    /// a window is open, even between windows.
     window: u32,
     /// ... and the threads closing the links of windows past.
     closing: Vec<JoinHandle<()>>,
@@ -77,12 +92,19 @@ pub struct Links {
 impl Links {
     /// Links whose uprobes run `programs` through multi links; with
     /// `windows`, the allocating ones for sampling windows only (the first
-    /// window open from the start).
-    pub fn with_multi(programs: multi::MultiPrograms, windows: bool) -> Self {
+    /// window open from the start, and so numbered in `ebpf`).
+    pub fn with_multi(
+        programs: multi::MultiPrograms,
+        windows: bool,
+        ebpf: &mut Ebpf,
+    ) -> anyhow::Result<Self> {
         let mut links = Self::default();
         links.multi = Some(programs);
-        (links.windows, links.window_open) = (windows, windows);
-        links
+        (links.windows, links.window_open, links.window) = (windows, windows, 1);
+        if windows {
+            set_window(ebpf, links.window)?;
+        }
+        Ok(links)
     }
 
     /// Whether allocation probes come and go with sampling windows.
@@ -104,6 +126,7 @@ impl Links {
         for probe in probes {
             groups.entry((!probe.at_return, probe.program)).or_default().push(probe.offset);
         }
+        let mut file: Option<Arc<File>> = None;
         for ((at_entry, name), offsets) in groups {
             let at_return = !at_entry;
             let failed = || format!("failed to attach {name} in {}", path.display());
@@ -111,21 +134,30 @@ impl Links {
                 Some(programs) => {
                     let fd = programs.fd(name)?;
                     let windowed = self.windows && allocates_only(name);
-                    if windowed && !self.window_open {
-                        // Attached when the next window opens.
-                        let path = path.to_path_buf();
-                        self.windowed.push(Group { program: name, path, offsets, at_return, pid });
+                    if !windowed {
+                        let link = multi::attach(fd, path, &offsets, at_return, pid)
+                            .with_context(failed)?;
+                        self.multi_links.push(link);
                         continue;
                     }
-                    let link =
-                        multi::attach(fd, path, &offsets, at_return, pid).with_context(failed)?;
-                    if windowed {
-                        let path = path.to_path_buf();
-                        self.windowed.push(Group { program: name, path, offsets, at_return, pid });
+                    let file =
+                        match &file {
+                            Some(file) => Arc::clone(file),
+                            None => {
+                                Arc::clone(file.insert(Arc::new(File::open(path).with_context(
+                                    || format!("failed to open {}", path.display()),
+                                )?)))
+                            }
+                        };
+                    let shown = path.to_path_buf();
+                    let group = Group { program: name, file, shown, offsets, at_return, pid };
+                    // Else attached when the next window opens.
+                    if self.window_open {
+                        let link = multi::attach(fd, &group.path(), &group.offsets, at_return, pid)
+                            .with_context(failed)?;
                         self.window_links.push(link);
-                    } else {
-                        self.multi_links.push(link);
                     }
+                    self.windowed.push(group);
                 }
                 None => {
                     let scope = UProbeScope::OneProcess(
@@ -157,10 +189,11 @@ impl Links {
         self.multi.as_ref().map(|programs| programs.stats()).unwrap_or_default()
     }
 
-    /// Open a sampling window: raise the window's number (records of calls
-    /// from earlier windows become stale), then attach the windowed groups
-    /// again, return probes first. A group that fails (its file gone with
-    /// an exec) is left out of this window, with a warning.
+    /// Open a sampling window: raise the window's number to the next odd one
+    /// (records of calls from earlier windows become stale), then attach
+    /// the windowed groups
+    /// again, return probes first. A group that fails is left out of this
+    /// window, with a warning.
     pub fn open_window(&mut self, ebpf: &mut Ebpf) {
         let Some(programs) = &mut self.multi else {
             return;
@@ -176,15 +209,15 @@ impl Links {
         self.windowed.sort_by_key(|group| !group.at_return);
         for group in &self.windowed {
             let attached = programs.fd(group.program).and_then(|fd| {
-                let Group { path, offsets, at_return, pid, .. } = group;
-                Ok(multi::attach(fd, path, offsets, *at_return, *pid)?)
+                let Group { offsets, at_return, pid, .. } = group;
+                Ok(multi::attach(fd, &group.path(), offsets, *at_return, *pid)?)
             });
             match attached {
                 Ok(link) => self.window_links.push(link),
                 Err(err) => log::warn!(
                     "sampling window: {} in {} not attached: {err:#}",
                     group.program,
-                    group.path.display()
+                    group.shown.display()
                 ),
             }
         }
@@ -194,11 +227,16 @@ impl Links {
     /// where the kernel's grace periods are waited out, all at once (an
     /// entry left without its return probe for a moment leaves a record
     /// the next window's number marks stale).
-    pub fn close_window(&mut self) {
+    pub fn close_window(&mut self, ebpf: &mut Ebpf) {
         if !self.window_open {
             return;
         }
         self.window_open = false;
+        // realloc's return keeps new blocks of untracked ones no more.
+        self.window = self.window.wrapping_add(1);
+        if let Err(err) = set_window(ebpf, self.window) {
+            log::warn!("sampling window: {err:#}");
+        }
         self.closing.retain(|thread| !thread.is_finished());
         let links = std::mem::take(&mut self.window_links);
         let closer = std::thread::Builder::new()

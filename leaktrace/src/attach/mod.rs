@@ -139,7 +139,7 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
             let mut programs = multi::MultiPrograms::new(OBJECT, &ebpf)?;
             let uprobes: Vec<&str> = options.programs.iter().copied().collect();
             programs.load(&uprobes)?;
-            links = Links::with_multi(programs, windows);
+            links = Links::with_multi(programs, windows, &mut ebpf)?;
         } else {
             names.extend(options.programs.iter().copied());
         }

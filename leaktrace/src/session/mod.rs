@@ -234,11 +234,13 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
         .iter()
         .map(|object| format!("{} in {}", object.functions.len(), object.object))
         .collect();
+    // Before the line that says Ctrl-C stops it: a Ctrl-C right after must
+    // give the final report, not kill leaktrace (seen in a test).
+    let mut signals = Signals::new()?;
     eprintln!(
         "leaktrace: attached to pid {pid}: functions probed: {}; Ctrl-C to stop",
         summary.join(", ")
     );
-    let mut signals = Signals::new()?;
     let mut windows = links.windows().then(|| windows::Windows::new(args.sample_rate));
     let how = if windows.is_some() { Sampling::Windows } else { Sampling::Address };
     let sampling = (args.sample_rate > 1).then_some(how);

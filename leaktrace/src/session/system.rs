@@ -56,11 +56,12 @@ pub async fn trace(args: &Args, outputs: &mut Outputs) -> anyhow::Result<u8> {
     analyzer.baseline()?;
     attach::kmem::attach(&mut ebpf, &plan, &mut links)?;
     attach::reset_lost(&mut ebpf)?;
+    // Before the line that says Ctrl-C stops it.
+    let mut signals = Signals::new()?;
     eprintln!(
         "leaktrace: attached to the kernel's allocation events machine-wide ({} events), and watching the machine's memory; Ctrl-C to stop",
         plan.events.len()
     );
-    let mut signals = Signals::new()?;
     let mut emit = |analyzer: &mut SystemAnalyzer, is_final: bool| -> anyhow::Result<()> {
         let mut report = analyzer.report(&ebpf, is_final)?;
         report::finish(&mut report);

@@ -27,6 +27,8 @@ pub struct Windows {
     open: bool,
     /// When the current period began.
     began: Instant,
+    /// When the current window opened.
+    opened: Instant,
     next: Instant,
     /// xorshift64 state, for each window's place in its period.
     random: u64,
@@ -43,7 +45,7 @@ impl Windows {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9E37_79B9_7F4A_7C15, |since| since.as_nanos() as u64);
-        Self { on, period, open: true, began: now, next: now + on, random: seed | 1 }
+        Self { on, period, open: true, began: now, opened: now, next: now + on, random: seed | 1 }
     }
 
     /// A random time in `0..max`.
@@ -64,11 +66,13 @@ impl Windows {
     pub fn toggle(&mut self, links: &mut Links, ebpf: &mut Ebpf) {
         let now = Instant::now();
         if self.open {
-            links.close_window();
+            links.close_window(ebpf);
+            log::debug!("sampling window closed after {:?}", now - self.opened);
             // Behind (a long report): the next period starts from now.
             self.began = (self.began + self.period).max(now);
             self.next = self.began + self.random_below(self.period - self.on);
         } else {
+            self.opened = now;
             links.open_window(ebpf);
             // The entry probes go in last: the window counts from halfway
             // through the attach (5-9 ms for glibc's 8 links here).
