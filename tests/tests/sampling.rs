@@ -189,3 +189,34 @@ fn no_probe_outlives_leaktrace() {
     }
     assert!(checked >= 10, "only {checked} probes checked: {}", json(report));
 }
+
+/// Check that sampling windows go on across an exec: the allocation probes
+/// in libc, attached again at every window, still reach the new image
+/// (whose libc is the same file, mapped elsewhere), and its steady leak is
+/// found and scaled.
+#[test]
+fn sampling_windows_survive_exec() {
+    let new = fixture_path("exec_new");
+    let mut fixture = Fixture::start("exec_old", &[new.to_str().unwrap()]);
+    let mut tracer = Tracer::trace_pid(fixture.pid(), 1, 8, &["--top", "1000", "-s", "10"]);
+    tracer.wait_attached();
+    fixture.go();
+    fixture.wait_ready();
+    let finished = tracer.finish();
+    let reports = finished.reports();
+    let report = final_report(&reports);
+    assert!(report.exec.is_some(), "no exec reported: {}", json(report));
+    let stack = stack_by_first_frame(report, "new_leak_step").unwrap_or_else(|| {
+        panic!(
+            "the new image's leak is not sampled: {}\nstderr:\n{}",
+            json(report),
+            finished.stderr
+        )
+    });
+    assert_eq!(stack.bytes % 10_240, 0, "not scaled by 10: {}", json(report));
+    assert!(
+        !finished.stderr.contains("not attached"),
+        "a sampling window failed to attach:\n{}",
+        finished.stderr
+    );
+}

@@ -126,7 +126,8 @@ impl Links {
         for probe in probes {
             groups.entry((!probe.at_return, probe.program)).or_default().push(probe.offset);
         }
-        let mut file: Option<Arc<File>> = None;
+        // The file, opened for the windowed groups.
+        let mut held: Option<Arc<File>> = None;
         for ((at_entry, name), offsets) in groups {
             let at_return = !at_entry;
             let failed = || format!("failed to attach {name} in {}", path.display());
@@ -140,15 +141,17 @@ impl Links {
                         self.multi_links.push(link);
                         continue;
                     }
-                    let file =
-                        match &file {
-                            Some(file) => Arc::clone(file),
-                            None => {
-                                Arc::clone(file.insert(Arc::new(File::open(path).with_context(
-                                    || format!("failed to open {}", path.display()),
-                                )?)))
-                            }
-                        };
+                    let file = match &held {
+                        Some(file) => Arc::clone(file),
+                        None => {
+                            let opened =
+                                Arc::new(File::open(path).with_context(|| {
+                                    format!("failed to open {}", path.display())
+                                })?);
+                            held = Some(Arc::clone(&opened));
+                            opened
+                        }
+                    };
                     let shown = path.to_path_buf();
                     let group = Group { program: name, file, shown, offsets, at_return, pid };
                     // Else attached when the next window opens.
