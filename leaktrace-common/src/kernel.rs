@@ -8,6 +8,9 @@ pub const MAP_KERNEL_ALLOCS: &str = "KERNEL_ALLOCS";
 pub const MAP_KERNEL_STACKS: &str = "KERNEL_STACKS";
 /// The slab cache a kernel stack allocates from: stack id -> [`CacheName`].
 pub const MAP_KERNEL_CACHES: &str = "KERNEL_CACHES";
+/// Allocations recorded per kernel stack, per CPU: stack id -> `u64`, so
+/// that a stack's growth reads against what it allocates.
+pub const MAP_KERNEL_COUNTS: &str = "KERNEL_COUNTS";
 /// The load-time configuration of the kernel-allocation programs, a
 /// `Global<KmemConfig>`.
 pub const GLOBAL_KMEM: &str = "KMEM";

@@ -61,6 +61,11 @@ pub static KERNEL_STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_
 pub static KERNEL_CACHES: HashMap<i32, CacheName> =
     HashMap::with_max_entries(DEFAULT_MAX_KERNEL_STACKS, 0);
 
+/// Allocations per kernel stack. Preallocated, as `KERNEL_ALLOCS`.
+#[map]
+pub static KERNEL_COUNTS: PerCpuHashMap<i32, u64> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_KERNEL_STACKS, 0);
+
 /// Live heap allocations. Allocated as used (the kernel's per-CPU caches
 /// serve the hot path): a small target costs its buckets alone (16 B an
 /// entry of capacity), not a million preallocated elements; a full map

@@ -19,7 +19,7 @@ pub use leaktrace_common::{KernelKind, Lost, StackEnd};
 pub use memory::{MemoryDelta, MemoryPicture, MemoryReport, Usage};
 use serde::{Deserialize, Serialize};
 pub use system::{FdReport, KernelSummary, ProcessReport, ProcessShare, SlabReport, SystemReport};
-pub use verdict::{Finding, ThreadFinding, Verdict, VerdictKind};
+pub use verdict::{Finding, ThreadFinding, Verdict, VerdictKind, KERNEL_LEAK_MIN_SHARE};
 
 /// The version of this model that a report was written with.
 pub const SCHEMA: u32 = 1;

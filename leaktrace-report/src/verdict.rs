@@ -25,10 +25,23 @@ pub enum VerdictKind {
     KernelLeak,
     /// A process's own memory grows (the system mode): trace it with -p.
     ProcessGrowth,
+    /// Kernel memory grows at a stack that frees nearly all it allocates
+    /// (see [`KERNEL_LEAK_MIN_SHARE`]): frees running late, or a leak of a
+    /// few of its objects; not judged yet.
+    KernelGrowth,
     /// The heap was sampled (`-s N`) and no leak was seen: one too slow to
     /// show in the sample may still be there.
     Sampled,
 }
+
+/// The share of what a kernel stack allocates that its growth must keep to
+/// be called a leak. A leak keeps most of what its stack allocates (the
+/// kernel_leak fixture's about half); sockets' and pipes' inodes are freed
+/// after an RCU grace period, and under a storm of fds that backlog grew
+/// for seconds at under 1% of the allocations (a false leak, seen once in
+/// CI). Slower growth is still said, as `kernel_growth`: it may be a leak
+/// of a few objects in a hundred.
+pub const KERNEL_LEAK_MIN_SHARE: f64 = 0.05;
 
 /// Threads of one kind of thread leak, and the worst site.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +98,11 @@ pub enum Finding {
         /// The process that allocated most of it.
         pid: Option<u32>,
         comm: Option<String>,
+        /// The share of what its kernel stack allocates that the growth
+        /// keeps, when known. Under [`KERNEL_LEAK_MIN_SHARE`] the finding
+        /// is `kernel_growth`, not `kernel_leak`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kept_share: Option<f64>,
     },
     /// Neither the kernel's allocations nor any process grows (the system
     /// mode).
@@ -110,6 +128,11 @@ impl Finding {
             Finding::Incomplete { .. } => VerdictKind::Incomplete,
             Finding::NoLeakYet { .. } | Finding::NoLeak { .. } | Finding::NoGrowth { .. } => {
                 VerdictKind::NoLeak
+            }
+            Finding::KernelLeak { kept_share: Some(share), .. }
+                if *share < KERNEL_LEAK_MIN_SHARE =>
+            {
+                VerdictKind::KernelGrowth
             }
             Finding::KernelLeak { .. } => VerdictKind::KernelLeak,
             Finding::ProcessGrowth { .. } => VerdictKind::ProcessGrowth,

@@ -20,7 +20,9 @@ use leaktrace_common::{
 use super::Result;
 use crate::{
     context::user_frame_of_current,
-    maps::{config, count_lost, kmem_config, KERNEL_ALLOCS, KERNEL_CACHES, KERNEL_STACKS},
+    maps::{
+        config, count_lost, kmem_config, KERNEL_ALLOCS, KERNEL_CACHES, KERNEL_COUNTS, KERNEL_STACKS,
+    },
     record::{size_wanted, target_tid},
     unwind::stack_id_at,
 };
@@ -77,6 +79,7 @@ fn record(
             NO_KERNEL_STACK
         }
     };
+    count_allocation(kernel_stack);
     let user_stack = if kmem.flags & KMEM_TARGET != 0 {
         match user_frame_of_current() {
             Some((ip, sp, bp)) => stack_id_at(ctx, ip, sp, bp),
@@ -101,6 +104,19 @@ fn record(
         return None;
     }
     Some(kernel_stack)
+}
+
+/// One more allocation at `kernel_stack`, on this CPU.
+#[inline(always)]
+fn count_allocation(kernel_stack: i32) {
+    match KERNEL_COUNTS.get_ptr_mut(kernel_stack) {
+        // SAFETY: a pointer from a successful lookup in a per-CPU map,
+        // valid for this program run and written by this CPU only.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = KERNEL_COUNTS.insert(kernel_stack, 1u64, BPF_NOEXIST.into());
+        }
+    }
 }
 
 /// Forget the allocation whose key is `field` of the record, tagged with

@@ -22,9 +22,9 @@ use leaktrace_common::{
     AllocInfo, Config, KmemConfig, Lost, Pending, StackStats, ThreadInfo, ThreadSiteStats,
     CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, CONFIG_PIDNS, CONFIG_TRACE,
     CONFIG_WINDOWS, GLOBAL_CONFIG, GLOBAL_KMEM, MAP_ALLOCS, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES,
-    MAP_KERNEL_STACKS, MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PTHREADS, MAP_STACKS, MAP_STACK_STATS,
-    MAP_THREADS, MAP_THREAD_SITES, MAP_TRACE_EVENTS, MAP_UNWIND_ROWS, TRACE_EVENTS_BYTES,
-    UNWIND_CHUNK_ROWS,
+    MAP_KERNEL_COUNTS, MAP_KERNEL_STACKS, MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PTHREADS,
+    MAP_STACKS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, MAP_TRACE_EVENTS, MAP_UNWIND_ROWS,
+    TRACE_EVENTS_BYTES, UNWIND_CHUNK_ROWS,
 };
 
 pub use links::Links;
@@ -120,6 +120,7 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
         .map_max_entries(MAP_KERNEL_ALLOCS, kernel_allocations)
         .map_max_entries(MAP_KERNEL_STACKS, kernel_stacks)
         .map_max_entries(MAP_KERNEL_CACHES, kernel_stacks)
+        .map_max_entries(MAP_KERNEL_COUNTS, kernel_stacks)
         .map_max_entries(MAP_ALLOCS, if options.user { options.max_allocations } else { 1 })
         .map_max_entries(MAP_STACKS, options.max_stacks)
         // One more than the stacks: allocations whose stack could not be

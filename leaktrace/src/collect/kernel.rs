@@ -6,11 +6,12 @@ use std::collections::HashMap;
 
 use anyhow::Context as _;
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, StackTraceMap},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, StackTraceMap},
     Ebpf,
 };
 use leaktrace_common::{
-    CacheName, KernelAlloc, KernelKind, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES, MAP_KERNEL_STACKS,
+    CacheName, KernelAlloc, KernelKind, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES, MAP_KERNEL_COUNTS,
+    MAP_KERNEL_STACKS,
 };
 
 use super::{map, monotonic_ns};
@@ -78,6 +79,19 @@ pub fn kernel_stack(ebpf: &Ebpf, id: i32) -> anyhow::Result<Vec<u64>> {
     let id = u32::try_from(id).context("no kernel stack")?;
     let stack = stacks.get(&id, 0).with_context(|| format!("failed to read kernel stack {id}"))?;
     Ok(stack.frames().iter().map(|frame| frame.ip).collect())
+}
+
+/// Allocations made at each kernel stack since attach, all CPUs, scaled by
+/// `sample_rate`.
+pub fn kernel_counts(ebpf: &Ebpf, sample_rate: u64) -> anyhow::Result<HashMap<i32, u64>> {
+    let counts: PerCpuHashMap<&MapData, i32, u64> =
+        PerCpuHashMap::try_from(map(ebpf, MAP_KERNEL_COUNTS)?)?;
+    let mut totals = HashMap::new();
+    for entry in counts.iter() {
+        let (stack, per_cpu) = entry.context("failed to read the kernel stacks' counts")?;
+        totals.insert(stack, per_cpu.iter().sum::<u64>() * sample_rate);
+    }
+    Ok(totals)
 }
 
 /// The slab cache kernel stack `id` allocates from, if it is a slab's.

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 
 use leaktrace_report::{
     short_module, Ended, Finding, Frame, Growth, Lost, Report, Sampling, StackEnd, ThreadFinding,
-    ThreadsReport, Trend,
+    ThreadsReport, Trend, VerdictKind,
 };
 
 use super::{memory::write_memory, system::write_system, units::human_bytes};
@@ -361,6 +361,7 @@ fn finding_text(finding: &Finding) -> String {
             user_site,
             pid,
             comm,
+            kept_share,
         } => {
             let what = match cache {
                 Some(cache) => format!("{} {cache}", kind.name()),
@@ -378,6 +379,13 @@ fn finding_text(finding: &Finding) -> String {
             }
             if *stacks > 1 {
                 text.push_str(&format!(" ({stacks} kernel stacks growing)"));
+            }
+            if finding.kind() == VerdictKind::KernelGrowth {
+                let percent = kept_share.unwrap_or(0.0) * 100.0;
+                text = format!(
+                    "{text}; it keeps {percent:.1}% of what it allocates: frees running late \
+                     (RCU) or a leak of a few of its objects, not judged yet"
+                );
             }
             text
         }
