@@ -270,7 +270,9 @@ pub struct Pending {
 }
 
 impl CallKind {
-    /// Calls of the functions `-s N` probes in sampling windows only.
+    /// Calls of the functions `-s N` probes in sampling windows only: the
+    /// kinds the programs of the loader's `probes::allocates_only` record
+    /// (the two lists name one set, from each side).
     pub fn windowed(kind: u32) -> bool {
         kind == Self::Alloc as u32
             || kind == Self::PosixMemalign as u32

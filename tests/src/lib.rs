@@ -311,13 +311,20 @@ pub fn trace_over_time_with(name: &str, count: u32, extra: &[&str]) -> Vec<Repor
     let mut fixture = Fixture::start(name, &[]);
     let mut args = vec!["--top", "1000"];
     args.extend_from_slice(extra);
-    let mut tracer = Tracer::trace_pid(fixture.pid(), 1, count, &args);
+    let reports = run_over_time(&mut fixture, count, &args).reports();
+    final_report(&reports);
+    reports
+}
+
+/// Trace the started `fixture` with `-p PID --json 1 COUNT` plus `extra`,
+/// let it go once the probes are attached, and return how leaktrace
+/// ended (its reports and its stderr).
+pub fn run_over_time(fixture: &mut Fixture, count: u32, extra: &[&str]) -> Finished {
+    let mut tracer = Tracer::trace_pid(fixture.pid(), 1, count, extra);
     tracer.wait_attached();
     fixture.go();
     fixture.wait_ready();
-    let reports = tracer.finish().reports();
-    final_report(&reports);
-    reports
+    tracer.finish()
 }
 
 /// The report's verdict, failing with the report if it has none.

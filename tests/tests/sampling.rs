@@ -29,11 +29,7 @@ fn program_runs(stderr: &str, program: &str) -> u64 {
 fn sampling_windows_skip_traps_and_find_the_leak() {
     let mut fixture = Fixture::start("steady_leak", &[]);
     let extra = ["--top", "1000", "-s", "10", "--program-stats"];
-    let mut tracer = Tracer::trace_pid(fixture.pid(), 1, 8, &extra);
-    tracer.wait_attached();
-    fixture.go();
-    fixture.wait_ready();
-    let finished = tracer.finish();
+    let finished = run_over_time(&mut fixture, 8, &extra);
     let reports = finished.reports();
     let report = final_report(&reports);
     assert_eq!(report.sample_rate, 10, "not sampled 1 in 10: {}", json(report));
@@ -198,11 +194,7 @@ fn no_probe_outlives_leaktrace() {
 fn sampling_windows_survive_exec() {
     let new = fixture_path("exec_new");
     let mut fixture = Fixture::start("exec_old", &[new.to_str().unwrap()]);
-    let mut tracer = Tracer::trace_pid(fixture.pid(), 1, 8, &["--top", "1000", "-s", "10"]);
-    tracer.wait_attached();
-    fixture.go();
-    fixture.wait_ready();
-    let finished = tracer.finish();
+    let finished = run_over_time(&mut fixture, 8, &["--top", "1000", "-s", "10"]);
     let reports = finished.reports();
     let report = final_report(&reports);
     assert!(report.exec.is_some(), "no exec reported: {}", json(report));

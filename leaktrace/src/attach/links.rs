@@ -81,7 +81,6 @@ pub struct Links {
     windowed: Vec<Group>,
     /// ... their links while a window is open, ...
     window_links: Vec<OwnedFd>,
-    window_open: bool,
     /// The window's number, as the programs see it in `WINDOW`: odd while
     /// a window is open, even between windows.
     window: u32,
@@ -100,7 +99,7 @@ impl Links {
     ) -> anyhow::Result<Self> {
         let mut links = Self::default();
         links.multi = Some(programs);
-        (links.windows, links.window_open, links.window) = (windows, windows, 1);
+        (links.windows, links.window) = (windows, 1);
         if windows {
             set_window(ebpf, links.window)?;
         }
@@ -110,6 +109,11 @@ impl Links {
     /// Whether allocation probes come and go with sampling windows.
     pub fn windows(&self) -> bool {
         self.windows
+    }
+
+    /// Whether a sampling window is open: its number is odd.
+    pub fn window_open(&self) -> bool {
+        self.window % 2 == 1
     }
 
     /// Attach `probes` in the file `path` for process `pid` only: the
@@ -128,6 +132,7 @@ impl Links {
         }
         // The file, opened for the windowed groups.
         let mut held: Option<Arc<File>> = None;
+        let window_open = self.window_open();
         for ((at_entry, name), offsets) in groups {
             let at_return = !at_entry;
             let failed = || format!("failed to attach {name} in {}", path.display());
@@ -155,7 +160,7 @@ impl Links {
                     let shown = path.to_path_buf();
                     let group = Group { program: name, file, shown, offsets, at_return, pid };
                     // Else attached when the next window opens.
-                    if self.window_open {
+                    if window_open {
                         let link = multi::attach(fd, &group.path(), &group.offsets, at_return, pid)
                             .with_context(failed)?;
                         self.window_links.push(link);
@@ -194,17 +199,15 @@ impl Links {
 
     /// Open a sampling window: raise the window's number to the next odd one
     /// (records of calls from earlier windows become stale), then attach
-    /// the windowed groups
-    /// again, return probes first. A group that fails is left out of this
+    /// the windowed groups again, return probes first. A group that fails is left out of this
     /// window, with a warning.
     pub fn open_window(&mut self, ebpf: &mut Ebpf) {
+        if self.window_open() {
+            return;
+        }
         let Some(programs) = &mut self.multi else {
             return;
         };
-        if self.window_open {
-            return;
-        }
-        self.window_open = true;
         self.window = self.window.wrapping_add(1);
         if let Err(err) = set_window(ebpf, self.window) {
             log::warn!("sampling window: {err:#}");
@@ -231,11 +234,10 @@ impl Links {
     /// entry left without its return probe for a moment leaves a record
     /// the next window's number marks stale).
     pub fn close_window(&mut self, ebpf: &mut Ebpf) {
-        if !self.window_open {
+        if !self.window_open() {
             return;
         }
-        self.window_open = false;
-        // realloc's return keeps new blocks of untracked ones no more.
+        // Even: realloc's return keeps new blocks of untracked ones no more.
         self.window = self.window.wrapping_add(1);
         if let Err(err) = set_window(ebpf, self.window) {
             log::warn!("sampling window: {err:#}");

@@ -133,17 +133,19 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
         )
         .load(OBJECT)
         .context("failed to load the eBPF programs")?;
+    // The uprobe programs go with the links that run them when loaded for
+    // multi links, else with aya's others.
     let mut names: HashSet<&str> = HashSet::new();
-    let mut links = Links::default();
+    let links = if multi {
+        let mut programs = multi::MultiPrograms::new(OBJECT, &ebpf)?;
+        let uprobes: Vec<&str> = options.programs.iter().copied().collect();
+        programs.load(&uprobes)?;
+        Links::with_multi(programs, windows, &mut ebpf)?
+    } else {
+        names.extend(options.programs.iter().copied().filter(|_| options.user));
+        Links::default()
+    };
     if options.user {
-        if multi {
-            let mut programs = multi::MultiPrograms::new(OBJECT, &ebpf)?;
-            let uprobes: Vec<&str> = options.programs.iter().copied().collect();
-            programs.load(&uprobes)?;
-            links = Links::with_multi(programs, windows, &mut ebpf)?;
-        } else {
-            names.extend(options.programs.iter().copied());
-        }
         names.extend(TRACEPOINTS.iter().map(|(name, ..)| *name));
     }
     if let Some(kernel) = &options.kernel {
@@ -163,8 +165,7 @@ fn load_programs(ebpf: &mut Ebpf, names: &HashSet<&str>) -> anyhow::Result<()> {
             "program {wanted} missing from the eBPF object"
         );
     }
-    // The return probes walk stacks: the slow ones to verify, taken first.
-    programs.sort_by_key(|(name, _)| (!name.contains("exit") && !name.starts_with("kmem"), *name));
+    programs.sort_by_key(|(name, _)| verify_order(name));
     in_parallel(programs, |(name, program)| {
         let loaded = match program {
             Program::UProbe(program) => program.load(),
@@ -174,6 +175,12 @@ fn load_programs(ebpf: &mut Ebpf, names: &HashSet<&str>) -> anyhow::Result<()> {
         loaded.with_context(|| format!("failed to load program {name}"))
     })?;
     Ok(())
+}
+
+/// The order programs are verified in: the return probes and the kernel
+/// allocation programs walk stacks, the slow ones to verify, taken first.
+fn verify_order(name: &str) -> (bool, &str) {
+    (!name.contains("exit") && !name.starts_with("kmem"), name)
 }
 
 /// `work` on each of `items`, on as many threads as there are CPUs (at

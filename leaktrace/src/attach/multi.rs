@@ -339,8 +339,7 @@ impl MultiPrograms {
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
             wanted.push((*name, code));
         }
-        // The return probes walk stacks: the slow ones to verify, taken first.
-        wanted.sort_by_key(|(name, _)| (!name.contains("exit"), *name));
+        wanted.sort_by_key(|(name, _)| super::verify_order(name));
         let btf = self.btf.as_ref().map(|fd| fd.as_fd());
         let loaded = super::in_parallel(wanted, |(name, code)| {
             let started = std::time::Instant::now();

@@ -30,7 +30,8 @@ pub fn arguments_read(program: &str) -> usize {
 /// Whether `program` runs only where memory is allocated, never where it
 /// is freed: `-s N` attaches these for one sampling window in N (see
 /// [`super::Links`]); the rest stay on, so that every free of a tracked
-/// block is seen (realloc frees too).
+/// block is seen (realloc frees too). The kernel side names the same set
+/// by the calls these programs record (`CallKind::windowed`).
 pub fn allocates_only(program: &str) -> bool {
     matches!(
         program,

@@ -24,7 +24,6 @@ const SHORTEST_WINDOW: Duration = Duration::from_millis(10);
 pub struct Windows {
     on: Duration,
     period: Duration,
-    open: bool,
     /// When the current period began.
     began: Instant,
     /// When the current window opened.
@@ -45,7 +44,7 @@ impl Windows {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9E37_79B9_7F4A_7C15, |since| since.as_nanos() as u64);
-        Self { on, period, open: true, began: now, opened: now, next: now + on, random: seed | 1 }
+        Self { on, period, began: now, opened: now, next: now + on, random: seed | 1 }
     }
 
     /// A random time in `0..max`.
@@ -62,10 +61,11 @@ impl Windows {
         self.next
     }
 
-    /// Open the window if it is closed, close it if it is open.
+    /// Open the window if it is closed, close it if it is open (`links`
+    /// know which).
     pub fn toggle(&mut self, links: &mut Links, ebpf: &mut Ebpf) {
         let now = Instant::now();
-        if self.open {
+        if links.window_open() {
             links.close_window(ebpf);
             log::debug!("sampling window closed after {:?}", now - self.opened);
             // Behind (a long report): the next period starts from now.
@@ -79,7 +79,6 @@ impl Windows {
             let attach = now.elapsed();
             self.next = now + attach / 2 + self.on;
         }
-        self.open = !self.open;
     }
 }
 
