@@ -29,6 +29,10 @@ use crate::{
 const KERNEL_TOLERANCE: f64 = 4096.0;
 /// Slower growth than this is not called a kernel leak.
 const MIN_LEAK_RATE: f64 = 1024.0;
+/// A kernel stack holding fewer objects is not called a leak: a pool that
+/// grows by a few (kthreadd starting three kworkers, 17 KiB of task_struct
+/// on a machine at rest, seen in CI) is not one. A leak passes it soon.
+const MIN_LEAK_OBJECTS: u64 = 16;
 /// Processes named per stack.
 const TOP_PROCESSES: usize = 3;
 
@@ -163,7 +167,9 @@ impl KernelAnalyzer {
             .iter()
             .filter_map(|usage| {
                 let growth = self.history.growth(usage.key())?;
-                (growth.trend == Trend::Growing && growth.bytes_per_second >= MIN_LEAK_RATE)
+                (growth.trend == Trend::Growing
+                    && growth.bytes_per_second >= MIN_LEAK_RATE
+                    && usage.allocations >= MIN_LEAK_OBJECTS)
                     .then_some((usage, growth.bytes_per_second))
             })
             .collect();
