@@ -10,43 +10,41 @@ pub enum Lost {
     AllocMapFull = 0,
     /// The mapping map was full.
     MmapMapFull = 1,
-    /// The per-stack totals map was full.
-    StatsMapFull = 2,
     /// Two different stacks hashed to one slot of the stack map (it is full).
     #[cfg_attr(feature = "serde", serde(rename = "stack_map_full_or_collision"))]
-    StackCollision = 3,
+    StackCollision = 2,
     /// The user stack could not be read at all.
-    StackUnavailable = 4,
+    StackUnavailable = 3,
     /// A return probe fired with no entry record.
-    ReturnWithoutEntry = 5,
+    ReturnWithoutEntry = 4,
     /// An entry found a stale record: its return probe never fired.
-    MissedReturn = 6,
+    MissedReturn = 5,
     /// The in-flight call map was full.
-    PendingMapFull = 7,
+    PendingMapFull = 6,
     /// Reading the result of posix_memalign or pthread_create failed.
-    ReadFailed = 8,
+    ReadFailed = 7,
     /// The thread map was full.
-    ThreadMapFull = 9,
+    ThreadMapFull = 8,
     /// A stack was cut where a frame had no call-frame information (or lay
     /// outside every known executable mapping).
-    UnwindNoInfo = 10,
+    UnwindNoInfo = 9,
     /// A stack was cut at a rule the programs do not follow, or at stack
     /// memory that could not be read.
-    UnwindFailed = 11,
+    UnwindFailed = 10,
     /// A stack was deeper than [`MAX_FRAMES`] and was cut.
-    UnwindDepth = 12,
+    UnwindDepth = 11,
     /// The kernel-allocation map was full (`--kernel` and the system mode).
-    KernelAllocMapFull = 13,
+    KernelAllocMapFull = 12,
     /// A kernel stack could not be kept (the kernel stack map full, or two
     /// stacks in one bucket); its allocation still counts, stackless.
-    KernelStack = 14,
+    KernelStack = 13,
     /// `-t`: an event did not fit in the trace ring buffer (its line is
     /// missing; the books are whole).
-    TraceDropped = 15,
+    TraceDropped = 14,
 }
 
 impl Lost {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 15;
 
     /// Whether this loss cuts a stack short (its bytes still count) rather
     /// than drops an event from the books.
@@ -56,7 +54,6 @@ impl Lost {
     pub const ALL: [Lost; Self::COUNT as usize] = [
         Lost::AllocMapFull,
         Lost::MmapMapFull,
-        Lost::StatsMapFull,
         Lost::StackCollision,
         Lost::StackUnavailable,
         Lost::ReturnWithoutEntry,
@@ -77,7 +74,6 @@ impl Lost {
         match self {
             Lost::AllocMapFull => "alloc_map_full",
             Lost::MmapMapFull => "mmap_map_full",
-            Lost::StatsMapFull => "stats_map_full",
             Lost::StackCollision => "stack_map_full_or_collision",
             Lost::StackUnavailable => "stack_unavailable",
             Lost::ReturnWithoutEntry => "return_without_entry",

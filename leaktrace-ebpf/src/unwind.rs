@@ -33,8 +33,8 @@ use leaktrace_common::{
 use crate::{
     context::frame,
     maps::{
-        count_lost, worth_logging, EEXIST, STACKS, STACK_SCRATCH, UNWIND_CACHE, UNWIND_CACHE_BITS,
-        UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
+        count_lost, worth_logging, EEXIST, STACKS, STACK_CACHE, STACK_CACHE_BITS, STACK_SCRATCH,
+        UNWIND_CACHE, UNWIND_CACHE_BITS, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
     },
     types::CachedAddress,
 };
@@ -184,11 +184,24 @@ pub fn stack_id_at<C: EbpfContext>(ctx: &C, ip: u64, sp: u64, bp: u64) -> u32 {
     if id == NO_STACK {
         id = 0;
     }
+    let tag = ((walk.hash ^ u64::from(walk.len)).wrapping_mul(FNV_PRIME)) | 1;
+    let seen = STACK_CACHE.get_ptr_mut(id & ((1 << STACK_CACHE_BITS) - 1));
+    if let Some(seen) = seen {
+        // SAFETY: a pointer from a successful lookup in a per-CPU array,
+        // valid for this program run; one word, written whole.
+        if unsafe { *seen } == tag {
+            return id;
+        }
+    }
     if let Some(known) = STACKS.get_ptr(id) {
         // SAFETY: a pointer from a successful lookup, valid for this run;
         // stacks are never changed once inserted.
         let known = unsafe { &*known };
         if known.hash == walk.hash && known.len == walk.len {
+            if let Some(seen) = seen {
+                // SAFETY: as above.
+                unsafe { *seen = tag };
+            }
             return id;
         }
         count_lost(Lost::StackCollision);

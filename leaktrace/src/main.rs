@@ -18,6 +18,7 @@
 
 mod analyze;
 mod attach;
+mod bpf;
 mod cli;
 mod collect;
 mod elf;

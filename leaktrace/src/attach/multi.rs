@@ -19,13 +19,15 @@ use std::{
     collections::HashMap,
     ffi::CString,
     io,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::Path,
 };
 
 use anyhow::{anyhow, Context as _};
-use aya::{maps::Map, Ebpf};
+use aya::Ebpf;
 use aya_obj::generated::{bpf_insn, bpf_prog_info};
+
+use crate::bpf::{bpf, bpf_fd, map_fd};
 
 /// `enum bpf_attach_type`'s BPF_TRACE_UPROBE_MULTI (kernel 6.6).
 const BPF_TRACE_UPROBE_MULTI: u32 = 48;
@@ -107,26 +109,6 @@ const _: () = assert!(std::mem::size_of::<ProgLoadAttr>() == 112);
 const _: () = assert!(std::mem::offset_of!(ProgLoadAttr, line_info_cnt) == 104);
 const _: () = assert!(std::mem::size_of::<LinkCreateAttr>() == 64);
 
-fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a repr(C) prefix of `union bpf_attr` for `command`,
-    // its pointers valid for the call; the kernel reads no further than
-    // the size given.
-    let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, command, attr as *mut T, std::mem::size_of::<T>() as u32)
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn bpf_fd<T>(command: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
-    let fd = bpf(command, attr)?;
-    // SAFETY: the command returned a new file descriptor, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
 /// One program's code, relocated, with its BTF records.
 struct Code {
     insns: Vec<bpf_insn>,
@@ -200,43 +182,6 @@ pub fn supported() -> bool {
         line_info: (Vec::new(), 0, 0),
     };
     load("leaktrace_probe", &code, None).is_ok()
-}
-
-/// The file descriptor of a map aya made.
-fn map_fd(map: &Map) -> RawFd {
-    let data = match map {
-        Map::Array(data)
-        | Map::ArrayOfMaps(data)
-        | Map::BloomFilter(data)
-        | Map::CgroupArray(data)
-        | Map::CgroupStorage(data)
-        | Map::CgrpStorage(data)
-        | Map::CpuMap(data)
-        | Map::DevMap(data)
-        | Map::DevMapHash(data)
-        | Map::HashMap(data)
-        | Map::HashOfMaps(data)
-        | Map::InodeStorage(data)
-        | Map::LpmTrie(data)
-        | Map::LruHashMap(data)
-        | Map::PerCpuArray(data)
-        | Map::PerCpuCgroupStorage(data)
-        | Map::PerCpuHashMap(data)
-        | Map::PerCpuLruHashMap(data)
-        | Map::PerfEventArray(data)
-        | Map::ProgramArray(data)
-        | Map::Queue(data)
-        | Map::ReusePortSockArray(data)
-        | Map::RingBuf(data)
-        | Map::SockHash(data)
-        | Map::SockMap(data)
-        | Map::SkStorage(data)
-        | Map::Stack(data)
-        | Map::StackTraceMap(data)
-        | Map::Unsupported(data)
-        | Map::XskMap(data) => data,
-    };
-    data.fd().as_fd().as_raw_fd()
 }
 
 /// The uprobe programs, relocated against aya's maps, each loaded once

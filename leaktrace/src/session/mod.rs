@@ -6,6 +6,7 @@
 //! (a ring buffer), the poll of the target's mappings, the target's exit,
 //! and the programs' own log records.
 
+mod epochs;
 mod events;
 mod exec;
 mod system;
@@ -182,6 +183,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
             max_stacks: DEFAULT_MAX_KERNEL_STACKS,
         }),
     })?;
+    let _epochs = epochs::EpochClock::start(&mut ebpf, epoch_ns)?;
     // The programs' log records (rare paths only), shown with -vv.
     let mut logger = match EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(watch(logger).context("failed to watch the programs' log")?),
