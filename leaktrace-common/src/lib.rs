@@ -15,6 +15,8 @@ pub use stack::*;
 pub const MAP_ALLOCS: &str = "ALLOCS";
 /// Live anonymous mappings made through mmap/mremap: start -> [`AllocInfo`].
 pub const MAP_MMAPS: &str = "MMAPS";
+/// Per-CPU outstanding totals per user stack: stack id -> [`StackStats`].
+pub const MAP_STACK_STATS: &str = "STACK_STATS";
 /// User stacks, as unwound by the programs: stack id -> [`UserStack`].
 pub const MAP_STACKS: &str = "STACKS";
 /// Unwind rules of every loaded object, [`UNWIND_CHUNK_ROWS`] rows per entry:
@@ -158,6 +160,8 @@ pub const DEFAULT_UNWIND_CHUNKS: u32 = 8_192;
 /// Executable mappings per set in [`MAP_UNWIND_MAPPINGS`].
 pub const MAX_UNWIND_MAPPINGS: u32 = 1_024;
 
+/// Young-allocation buckets kept per stack (see [`StackStats`]).
+pub const YOUNG_SLOTS: usize = 8;
 /// An allocation whose epoch is within this many epochs of now is "young".
 /// With an epoch of `older / 4`, every allocation younger than `older` is
 /// excluded, and none older than `1.25 * older`.
@@ -198,6 +202,29 @@ pub struct AllocInfo {
     pub stack_id: u32,
     /// The age epoch when allocated ([`MAP_EPOCH`]).
     pub epoch: u32,
+}
+
+/// Outstanding allocations of the last few epochs, so a report can leave out
+/// allocations younger than `--older` without walking every allocation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct YoungSlot {
+    pub epoch: u32,
+    pub _pad: u32,
+    pub bytes: i64,
+    pub allocs: i64,
+}
+
+/// Outstanding totals of one stack on one CPU. A free on another CPU than the
+/// allocation subtracts there, so one CPU's value may be negative: only the
+/// sum over CPUs is meaningful.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StackStats {
+    pub bytes: i64,
+    pub allocs: i64,
+    /// Slot `epoch % YOUNG_SLOTS` holds allocations made in that epoch.
+    pub young: [YoungSlot; YOUNG_SLOTS],
 }
 
 /// Which call a [`Pending`] entry belongs to.
@@ -293,6 +320,7 @@ const _: () = assert!(core::mem::size_of::<Config>() == 64);
 const _: () = assert!(core::mem::size_of::<ThreadInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<ThreadSiteStats>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<StackStats>() == 16 + 24 * YOUNG_SLOTS);
 const _: () = assert!(core::mem::size_of::<Pending>() == 48);
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 12);
 const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 40);
@@ -304,6 +332,7 @@ mod user {
     // explicit padding; any bit pattern is a valid value.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::AllocInfo {}
+    unsafe impl aya::Pod for super::StackStats {}
     unsafe impl aya::Pod for super::Pending {}
     unsafe impl aya::Pod for super::ThreadInfo {}
     unsafe impl aya::Pod for super::ThreadSiteStats {}

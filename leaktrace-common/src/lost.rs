@@ -10,41 +10,43 @@ pub enum Lost {
     AllocMapFull = 0,
     /// The mapping map was full.
     MmapMapFull = 1,
+    /// The per-stack totals map was full.
+    StatsMapFull = 2,
     /// Two different stacks hashed to one slot of the stack map (it is full).
     #[cfg_attr(feature = "serde", serde(rename = "stack_map_full_or_collision"))]
-    StackCollision = 2,
+    StackCollision = 3,
     /// The user stack could not be read at all.
-    StackUnavailable = 3,
+    StackUnavailable = 4,
     /// A return probe fired with no entry record.
-    ReturnWithoutEntry = 4,
+    ReturnWithoutEntry = 5,
     /// An entry found a stale record: its return probe never fired.
-    MissedReturn = 5,
+    MissedReturn = 6,
     /// The in-flight call map was full.
-    PendingMapFull = 6,
+    PendingMapFull = 7,
     /// Reading the result of posix_memalign or pthread_create failed.
-    ReadFailed = 7,
+    ReadFailed = 8,
     /// The thread map was full.
-    ThreadMapFull = 8,
+    ThreadMapFull = 9,
     /// A stack was cut where a frame had no call-frame information (or lay
     /// outside every known executable mapping).
-    UnwindNoInfo = 9,
+    UnwindNoInfo = 10,
     /// A stack was cut at a rule the programs do not follow, or at stack
     /// memory that could not be read.
-    UnwindFailed = 10,
+    UnwindFailed = 11,
     /// A stack was deeper than [`MAX_FRAMES`] and was cut.
-    UnwindDepth = 11,
+    UnwindDepth = 12,
     /// The kernel-allocation map was full (`--kernel` and the system mode).
-    KernelAllocMapFull = 12,
+    KernelAllocMapFull = 13,
     /// A kernel stack could not be kept (the kernel stack map full, or two
     /// stacks in one bucket); its allocation still counts, stackless.
-    KernelStack = 13,
+    KernelStack = 14,
     /// `-t`: an event did not fit in the trace ring buffer (its line is
     /// missing; the books are whole).
-    TraceDropped = 14,
+    TraceDropped = 15,
 }
 
 impl Lost {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Whether this loss cuts a stack short (its bytes still count) rather
     /// than drops an event from the books.
@@ -54,6 +56,7 @@ impl Lost {
     pub const ALL: [Lost; Self::COUNT as usize] = [
         Lost::AllocMapFull,
         Lost::MmapMapFull,
+        Lost::StatsMapFull,
         Lost::StackCollision,
         Lost::StackUnavailable,
         Lost::ReturnWithoutEntry,
@@ -74,6 +77,7 @@ impl Lost {
         match self {
             Lost::AllocMapFull => "alloc_map_full",
             Lost::MmapMapFull => "mmap_map_full",
+            Lost::StatsMapFull => "stats_map_full",
             Lost::StackCollision => "stack_map_full_or_collision",
             Lost::StackUnavailable => "stack_unavailable",
             Lost::ReturnWithoutEntry => "return_without_entry",

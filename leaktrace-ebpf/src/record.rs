@@ -1,28 +1,26 @@
 //! Bookkeeping shared by the probe families: the target filter, calls in
-//! flight between entry and return, the live-allocation records, and the
-//! threads' records with their per-site counts. Per-stack totals are the
-//! collector's sums over the live-allocation records: keeping them here
-//! cost two per-CPU hash lookups a pair (~180 ns of ~800 added on the
-//! bench's service workload).
+//! flight between entry and return, the live-allocation records with their
+//! per-stack totals, and the threads' records with their per-site counts.
 
 use aya_ebpf::{
-    bindings::{bpf_pidns_info, BPF_ANY},
+    bindings::{bpf_pidns_info, BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_get_ns_current_pid_tgid, bpf_probe_read_user},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use leaktrace_common::{
-    is_sampled, AllocInfo, CallKind, Config, Lost, Pending, ThreadInfo, ThreadSiteStats,
-    TraceEvent, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, NO_STACK,
-    PREATTACH_BYTES, PREATTACH_COUNT, TRACE_ALLOC, TRACE_FREE,
+    is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
+    ThreadSiteStats, TraceEvent, YoungSlot, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE,
+    CONFIG_WINDOWS, NO_STACK, PREATTACH_BYTES, PREATTACH_COUNT, TRACE_ALLOC, TRACE_FREE,
+    YOUNG_SLOTS,
 };
 
 use crate::{
     context::stack_pointer,
     maps::{
-        config, count_lost, count_preattach, window, worth_logging, ALLOCS, EPOCH, PENDING,
-        PTHREADS, THREADS, THREAD_SITES, TRACE_EVENTS,
+        config, count_lost, count_preattach, window, worth_logging, ALLOCS, EEXIST, EPOCH, PENDING,
+        PTHREADS, STACK_STATS, THREADS, THREAD_SITES, TRACE_EVENTS,
     },
     unwind::stack_id,
 };
@@ -180,15 +178,29 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
         return;
     }
     let info = AllocInfo { size, stack_id: stack_id(ctx), epoch: current_epoch(&config) };
-    // BPF_ANY: a record already at this address is stale (its free was
-    // missed, made in a way we do not probe) and is replaced.
-    let inserted = ALLOCS.insert(addr, info, BPF_ANY.into()).is_ok();
+    let inserted = match ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
+        Ok(()) => true,
+        Err(err) if i64::from(err) == -EEXIST => {
+            // The address is live in our records: its free was missed (it
+            // happened in a way we do not probe). Replace the stale record.
+            let _ = forget(addr, &config);
+            ALLOCS.insert(addr, info, BPF_ANY.into()).is_ok()
+        }
+        Err(_) => false,
+    };
     if config.flags & CONFIG_TRACE != 0 {
         trace_event(TRACE_ALLOC, addr, size, info.stack_id);
     }
-    if !inserted && worth_logging(count_lost(Lost::AllocMapFull)) {
-        warn!(ctx, "the allocation map is full: new allocations go untracked (--max-allocations)");
+    if !inserted {
+        if worth_logging(count_lost(Lost::AllocMapFull)) {
+            warn!(
+                ctx,
+                "the allocation map is full: new allocations go untracked (--max-allocations)"
+            );
+        }
+        return;
     }
+    account(info, 1, &config);
 }
 
 /// Forget the heap allocation at `addr`, if we recorded it. Frees of memory
@@ -205,7 +217,7 @@ pub fn release(addr: u64) -> bool {
     if addr == 0 || !is_sampled(addr, config.sample_rate) {
         return false;
     }
-    let tracked = ALLOCS.remove(addr).is_ok();
+    let tracked = forget(addr, &config);
     if !tracked
         && config.min_size == 0
         && config.max_size == u64::MAX
@@ -225,6 +237,21 @@ fn trace_event(kind: u32, address: u64, size: u64, stack_id: u32) {
     if TRACE_EVENTS.output::<TraceEvent>(&event, 0).is_err() {
         count_lost(Lost::TraceDropped);
     }
+}
+
+/// Whether a record of `addr` was found.
+#[inline(always)]
+fn forget(addr: u64, config: &Config) -> bool {
+    // SAFETY: copied out at once; a racing free of the same address on
+    // another thread is a double free in the target, and at worst makes
+    // both of us subtract it.
+    let Some(info) = (unsafe { ALLOCS.get(addr) }).copied() else {
+        return false;
+    };
+    if ALLOCS.remove(addr).is_ok() {
+        account(info, -1, config);
+    }
+    true
 }
 
 /// A block this program never saw allocated is freed: it was allocated
@@ -255,6 +282,49 @@ fn count_replaced(addr: u64, config: &Config) {
 const IS_MMAPPED: u64 = 2;
 /// A chunk size past this is not a header.
 const MAX_CHUNK: u64 = 1 << 40;
+
+/// Add (`sign` 1) or remove (`sign` -1) an allocation from its stack's totals
+/// on this CPU.
+#[inline(always)]
+fn account(info: AllocInfo, sign: i64, config: &Config) {
+    let stats = match STACK_STATS.get_ptr_mut(info.stack_id) {
+        Some(stats) => stats,
+        None => {
+            let zero = StackStats::default();
+            // BPF_NOEXIST: another program on this CPU may have created it.
+            let _ = STACK_STATS.insert(info.stack_id, zero, BPF_NOEXIST.into());
+            match STACK_STATS.get_ptr_mut(info.stack_id) {
+                Some(stats) => stats,
+                None => {
+                    count_lost(Lost::StatsMapFull);
+                    return;
+                }
+            }
+        }
+    };
+    let bytes = sign * info.size as i64;
+    // SAFETY: the pointer comes from a successful lookup in a per-CPU map
+    // and stays valid for this program run; only this CPU writes it.
+    let stats = unsafe { &mut *stats };
+    stats.bytes += bytes;
+    stats.allocs += sign;
+    if config.epoch_ns == 0 {
+        return;
+    }
+    let slot: &mut YoungSlot = &mut stats.young[info.epoch as usize % YOUNG_SLOTS];
+    if sign > 0 {
+        if slot.epoch != info.epoch {
+            // The slot's previous epoch is old now: its allocations are in
+            // the totals already and simply stop being young.
+            *slot = YoungSlot { epoch: info.epoch, ..YoungSlot::default() };
+        }
+    } else if slot.epoch != info.epoch {
+        // Allocated in an epoch this slot no longer holds: not young.
+        return;
+    }
+    slot.bytes += bytes;
+    slot.allocs += sign;
+}
 
 /// Which counter of a site's [`ThreadSiteStats`] to bump.
 #[derive(Clone, Copy)]

@@ -1,7 +1,7 @@
 //! The `bpf()` syscall, for what aya 0.14 does not do: loading programs
 //! with an attach type and making `uprobe_multi` links (`attach/multi.rs`),
-//! and reading a hash map in batches (the collector reads every live
-//! allocation each report).
+//! and reading a hash map in batches (the collector reads the live
+//! allocations of the stacks a report shows).
 
 use std::{
     io,

@@ -144,19 +144,19 @@ fn sampling_by_address_scales_estimates() {
     assert_eq!(bytes % 4, 0, "sampled bytes are not scaled by 4: {}", json(&report));
 }
 
-/// Check that when the stack map is full, an allocation whose stack is not
-/// kept is counted as lost (a stack), not as a lost allocation, and its
-/// bytes still count.
+/// Check that when the stack map is full, each allocation whose stack is not
+/// kept is counted once as lost (a stack), not also as a full totals map,
+/// and its bytes still count.
 #[test]
-fn full_stack_map_loses_no_bytes() {
+fn full_stack_map_counts_each_loss_once() {
     let whole = trace_fixture("all_apis", &[], &[]);
     let cramped = trace_fixture("all_apis", &[], &["--max-stacks", "2"]);
     let lost = |reason| cramped.lost.get(&reason).copied().unwrap_or(0);
     assert!(lost(Lost::StackCollision) > 0, "2 stack slots did not fill: {}", json(&cramped));
     assert_eq!(
-        lost(Lost::AllocMapFull),
+        lost(Lost::StatsMapFull),
         0,
-        "a dropped stack also counted as a lost allocation: {}",
+        "a dropped stack also counted as a full totals map: {}",
         json(&cramped)
     );
     assert_eq!(

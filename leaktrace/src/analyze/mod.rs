@@ -477,8 +477,13 @@ fn dropped(lost: &[(Lost, u64)], allocations: u64) -> u64 {
     let count = |reasons: &[Lost]| -> u64 {
         lost.iter().filter(|(reason, _)| reasons.contains(reason)).map(|(_, n)| n).sum()
     };
-    let full =
-        count(&[Lost::AllocMapFull, Lost::MmapMapFull, Lost::PendingMapFull, Lost::ThreadMapFull]);
+    let full = count(&[
+        Lost::AllocMapFull,
+        Lost::MmapMapFull,
+        Lost::StatsMapFull,
+        Lost::PendingMapFull,
+        Lost::ThreadMapFull,
+    ]);
     let missed = count(&[Lost::ReturnWithoutEntry, Lost::MissedReturn, Lost::ReadFailed]);
     full + if missed * 100 > allocations { missed } else { 0 }
 }

@@ -19,11 +19,12 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use leaktrace_common::{
-    AllocInfo, Config, KmemConfig, Lost, Pending, ThreadInfo, ThreadSiteStats, CONFIG_GLIBC_CHUNKS,
-    CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, GLOBAL_CONFIG,
-    GLOBAL_KMEM, MAP_ALLOCS, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES, MAP_KERNEL_COUNTS,
-    MAP_KERNEL_STACKS, MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PTHREADS, MAP_STACKS, MAP_THREADS,
-    MAP_THREAD_SITES, MAP_TRACE_EVENTS, MAP_UNWIND_ROWS, TRACE_EVENTS_BYTES, UNWIND_CHUNK_ROWS,
+    AllocInfo, Config, KmemConfig, Lost, Pending, StackStats, ThreadInfo, ThreadSiteStats,
+    CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, CONFIG_PIDNS, CONFIG_TRACE,
+    CONFIG_WINDOWS, GLOBAL_CONFIG, GLOBAL_KMEM, MAP_ALLOCS, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES,
+    MAP_KERNEL_COUNTS, MAP_KERNEL_STACKS, MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PTHREADS,
+    MAP_STACKS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, MAP_TRACE_EVENTS, MAP_UNWIND_ROWS,
+    TRACE_EVENTS_BYTES, UNWIND_CHUNK_ROWS,
 };
 
 pub use links::Links;
@@ -122,6 +123,10 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
         .map_max_entries(MAP_KERNEL_COUNTS, kernel_stacks)
         .map_max_entries(MAP_ALLOCS, if options.user { options.max_allocations } else { 1 })
         .map_max_entries(MAP_STACKS, options.max_stacks)
+        // One more than the stacks: allocations whose stack could not be
+        // kept (the stack map full) still count, under NO_STACK, and are
+        // lost once (as a stack), not twice.
+        .map_max_entries(MAP_STACK_STATS, options.max_stacks.saturating_add(1))
         .map_max_entries(
             MAP_UNWIND_ROWS,
             options.unwind_rows.div_ceil(UNWIND_CHUNK_ROWS as u64) as u32,
@@ -238,7 +243,7 @@ pub fn reset_lost(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Forget every allocation, mapping, thread and call in
+/// Forget every allocation, mapping, per-stack total, thread and call in
 /// flight: the target exec'd, and what its old image held went with its
 /// address space. (Stacks stay: an id names the same addresses.)
 pub fn forget_image(ebpf: &mut Ebpf) -> anyhow::Result<()> {
@@ -247,6 +252,7 @@ pub fn forget_image(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     clear::<u32, Pending>(ebpf, MAP_PENDING)?;
     clear::<u32, ThreadInfo>(ebpf, MAP_THREADS)?;
     clear::<u64, u32>(ebpf, MAP_PTHREADS)?;
+    clear_per_cpu::<StackStats>(ebpf, MAP_STACK_STATS)?;
     clear_per_cpu::<ThreadSiteStats>(ebpf, MAP_THREAD_SITES)?;
     Ok(())
 }

@@ -12,9 +12,10 @@ use aya::{
     Ebpf,
 };
 use leaktrace_common::{
-    AllocInfo, Lost, StackEnd, ThreadInfo, ThreadSiteStats, UserStack, MAP_ALLOCS, MAP_LOST,
-    MAP_MMAPS, MAP_PREATTACH_FREES, MAP_STACKS, MAP_THREADS, MAP_THREAD_SITES, PREATTACH_BYTES,
-    PREATTACH_COUNT, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, YOUNG_EPOCHS,
+    AllocInfo, Lost, StackEnd, StackStats, ThreadInfo, ThreadSiteStats, UserStack, MAP_ALLOCS,
+    MAP_LOST, MAP_MMAPS, MAP_PREATTACH_FREES, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS,
+    MAP_THREAD_SITES, PREATTACH_BYTES, PREATTACH_COUNT, THREAD_DETACHED, THREAD_EXITED,
+    THREAD_REGISTERED, YOUNG_EPOCHS,
 };
 use leaktrace_report::{AllocReport, ThreadCounts};
 
@@ -66,17 +67,28 @@ impl Collector {
         let young = |epoch: u32| mapped.is_some() && self.is_young(epoch, now_epoch);
         let mut per_stack: HashMap<u32, StackUsage> = HashMap::new();
 
-        let allocs = crate::bpf::hash_entries::<u64, AllocInfo>(map(ebpf, MAP_ALLOCS)?)
-            .context("failed to read the live allocations")?;
-        for (_, info) in allocs {
-            if young(info.epoch) {
-                continue;
+        let stats: PerCpuHashMap<&MapData, u32, StackStats> =
+            PerCpuHashMap::try_from(map(ebpf, MAP_STACK_STATS)?)?;
+        for entry in stats.iter() {
+            let (stack_id, per_cpu) = entry.context("failed to read the per-stack totals")?;
+            let (mut bytes, mut allocations) = (0i64, 0i64);
+            for stats in per_cpu.iter() {
+                bytes += stats.bytes;
+                allocations += stats.allocs;
+                for slot in &stats.young {
+                    if young(slot.epoch) {
+                        bytes -= slot.bytes;
+                        allocations -= slot.allocs;
+                    }
+                }
             }
-            let usage = per_stack
-                .entry(info.stack_id)
-                .or_insert(StackUsage { stack_id: info.stack_id, ..StackUsage::default() });
-            usage.bytes += info.size * self.sample_rate;
-            usage.allocations += self.sample_rate;
+            if bytes > 0 && allocations > 0 {
+                let usage = per_stack
+                    .entry(stack_id)
+                    .or_insert(StackUsage { stack_id, ..StackUsage::default() });
+                usage.bytes += bytes as u64 * self.sample_rate;
+                usage.allocations += allocations as u64 * self.sample_rate;
+            }
         }
 
         let mmaps: BpfHashMap<&MapData, u64, AllocInfo> =
@@ -125,9 +137,9 @@ impl Collector {
         let now_epoch = self.now_epoch();
         let mut per_stack: HashMap<u32, Vec<(u32, u64, u64)>> = HashMap::new();
         for name in [MAP_ALLOCS, MAP_MMAPS] {
-            let allocs: BpfHashMap<&MapData, u64, AllocInfo> =
-                BpfHashMap::try_from(map(ebpf, name)?)?;
-            for (address, info) in allocs.iter().filter_map(Result::ok) {
+            let allocs = crate::bpf::hash_entries::<u64, AllocInfo>(map(ebpf, name)?)
+                .with_context(|| format!("failed to read {name}"))?;
+            for (address, info) in allocs {
                 if !wanted.contains(&info.stack_id) || self.is_young(info.epoch, now_epoch) {
                     continue;
                 }
@@ -259,10 +271,17 @@ pub fn user_stack(ebpf: &Ebpf, stack_id: u32) -> anyhow::Result<(Vec<u64>, Stack
 /// Heap allocations tracked now, and the stacks holding them (young ones
 /// too): for the status line before the first report.
 pub fn tracked(ebpf: &Ebpf) -> anyhow::Result<(u64, u64)> {
-    let allocs = crate::bpf::hash_entries::<u64, AllocInfo>(map(ebpf, MAP_ALLOCS)?)
-        .context("failed to read the live allocations")?;
-    let stacks: HashSet<u32> = allocs.iter().map(|(_, info)| info.stack_id).collect();
-    Ok((allocs.len() as u64, stacks.len() as u64))
+    let stats: PerCpuHashMap<&MapData, u32, StackStats> =
+        PerCpuHashMap::try_from(map(ebpf, MAP_STACK_STATS)?)?;
+    let (mut allocations, mut stacks) = (0u64, 0u64);
+    for (_, per_cpu) in stats.iter().filter_map(Result::ok) {
+        let held: i64 = per_cpu.iter().map(|stats| stats.allocs).sum();
+        if held > 0 {
+            allocations += held as u64;
+            stacks += 1;
+        }
+    }
+    Ok((allocations, stacks))
 }
 
 /// The lost-event counters, in `Lost::ALL` order.

@@ -1,7 +1,7 @@
 //! The age epoch the programs stamp allocations with (`EPOCH`), kept by a
 //! thread of its own: CLOCK_MONOTONIC / `epoch_ns`, written as each epoch
 //! begins. Reading the clock in the programs (the helper and a 64-bit
-//! division) cost ~40-60 ns an allocation; an array lookup costs a few.
+//! division) cost ~25 ns an allocation; an array lookup costs a few.
 //! The collector ages allocations against the same clock
 //! ([`crate::collect::monotonic_ns`]); a write a moment late only makes
 //! the first allocations of an epoch look one epoch older.
