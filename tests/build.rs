@@ -38,6 +38,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("arena_retention.c", "arena_retention"),
     ("steady_leak.c", "steady_leak"),
     ("steady_realloc.c", "steady_realloc"),
+    ("window_edges.c", "window_edges"),
     ("stable.c", "stable"),
     ("mntns_leak.c", "mntns_leak"),
     ("sysroot_leak.c", "sysroot_leak"),
