@@ -21,7 +21,7 @@ use core::{ffi::c_void, mem::MaybeUninit, ptr::write_volatile};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_loop},
+    helpers::{bpf_probe_read_user, generated::bpf_loop},
     EbpfContext,
 };
 use aya_log_ebpf::{debug, warn};
@@ -113,20 +113,7 @@ struct Walk {
     len: u32,
     /// A [`StackEnd`], once the walk stops.
     end: u32,
-    /// 1 once a window could not be read (the stack's top is near): the
-    /// rest of the walk reads word by word.
-    window_failed: u32,
-    /// The user address of `window[0]`; 0 before the first read.
-    window_base: u64,
-    /// A piece of the user stack, read in one helper call: a read of user
-    /// memory costs ~50 ns whatever its size up to a few hundred bytes
-    /// (most of it the helper's checks), and a walk's frames mostly lie
-    /// within a few hundred bytes of each other. On this program's stack,
-    /// not in a per-CPU map: another walk preempting this one on the CPU
-    /// must not change it under us.
-    /// Not cleared at the start (a walk reads only what it filled): the
-    /// zeroing cost more than the window saved on a short stack.
-    window: MaybeUninit<[u64; WINDOW_WORDS]>,
+    _pad: u32,
 }
 
 /// End the walk short of the outermost frame, counted.
@@ -173,11 +160,11 @@ pub fn stack_id_at<C: EbpfContext>(ctx: &C, ip: u64, sp: u64, bp: u64) -> u32 {
     let count = (state >> 32) as u32;
     // Field by field, with volatile stores: LLVM merges the adjacent zero
     // fields of a struct literal into a call to memset, a BPF function
-    // looping over bytes (~15 ns a walk). The window is left unwritten.
+    // looping over bytes (~15 ns a walk).
     let mut walk = MaybeUninit::<Walk>::uninit();
     let fields = walk.as_mut_ptr();
-    // SAFETY: `fields` points to this function's own `walk`; every field
-    // but the window (MaybeUninit itself) is written before it is read.
+    // SAFETY: `fields` points to this function's own `walk`, whose every
+    // field is written here before it is read.
     let walk = unsafe {
         write_volatile(&raw mut (*fields).ip, ip);
         write_volatile(&raw mut (*fields).sp, sp);
@@ -192,8 +179,7 @@ pub fn stack_id_at<C: EbpfContext>(ctx: &C, ip: u64, sp: u64, bp: u64) -> u32 {
         write_volatile(&raw mut (*fields).bp_known, 1);
         write_volatile(&raw mut (*fields).len, 0);
         write_volatile(&raw mut (*fields).end, StackEnd::Complete as u32);
-        write_volatile(&raw mut (*fields).window_failed, 0);
-        write_volatile(&raw mut (*fields).window_base, 0);
+        write_volatile(&raw mut (*fields)._pad, 0);
         walk.assume_init_mut()
     };
     // SAFETY: `step` has the callback signature bpf_loop expects, and
@@ -333,22 +319,25 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     let return_address = if row.rbp_rule == RbpRule::AtCfa as u8 && row.rbp_offset == -16 {
         // rbp pushed right after the call (every frame-pointer prologue):
         // one read takes the saved rbp and the return address above it.
-        let (Some(bp), Some(return_address)) =
-            (read_word(walk, cfa - 16), read_word(walk, cfa - 8))
+        // SAFETY: bpf_probe_read_user checks the address.
+        let Ok([bp, return_address]) =
+            (unsafe { bpf_probe_read_user((cfa - 16) as *const [u64; 2]) })
         else {
             return cut(walk, StackEnd::Failed);
         };
         walk.bp = bp;
         return_address
     } else {
-        let Some(return_address) = read_word(walk, cfa - 8) else {
+        // SAFETY: as above.
+        let Ok(return_address) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
             return cut(walk, StackEnd::Failed);
         };
         if row.rbp_rule == RbpRule::AtCfa as u8 {
             let saved = cfa.wrapping_add(row.rbp_offset as i64 as u64);
-            match read_word(walk, saved) {
-                Some(bp) => walk.bp = bp,
-                None => walk.bp_known = 0,
+            // SAFETY: as above.
+            match unsafe { bpf_probe_read_user(saved as *const u64) } {
+                Ok(bp) => walk.bp = bp,
+                Err(_) => walk.bp_known = 0,
             }
         } else if row.rbp_rule == RbpRule::Lost as u8 {
             walk.bp_known = 0;
@@ -361,49 +350,6 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     walk.sp = cfa;
     walk.ip = return_address;
     CONTINUE
-}
-
-/// Words of user stack a walk reads at once into [`Walk::window`].
-const WINDOW_WORDS: usize = 32;
-
-/// The user word at `addr`, from the walk's window of the stack when it
-/// holds it, else after reading the window afresh from `addr` up. Read
-/// alone when the window cannot be read (the top of the stack within its
-/// length) or `addr` is not 8-aligned.
-#[inline(always)]
-fn read_word(walk: &mut Walk, addr: u64) -> Option<u64> {
-    if addr & 7 != 0 {
-        return read_user(addr);
-    }
-    let span = (WINDOW_WORDS as u64 - 1) * 8;
-    let inside =
-        walk.window_base != 0 && addr >= walk.window_base && addr - walk.window_base <= span;
-    if !inside {
-        if walk.window_failed != 0 {
-            return read_user(addr);
-        }
-        // SAFETY: the window is plain memory of WINDOW_WORDS * 8 bytes on
-        // this program's stack.
-        let bytes = unsafe {
-            core::slice::from_raw_parts_mut(walk.window.as_mut_ptr().cast::<u8>(), WINDOW_WORDS * 8)
-        };
-        // SAFETY: bpf_probe_read_user_buf checks the user address.
-        if unsafe { bpf_probe_read_user_buf(addr as *const u8, bytes) }.is_err() {
-            walk.window_failed = 1;
-            return read_user(addr);
-        }
-        walk.window_base = addr;
-    }
-    let index = ((addr - walk.window_base) / 8) as usize & (WINDOW_WORDS - 1);
-    // SAFETY: the window was filled whole when `window_base` was set.
-    Some(unsafe { walk.window.assume_init_ref() }[index])
-}
-
-/// The user word at `addr`, read alone.
-#[inline(always)]
-fn read_user(addr: u64) -> Option<u64> {
-    // SAFETY: bpf_probe_read_user checks the address.
-    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
 /// What `addr` resolves to under the walk's mapping set: from this CPU's
