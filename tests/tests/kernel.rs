@@ -157,6 +157,26 @@ fn steady_machine_no_kernel_verdict() {
     }
 }
 
+/// Check that the system mode under `-s N` says that its "no growth" is a
+/// sample's, as `-p` does.
+#[test]
+fn sampled_machine_says_so() {
+    let _machine = machine();
+    require_root();
+    let finished = run_tracer(&["-s", "10", "--json", "1", "3"]);
+    let reports = finished.reports();
+    assert_eq!(reports.len(), 3);
+    for report in &reports {
+        let verdict = verdict(report);
+        assert!(
+            verdict.has(VerdictKind::KernelLeak) || verdict.has(VerdictKind::Sampled),
+            "a sampled machine's verdict does not say it is sampled: {}",
+            json(report)
+        );
+        assert_eq!(report.sample_rate, 10, "{}", json(report));
+    }
+}
+
 /// Check that a storm of fds created and closed as fast as possible gives
 /// no kernel leak, and that the kernel losses are counted (and, if any,
 /// make the verdict incomplete).

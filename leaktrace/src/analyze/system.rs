@@ -7,7 +7,7 @@ use std::{collections::HashMap, time::Instant};
 use aya::Ebpf;
 use leaktrace_report::{
     Finding, ProcessReport, RecordKind, Report, SlabReport, SystemReport, Totals, Trend, Verdict,
-    SCHEMA,
+    VerdictKind, SCHEMA,
 };
 
 use super::{
@@ -106,6 +106,11 @@ impl SystemAnalyzer {
             } else {
                 Finding::NoGrowth { kernel_outstanding: outstanding }
             });
+        }
+        // A sample that shows no kernel leak is not the whole story, as in
+        // -p: a leak of a few objects a report may fall between samples.
+        if self.sample_rate > 1 && !findings.iter().any(|f| f.kind() == VerdictKind::KernelLeak) {
+            findings.push(Finding::Sampled { rate: self.sample_rate });
         }
         Ok(Report {
             kind: RecordKind::Report,

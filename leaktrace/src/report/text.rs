@@ -57,6 +57,10 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
             out,
             "\tSampled: allocations traced one time window in {rate}; bytes, counts and rates are scaled estimates, and an allocation made only between windows is not seen."
         )?,
+        (rate, _) if report.system.is_some() => writeln!(
+            out,
+            "\tSampled: 1 kernel allocation in {rate} tracked, chosen by address; bytes and counts are scaled estimates."
+        )?,
         (rate, _) => writeln!(
             out,
             "\tSampled: 1 heap allocation in {rate} tracked; bytes and counts are scaled estimates."
