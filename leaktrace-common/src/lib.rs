@@ -41,6 +41,12 @@ pub const MAP_EPOCH: &str = "EPOCH";
 /// 0), raised by the loader as each window opens and as it closes: odd
 /// while it is open, even between windows.
 pub const MAP_WINDOW: &str = "WINDOW";
+
+/// Whether the sampling window numbered `window` (in [`MAP_WINDOW`]) is
+/// open: its number is odd. Without windows the programs see 1, open.
+pub const fn window_is_open(window: u32) -> bool {
+    window & 1 == 1
+}
 /// Per-CPU counters of lost events, indexed by [`Lost`].
 pub const MAP_LOST: &str = "LOST";
 /// Per-CPU counters of frees of blocks the programs never saw allocated

@@ -153,13 +153,6 @@ pub fn window(config: &Config) -> u32 {
     WINDOW.get(0).copied().unwrap_or(1)
 }
 
-/// Whether allocations made now are sampled: always, but between sampling
-/// windows.
-#[inline(always)]
-pub fn window_open(config: &Config) -> bool {
-    window(config) & 1 == 1
-}
-
 #[map]
 pub static THREADS: HashMap<u32, ThreadInfo> =
     HashMap::with_max_entries(MAX_THREADS, BPF_F_NO_PREALLOC);

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use leaktrace_common::{
-    is_sampled, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
+    is_sampled, window_is_open, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
     ThreadSiteStats, TraceEvent, YoungSlot, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE,
     CONFIG_WINDOWS, NO_STACK, PREATTACH_BYTES, PREATTACH_COUNT, TRACE_ALLOC, TRACE_FREE,
     YOUNG_SLOTS,
@@ -69,54 +69,64 @@ pub fn target_tid() -> Option<u32> {
 pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) -> bool {
     let sp = stack_pointer(ctx);
     let window = window(&config());
-    if let Some(outer) = PENDING.get_ptr_mut(tid) {
-        // SAFETY: a pointer from a successful lookup, valid for this run;
-        // only this thread reads or writes its own entry.
-        let outer = unsafe { &mut *outer };
-        if outer.sp != IDLE && !stale(outer, window) {
-            if outer.sp > sp {
-                return false;
-            }
-            if outer.sp == sp {
-                outer.tail_calls += 1;
-                return false;
-            }
-            // An entry above the recorded frame: that call's return probe
-            // never fired (longjmp, or the kernel dropped it).
-            count_lost(Lost::MissedReturn);
-        }
-        // SAFETY: `outer` is this thread's entry, valid for this run.
-        // Volatile stores, field by field: LLVM merges adjacent plain
-        // stores of zero (malloc's arg and kind are 0) into a call to
-        // memset, a BPF function looping over bytes (~15 ns an entry).
-        unsafe {
-            write_volatile(&raw mut outer.sp, sp);
-            write_volatile(&raw mut outer.size, size);
-            write_volatile(&raw mut outer.arg, arg);
-            write_volatile(&raw mut outer.kind, kind as u32);
-            write_volatile(&raw mut outer.child, 0);
-            write_volatile(&raw mut outer.flags, 0);
-            write_volatile(&raw mut outer.tail_calls, 0);
-            write_volatile(&raw mut outer.window, window);
-        }
-        return true;
-    }
-    let pending = Pending {
-        sp,
-        size,
-        arg,
-        kind: kind as u32,
-        child: 0,
-        flags: 0,
-        tail_calls: 0,
-        window,
-        _pad: 0,
-    };
-    if PENDING.insert(tid, pending, BPF_ANY.into()).is_err() {
+    let Some(outer) = own_record(tid) else {
         count_lost(Lost::PendingMapFull);
         return false;
+    };
+    if outer.sp != IDLE && !stale(outer, window) {
+        if outer.sp > sp {
+            return false;
+        }
+        if outer.sp == sp {
+            outer.tail_calls += 1;
+            return false;
+        }
+        // An entry above the recorded frame: that call's return probe
+        // never fired (longjmp, or the kernel dropped it).
+        count_lost(Lost::MissedReturn);
+    }
+    // SAFETY: `outer` is this thread's entry, valid for this run.
+    // Volatile stores, field by field: LLVM merges adjacent plain stores
+    // of zero (malloc's arg and kind are 0) into a call to memset, a BPF
+    // function looping over bytes (~15 ns an entry).
+    unsafe {
+        write_volatile(&raw mut outer.sp, sp);
+        write_volatile(&raw mut outer.size, size);
+        write_volatile(&raw mut outer.arg, arg);
+        write_volatile(&raw mut outer.kind, kind as u32);
+        write_volatile(&raw mut outer.child, 0);
+        write_volatile(&raw mut outer.flags, 0);
+        write_volatile(&raw mut outer.tail_calls, 0);
+        write_volatile(&raw mut outer.window, window);
     }
     true
+}
+
+/// This thread's `PENDING` entry, made idle on its first call (one lookup
+/// on every later call).
+#[inline(always)]
+fn own_record(tid: u32) -> Option<&'static mut Pending> {
+    let record = match PENDING.get_ptr_mut(tid) {
+        Some(record) => record,
+        None => {
+            let idle = Pending {
+                sp: IDLE,
+                size: 0,
+                arg: 0,
+                kind: 0,
+                child: 0,
+                flags: 0,
+                tail_calls: 0,
+                window: 0,
+                _pad: 0,
+            };
+            PENDING.insert(tid, idle, BPF_ANY.into()).ok()?;
+            PENDING.get_ptr_mut(tid)?
+        }
+    };
+    // SAFETY: a pointer from a successful lookup, valid for this run; only
+    // this thread reads or writes its own entry.
+    Some(unsafe { &mut *record })
 }
 
 /// The call in flight on this thread, if any: its record, to update.
@@ -138,7 +148,7 @@ pub fn in_flight(tid: u32) -> Option<&'static mut Pending> {
 /// nothing.
 #[inline(always)]
 fn stale(record: &Pending, window: u32) -> bool {
-    CallKind::windowed(record.kind) && (record.window != window || window & 1 == 0)
+    CallKind::windowed(record.kind) && (record.window != window || !window_is_open(window))
 }
 
 /// Take the record of the call whose return probe this is. `None` for the

@@ -327,6 +327,11 @@ pub fn run_over_time(fixture: &mut Fixture, count: u32, extra: &[&str]) -> Finis
     tracer.finish()
 }
 
+/// Events lost, of every kind, in `report`.
+pub fn lost_events(report: &Report) -> u64 {
+    report.lost.values().sum()
+}
+
 /// The report's verdict, failing with the report if it has none.
 pub fn verdict(report: &Report) -> &Verdict {
     report.verdict.as_ref().unwrap_or_else(|| panic!("report has no verdict: {}", json(report)))

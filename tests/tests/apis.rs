@@ -108,7 +108,7 @@ fn free_of_memory_from_before_attach_ignored() {
         json(&report)
     );
     assert_eq!(report.totals.bytes, 2000, "totals should be post_leak's alone: {}", json(&report));
-    let lost: u64 = report.lost.values().sum();
+    let lost = lost_events(&report);
     assert_eq!(lost, 0, "frees of untracked memory counted as lost events: {}", json(&report));
     let freed = report.freed_before_attach.unwrap_or_else(|| {
         panic!("the 100 frees of pre-attach blocks are not counted: {}", json(&report))

@@ -44,7 +44,7 @@ fn sampling_windows_skip_traps_and_find_the_leak() {
     assert!(has_symbol(&leak.frames, "main"), "the leak's stack is not whole: {}", json(report));
     assert_eq!(leak.bytes % 10_240, 0, "1 KiB blocks are not scaled by 10: {}", json(report));
     assert!(leak.bytes >= 10_240, "no sampled leak: {}", json(report));
-    let lost: u64 = report.lost.values().sum();
+    let lost = lost_events(report);
     assert_eq!(lost, 0, "window edges counted as lost events: {}", json(report));
     assert!(
         report.freed_before_attach.is_none_or(|freed| freed.count == 0),
@@ -111,7 +111,7 @@ fn sampling_windows_estimate_realloc_chains() {
 fn sampling_window_edges_lose_nothing() {
     let reports = trace_over_time_with("window_edges", 6, &["-s", "10"]);
     let report = final_report(&reports);
-    let lost: u64 = report.lost.values().sum();
+    let lost = lost_events(report);
     assert_eq!(lost, 0, "window edges counted as lost events: {}", json(report));
     assert!(
         !verdict(report).has(VerdictKind::Incomplete),

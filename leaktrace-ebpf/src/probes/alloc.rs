@@ -10,12 +10,12 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use leaktrace_common::{CallKind, Lost};
+use leaktrace_common::{window_is_open, CallKind, Lost};
 
 use super::Result;
 use crate::{
     context::arg,
-    maps::{config, count_lost, window_open},
+    maps::count_lost,
     record::{enter, exit, record_alloc, release, target_tid},
 };
 
@@ -143,8 +143,9 @@ fn try_alloc_enter_rust_realloc(ctx: &ProbeContext) -> Result {
 /// __rust_realloc: the record moves to the new block and is charged to this
 /// call's stack. realloc(NULL, n) allocates, realloc(p, 0) returning NULL
 /// frees, any other NULL is a failure that leaves the old block (and its
-/// record) alone. Between sampling windows (its probes stay on: it frees),
-/// the new block is kept only if the old one was: else every realloc would
+/// record) alone. Entered between sampling windows (its probes stay on: it
+/// frees; its record carries the window), the new block is kept only if
+/// the old one was: else every realloc would
 /// be tracked and scaled as a sample (redis's outstanding memory came out
 /// 35x too high).
 #[uretprobe]
@@ -165,7 +166,7 @@ fn try_alloc_exit_realloc(ctx: &RetProbeContext) -> Result {
         return Ok(());
     }
     let tracked = old != 0 && release(old);
-    if !tracked && !window_open(&config()) {
+    if !tracked && !window_is_open(pending.window) {
         return Ok(());
     }
     record_alloc(ctx, new, pending.size);

@@ -35,7 +35,7 @@ use aya::{
     Ebpf,
 };
 
-use leaktrace_common::MAP_WINDOW;
+use leaktrace_common::{window_is_open, MAP_WINDOW};
 
 use super::{multi, probes::allocates_only, uprobes::program};
 
@@ -113,7 +113,7 @@ impl Links {
 
     /// Whether a sampling window is open: its number is odd.
     pub fn window_open(&self) -> bool {
-        self.window % 2 == 1
+        window_is_open(self.window)
     }
 
     /// Attach `probes` in the file `path` for process `pid` only: the

@@ -172,10 +172,7 @@ impl Collector {
     }
 
     fn now_epoch(&self) -> u32 {
-        if self.epoch_ns == 0 {
-            return 0;
-        }
-        (monotonic_ns() / self.epoch_ns) as u32
+        epoch_now(self.epoch_ns)
     }
 
     fn is_young(&self, epoch: u32, now_epoch: u32) -> bool {
@@ -307,6 +304,16 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The age epoch now, as the programs stamp allocations (`EPOCH`, kept by
+/// the session's epoch thread from this): CLOCK_MONOTONIC / `epoch_ns`; 0
+/// when no ages are kept.
+pub fn epoch_now(epoch_ns: u64) -> u32 {
+    if epoch_ns == 0 {
+        return 0;
+    }
+    (monotonic_ns() / epoch_ns) as u32
 }
 
 /// Bytes of `[start, end)` still covered by the sorted `ranges`.

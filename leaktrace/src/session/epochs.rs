@@ -19,13 +19,11 @@ use aya::{
 };
 use leaktrace_common::MAP_EPOCH;
 
-use crate::collect::monotonic_ns;
+use crate::collect::{epoch_now, monotonic_ns};
 
-/// The thread keeping `EPOCH`; stopped when dropped.
-pub struct EpochClock {
-    stop: Option<Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
+/// The thread keeping `EPOCH` (none when no ages are kept); stopped when
+/// dropped.
+pub struct EpochClock(Option<(Sender<()>, JoinHandle<()>)>);
 
 impl EpochClock {
     /// Write the epoch now, and start the thread that moves it on. Takes
@@ -33,37 +31,35 @@ impl EpochClock {
     /// ages kept) needs no clock.
     pub fn start(ebpf: &mut Ebpf, epoch_ns: u64) -> anyhow::Result<Self> {
         if epoch_ns == 0 {
-            return Ok(Self { stop: None, thread: None });
+            return Ok(Self(None));
         }
         let map = ebpf.take_map(MAP_EPOCH).ok_or_else(|| anyhow!("map {MAP_EPOCH} missing"))?;
         let mut epoch: Array<MapData, u32> = Array::try_from(map).context("map EPOCH")?;
-        let now = monotonic_ns();
-        epoch.set(0, (now / epoch_ns) as u32, 0).context("failed to set the age epoch")?;
+        epoch.set(0, epoch_now(epoch_ns), 0).context("failed to set the age epoch")?;
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("epochs".into())
             .spawn(move || loop {
                 let now = monotonic_ns();
-                let next = now / epoch_ns + 1;
-                let wait = Duration::from_nanos(next * epoch_ns - now);
+                let wait = Duration::from_nanos(epoch_ns - now % epoch_ns);
                 match stopped.recv_timeout(wait) {
                     Err(RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
                 // The wait may end a little early: the epoch is the clock's.
-                if let Err(err) = epoch.set(0, (monotonic_ns() / epoch_ns) as u32, 0) {
+                if let Err(err) = epoch.set(0, epoch_now(epoch_ns), 0) {
                     log::warn!("failed to move the age epoch on: {err}");
                 }
             })
             .context("failed to start the epoch thread")?;
-        Ok(Self { stop: Some(stop), thread: Some(thread) })
+        Ok(Self(Some((stop, thread))))
     }
 }
 
 impl Drop for EpochClock {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
+        if let Some((stop, thread)) = self.0.take() {
+            drop(stop);
             let _ = thread.join();
         }
     }
