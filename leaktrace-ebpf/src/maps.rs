@@ -16,7 +16,7 @@ use leaktrace_common::{
     MAX_THREADS, MAX_UNWIND_MAPPINGS, NO_FIELD,
 };
 
-use crate::types::CachedAddress;
+use crate::types::{CachedAddress, StackWindow};
 
 /// What an insert with `BPF_NOEXIST` returns, negated, when the key is
 /// already present.
@@ -121,6 +121,10 @@ pub const STACK_CACHE_BITS: u32 = 10;
 /// removed, so a slot stays true.
 #[map]
 pub static STACK_CACHE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1 << STACK_CACHE_BITS, 0);
+
+/// What the walk on this CPU read of the user stack (one value).
+#[map]
+pub static STACK_WINDOW: PerCpuArray<StackWindow> = PerCpuArray::with_max_entries(1, 0);
 
 /// `-t`: every allocation and free, for the loader to print (sized by the
 /// loader: one page unless tracing).

@@ -17,11 +17,15 @@
 //! program allocating in a loop walks the same return addresses again and
 //! again.
 
-use core::{ffi::c_void, mem::MaybeUninit, ptr::write_volatile};
+use core::{
+    ffi::c_void,
+    mem::MaybeUninit,
+    ptr::{read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_probe_read_user, generated::bpf_loop},
+    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_loop},
     EbpfContext,
 };
 use aya_log_ebpf::{debug, warn};
@@ -34,9 +38,9 @@ use crate::{
     context::frame,
     maps::{
         count_lost, worth_logging, EEXIST, STACKS, STACK_CACHE, STACK_CACHE_BITS, STACK_SCRATCH,
-        UNWIND_CACHE, UNWIND_CACHE_BITS, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
+        STACK_WINDOW, UNWIND_CACHE, UNWIND_CACHE_BITS, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE,
     },
-    types::CachedAddress,
+    types::{CachedAddress, StackWindow, WINDOW_WORDS},
 };
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -104,6 +108,8 @@ struct Walk {
     hash: u64,
     /// The [`leaktrace_common::UnwindState`] the walk started under.
     state: u64,
+    /// This walk's number on its CPU ([`StackWindow::started`]).
+    ticket: u64,
     /// First index of the live mapping set.
     set_base: u32,
     count: u32,
@@ -158,6 +164,15 @@ pub fn stack_id<C: EbpfContext>(ctx: &C) -> u32 {
 pub fn stack_id_at<C: EbpfContext>(ctx: &C, ip: u64, sp: u64, bp: u64) -> u32 {
     let state = UNWIND_STATE.get(0).copied().unwrap_or(0);
     let count = (state >> 32) as u32;
+    let Some(window) = STACK_WINDOW.get_ptr_mut(0) else {
+        count_lost(Lost::StackUnavailable);
+        return NO_STACK;
+    };
+    // SAFETY: a pointer from a successful lookup in a per-CPU array, valid
+    // for this program run.
+    let window = unsafe { &mut *window };
+    window.started = window.started.wrapping_add(1);
+    let ticket = window.started;
     // Field by field, with volatile stores: LLVM merges the adjacent zero
     // fields of a struct literal into a call to memset, a BPF function
     // looping over bytes (~15 ns a walk).
@@ -171,6 +186,7 @@ pub fn stack_id_at<C: EbpfContext>(ctx: &C, ip: u64, sp: u64, bp: u64) -> u32 {
         write_volatile(&raw mut (*fields).bp, bp);
         write_volatile(&raw mut (*fields).hash, FNV_OFFSET);
         write_volatile(&raw mut (*fields).state, state);
+        write_volatile(&raw mut (*fields).ticket, ticket);
         write_volatile(&raw mut (*fields).set_base, (state as u32 & 1) * MAX_UNWIND_MAPPINGS);
         write_volatile(
             &raw mut (*fields).count,
@@ -192,7 +208,9 @@ pub fn stack_id_at<C: EbpfContext>(ctx: &C, ip: u64, sp: u64, bp: u64) -> u32 {
             0,
         )
     };
-    if walk.len == 0 {
+    // Another walk started on this CPU in the middle of ours (this one was
+    // preempted): the words read from the window may be that walk's.
+    if walk.len == 0 || window.started != ticket {
         count_lost(Lost::StackUnavailable);
         return NO_STACK;
     }
@@ -274,11 +292,12 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     if index > 0 && resolved.kind == OUTSIDE {
         return cut(walk, StackEnd::NoInfo);
     }
-    let Some(stack) = STACK_SCRATCH.get_ptr_mut(0) else {
+    let (Some(stack), Some(window)) = (STACK_SCRATCH.get_ptr_mut(0), STACK_WINDOW.get_ptr_mut(0))
+    else {
         return STOP;
     };
     // SAFETY: as in `stack_id`.
-    let stack = unsafe { &mut *stack };
+    let (stack, window) = unsafe { (&mut *stack, &mut *window) };
     stack.ips[index as usize & (MAX_FRAMES - 1)] = walk.ip;
     walk.len = index + 1;
     walk.hash = (walk.hash ^ walk.ip).wrapping_mul(FNV_PRIME);
@@ -316,40 +335,90 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     if cfa <= walk.sp {
         return cut(walk, StackEnd::Failed);
     }
-    let return_address = if row.rbp_rule == RbpRule::AtCfa as u8 && row.rbp_offset == -16 {
-        // rbp pushed right after the call (every frame-pointer prologue):
-        // one read takes the saved rbp and the return address above it.
-        // SAFETY: bpf_probe_read_user checks the address.
-        let Ok([bp, return_address]) =
-            (unsafe { bpf_probe_read_user((cfa - 16) as *const [u64; 2]) })
-        else {
-            return cut(walk, StackEnd::Failed);
-        };
-        walk.bp = bp;
-        return_address
-    } else {
-        // SAFETY: as above.
-        let Ok(return_address) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
-            return cut(walk, StackEnd::Failed);
-        };
-        if row.rbp_rule == RbpRule::AtCfa as u8 {
-            let saved = cfa.wrapping_add(row.rbp_offset as i64 as u64);
-            // SAFETY: as above.
-            match unsafe { bpf_probe_read_user(saved as *const u64) } {
-                Ok(bp) => walk.bp = bp,
-                Err(_) => walk.bp_known = 0,
-            }
-        } else if row.rbp_rule == RbpRule::Lost as u8 {
-            walk.bp_known = 0;
-        }
-        return_address
+    // Both words of the frame, the saved rbp's (when it was saved) and
+    // the return address's, from one window of the stack.
+    let return_slot = cfa - 8;
+    let rbp_saved = row.rbp_rule == RbpRule::AtCfa as u8;
+    let rbp_slot =
+        if rbp_saved { cfa.wrapping_add(row.rbp_offset as i64 as u64) } else { return_slot };
+    let Some((bp, return_address)) = frame_words(window, walk.ticket, rbp_slot, return_slot) else {
+        return cut(walk, StackEnd::Failed);
     };
+    if rbp_saved {
+        walk.bp = bp;
+    } else if row.rbp_rule == RbpRule::Lost as u8 {
+        walk.bp_known = 0;
+    }
     if return_address == 0 {
         return STOP;
     }
     walk.sp = cfa;
     walk.ip = return_address;
     CONTINUE
+}
+
+/// The window's span past its first word, in bytes.
+const WINDOW_SPAN: u64 = (WINDOW_WORDS as u64 - 1) * 8;
+
+/// The user words at `low` and `high` (`low` not above `high`): from the
+/// CPU's window of the stack when this walk (`ticket`) filled it and it
+/// holds both, else after reading the window afresh from `low` up; read
+/// one by one when they are not 8-aligned, too far apart, or this walk
+/// could not read a window (the top of the stack within its length).
+///
+/// Every way ends in one read of the window at two indices that went
+/// through the map value: the verifier then sees unknown indices, one
+/// state, where its own tracking of each way's constants multiplied the
+/// states of every step of the walk.
+#[inline(always)]
+fn frame_words(window: &mut StackWindow, ticket: u64, low: u64, high: u64) -> Option<(u64, u64)> {
+    let base = window.base;
+    let indices = if window.owner == ticket && low >= base && high.wrapping_sub(base) <= WINDOW_SPAN
+    {
+        ((low - base) / 8, (high - base) / 8)
+    } else {
+        let fits = (low | high) & 7 == 0 && high >= low && high - low <= WINDOW_SPAN;
+        // SAFETY: the words are plain memory of the map value.
+        let bytes = unsafe {
+            core::slice::from_raw_parts_mut(
+                window.words.as_mut_ptr().cast::<u8>(),
+                WINDOW_WORDS * 8,
+            )
+        };
+        if fits
+            && window.failed != ticket
+            // SAFETY: bpf_probe_read_user_buf checks the user address.
+            && unsafe { bpf_probe_read_user_buf(low as *const u8, bytes) }.is_ok()
+        {
+            window.base = low;
+            window.owner = ticket;
+            (0, (high - low) / 8)
+        } else {
+            if fits {
+                window.failed = ticket;
+            }
+            window.owner = 0;
+            let (low_word, high_word) = (read_user(low)?, read_user(high)?);
+            window.words[0] = low_word;
+            window.words[1] = high_word;
+            (0, 1)
+        }
+    };
+    // SAFETY: the map value's own fields.
+    let (low_index, high_index) = unsafe {
+        write_volatile(&raw mut window.indices[0], indices.0);
+        write_volatile(&raw mut window.indices[1], indices.1);
+        (read_volatile(&raw const window.indices[0]), read_volatile(&raw const window.indices[1]))
+    };
+    let mask = WINDOW_WORDS as u64 - 1;
+    Some((window.words[(low_index & mask) as usize], window.words[(high_index & mask) as usize]))
+}
+
+/// The user word at `addr`, read alone.
+#[inline(always)]
+fn read_user(addr: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_user checks the address.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
 /// What `addr` resolves to under the walk's mapping set: from this CPU's

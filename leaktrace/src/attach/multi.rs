@@ -34,6 +34,8 @@ const BPF_TRACE_UPROBE_MULTI: u32 = 48;
 /// `BPF_F_UPROBE_MULTI_RETURN`: the link's program runs at return.
 const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
+/// The verifier's log level for its statistics alone.
+const BPF_LOG_STATS: u32 = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_BTF_LOAD: libc::c_long = 18;
@@ -147,7 +149,23 @@ fn load(name: &str, code: &Code, btf: Option<BorrowedFd<'_>>) -> anyhow::Result<
     // The kernel's names hold 15 bytes and a NUL.
     let len = name.len().min(15);
     attr.prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
-    match bpf_fd(BPF_PROG_LOAD, &mut attr) {
+    // With -vv, the verifier's statistics (BPF_LOG_STATS: a few lines at
+    // the end, no trace): the instructions it processed are what the
+    // start-up pays for each program.
+    let mut stats = vec![0u8; 1024];
+    if log::log_enabled!(log::Level::Debug) {
+        attr.log_level = BPF_LOG_STATS;
+        attr.log_size = stats.len() as u32;
+        attr.log_buf = stats.as_mut_ptr() as u64;
+    }
+    let loaded = bpf_fd(BPF_PROG_LOAD, &mut attr);
+    if attr.log_level == BPF_LOG_STATS {
+        let text = String::from_utf8_lossy(&stats);
+        if let Some(line) = text.lines().find(|line| line.starts_with("processed")) {
+            log::debug!("program {name}: the verifier {line}");
+        }
+    }
+    match loaded {
         Ok(fd) => Ok(fd),
         Err(first) => {
             // Again with the log, to say why.
