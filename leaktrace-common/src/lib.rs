@@ -11,7 +11,12 @@ pub use kernel::*;
 pub use lost::Lost;
 pub use stack::*;
 
-/// Live heap allocations: user address -> [`AllocInfo`].
+/// Live heap allocations, most of them: an array of [`AllocBucket`]s,
+/// `1 << Config::table_bits` of them, each block in the bucket of its
+/// address ([`table_bucket`]).
+pub const MAP_ALLOC_TABLE: &str = "ALLOC_TABLE";
+/// Live heap allocations whose bucket of [`MAP_ALLOC_TABLE`] was full:
+/// user address -> [`AllocInfo`].
 pub const MAP_ALLOCS: &str = "ALLOCS";
 /// Live anonymous mappings made through mmap/mremap: start -> [`AllocInfo`].
 pub const MAP_MMAPS: &str = "MMAPS";
@@ -190,7 +195,8 @@ pub struct Config {
     /// Offset of `child_pid` in the sched_process_fork tracepoint record,
     /// read from its format file (it differs between kernels).
     pub fork_child_pid_offset: u32,
-    pub _pad2: u32,
+    /// log2 of the buckets in [`MAP_ALLOC_TABLE`].
+    pub table_bits: u32,
     /// Track one heap allocation in this many (1: all), chosen by address
     /// so that its free is recognised without a lookup.
     pub sample_rate: u64,
@@ -209,6 +215,39 @@ pub struct AllocInfo {
     /// The age epoch when allocated ([`MAP_EPOCH`]).
     pub epoch: u32,
 }
+
+/// Slots of an [`AllocBucket`].
+pub const BUCKET_SLOTS: usize = 5;
+
+/// A slot's key while its block's record is being written (addresses are
+/// never 1): only the program that claimed it writes it.
+pub const SLOT_CLAIMED: u64 = 1;
+
+/// Blocks whose address falls in one bucket of [`MAP_ALLOC_TABLE`]: two
+/// cache lines, the keys in the first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllocBucket {
+    /// The blocks' addresses; 0 for a free slot, [`SLOT_CLAIMED`] for one
+    /// being filled.
+    pub keys: [u64; BUCKET_SLOTS],
+    /// Blocks of this bucket kept in [`MAP_ALLOCS`] (the bucket was full
+    /// when they came): a free looks there only if some are.
+    pub spilled: u64,
+    pub infos: [AllocInfo; BUCKET_SLOTS],
+}
+
+/// The bucket of [`MAP_ALLOC_TABLE`] (of `1 << bits`) of the block at
+/// `addr`: Fibonacci hashing of the address above its 16-byte alignment.
+pub const fn table_bucket(addr: u64, bits: u32) -> u32 {
+    (addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_shr(64u32.wrapping_sub(bits)) as u32
+}
+
+/// log2 of the fewest buckets [`MAP_ALLOC_TABLE`] has (4,096: 512 KiB,
+/// 20,480 blocks).
+pub const MIN_TABLE_BITS: u32 = 12;
+/// log2 of the most (262,144: 32 MiB, 1,310,720 blocks).
+pub const MAX_TABLE_BITS: u32 = 18;
 
 /// Outstanding allocations of the last few epochs, so a report can leave out
 /// allocations younger than `--older` without walking every allocation.
@@ -338,6 +377,7 @@ mod user {
     // explicit padding; any bit pattern is a valid value.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::AllocInfo {}
+    unsafe impl aya::Pod for super::AllocBucket {}
     unsafe impl aya::Pod for super::StackStats {}
     unsafe impl aya::Pod for super::Pending {}
     unsafe impl aya::Pod for super::ThreadInfo {}

@@ -9,6 +9,8 @@
 //! `changes` (waking the loader, holding the target) uses `maps`.
 #![no_std]
 #![no_main]
+// BPF atomics in assembly (record.rs): Rust's are not atomic for this target.
+#![feature(asm_experimental_arch)]
 
 mod changes;
 mod context;

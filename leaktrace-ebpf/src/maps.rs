@@ -9,11 +9,11 @@ use aya_ebpf::{
     Global,
 };
 use leaktrace_common::{
-    AllocInfo, CacheName, Config, KernelAlloc, KmemConfig, Lost, Pending, StackStats, ThreadInfo,
-    ThreadSiteStats, UnwindChunk, UnwindMapping, UnwindState, UserStack, CONFIG_WINDOWS,
-    DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_KERNEL_ALLOCATIONS, DEFAULT_MAX_KERNEL_STACKS,
-    DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, KMEM_FIELDS, MAX_PENDING,
-    MAX_THREADS, MAX_UNWIND_MAPPINGS, NO_FIELD,
+    AllocBucket, AllocInfo, CacheName, Config, KernelAlloc, KmemConfig, Lost, Pending, StackStats,
+    ThreadInfo, ThreadSiteStats, UnwindChunk, UnwindMapping, UnwindState, UserStack,
+    CONFIG_WINDOWS, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_KERNEL_ALLOCATIONS,
+    DEFAULT_MAX_KERNEL_STACKS, DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS,
+    KMEM_FIELDS, MAX_PENDING, MAX_THREADS, MAX_UNWIND_MAPPINGS, MIN_TABLE_BITS, NO_FIELD,
 };
 
 use crate::types::{CachedAddress, StackWindow};
@@ -30,7 +30,7 @@ pub static CONFIG: Global<Config> = Global::new(Config {
     min_size: 0,
     max_size: u64::MAX,
     fork_child_pid_offset: 0,
-    _pad2: 0,
+    table_bits: 0,
     sample_rate: 1,
     pidns_dev: 0,
     pidns_ino: 0,
@@ -66,7 +66,13 @@ pub static KERNEL_CACHES: HashMap<i32, CacheName> =
 pub static KERNEL_COUNTS: PerCpuHashMap<i32, u64> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_KERNEL_STACKS, 0);
 
-/// Live heap allocations. Allocated as used (the kernel's per-CPU caches
+/// Live heap allocations, most of them: buckets of slots in an array (no
+/// lock, no element to allocate: a hash map's insert and delete cost ~180
+/// ns a block). Sized by the loader from the target.
+#[map]
+pub static ALLOC_TABLE: Array<AllocBucket> = Array::with_max_entries(1 << MIN_TABLE_BITS, 0);
+
+/// Live heap allocations whose bucket of `ALLOC_TABLE` was full. Allocated as used (the kernel's per-CPU caches
 /// serve the hot path): a small target costs its buckets alone (16 B an
 /// entry of capacity), not a million preallocated elements; a full map
 /// fails fast (counted as `AllocMapFull`).

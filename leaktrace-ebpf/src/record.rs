@@ -2,7 +2,10 @@
 //! flight between entry and return, the live-allocation records with their
 //! per-stack totals, and the threads' records with their per-site counts.
 
-use core::ptr::write_volatile;
+use core::{
+    arch::asm,
+    ptr::{read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
     bindings::{bpf_pidns_info, BPF_ANY, BPF_NOEXIST},
@@ -12,17 +15,17 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use leaktrace_common::{
-    is_sampled, window_is_open, AllocInfo, CallKind, Config, Lost, Pending, StackStats, ThreadInfo,
-    ThreadSiteStats, TraceEvent, YoungSlot, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE,
-    CONFIG_WINDOWS, NO_STACK, PREATTACH_BYTES, PREATTACH_COUNT, TRACE_ALLOC, TRACE_FREE,
-    YOUNG_SLOTS,
+    is_sampled, table_bucket, window_is_open, AllocBucket, AllocInfo, CallKind, Config, Lost,
+    Pending, StackStats, ThreadInfo, ThreadSiteStats, TraceEvent, YoungSlot, BUCKET_SLOTS,
+    CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, NO_STACK, PREATTACH_BYTES,
+    PREATTACH_COUNT, SLOT_CLAIMED, TRACE_ALLOC, TRACE_FREE, YOUNG_SLOTS,
 };
 
 use crate::{
     context::stack_pointer,
     maps::{
-        config, count_lost, count_preattach, window, worth_logging, ALLOCS, EEXIST, EPOCH, PENDING,
-        PTHREADS, STACK_STATS, THREADS, THREAD_SITES, TRACE_EVENTS,
+        config, count_lost, count_preattach, window, worth_logging, ALLOCS, ALLOC_TABLE, EPOCH,
+        PENDING, PTHREADS, STACK_STATS, THREADS, THREAD_SITES, TRACE_EVENTS,
     },
     unwind::stack_id,
 };
@@ -212,16 +215,7 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
         return;
     }
     let info = AllocInfo { size, stack_id: stack_id(ctx), epoch: current_epoch(&config) };
-    let inserted = match ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
-        Ok(()) => true,
-        Err(err) if i64::from(err) == -EEXIST => {
-            // The address is live in our records: its free was missed (it
-            // happened in a way we do not probe). Replace the stale record.
-            let _ = forget(addr, &config);
-            ALLOCS.insert(addr, info, BPF_ANY.into()).is_ok()
-        }
-        Err(_) => false,
-    };
+    let inserted = keep(addr, info, &config);
     if config.flags & CONFIG_TRACE != 0 {
         trace_event(TRACE_ALLOC, addr, size, info.stack_id);
     }
@@ -273,9 +267,145 @@ fn trace_event(kind: u32, address: u64, size: u64, stack_id: u32) {
     }
 }
 
-/// Whether a record of `addr` was found.
+/// The `ALLOC_TABLE` bucket of the block at `addr`.
+#[inline(always)]
+fn bucket(addr: u64, config: &Config) -> Option<&'static mut AllocBucket> {
+    // No table (`--max-allocations` below its size): ALLOCS alone.
+    if config.table_bits == 0 {
+        return None;
+    }
+    let bucket = ALLOC_TABLE.get_ptr_mut(table_bucket(addr, config.table_bits))?;
+    // SAFETY: a pointer from a successful lookup in an array, valid for
+    // this program run; its words are changed by compare-and-exchange
+    // where programs on other CPUs may race (see `keep` and `forget`).
+    Some(unsafe { &mut *bucket })
+}
+
+/// Record the block at `addr`: in a free slot of its bucket, or in
+/// `ALLOCS` when the bucket is full. Returns whether it was kept.
+///
+/// A slot is claimed by exchanging its key from 0 to [`SLOT_CLAIMED`], its
+/// record written, and only then the address stored: a free of another
+/// block never reads a half-written record, and a block is never freed
+/// before the allocator's return (where this runs) hands it out.
+#[inline(always)]
+fn keep(addr: u64, info: AllocInfo, config: &Config) -> bool {
+    let Some(bucket) = bucket(addr, config) else {
+        return spill(addr, info, None);
+    };
+    // The address is live in our records: its free was missed (it
+    // happened in a way we do not probe). Replace the stale record.
+    if bucket.keys.contains(&addr) || bucket.spilled != 0 {
+        let _ = forget(addr, config);
+    }
+    for slot in 0..BUCKET_SLOTS {
+        if bucket.keys[slot] != 0 {
+            continue;
+        }
+        // SAFETY: an aligned u64 of a map value.
+        if unsafe { compare_exchange(&raw mut bucket.keys[slot], 0, SLOT_CLAIMED) } != 0 {
+            continue;
+        }
+        // SAFETY: fields of the slot this program claimed; volatile so
+        // that they are written before the address that publishes them.
+        unsafe {
+            write_volatile(&raw mut bucket.infos[slot].size, info.size);
+            write_volatile(&raw mut bucket.infos[slot].stack_id, info.stack_id);
+            write_volatile(&raw mut bucket.infos[slot].epoch, info.epoch);
+        }
+        // SAFETY: as above; the claimed slot is this program's alone.
+        unsafe { write_volatile(&raw mut bucket.keys[slot], addr) };
+        return true;
+    }
+    spill(addr, info, Some(bucket))
+}
+
+/// Atomically: if `*word` is `old`, make it `new`. Returns what `*word`
+/// held. In assembly: the BPF target is built as single-threaded, so
+/// Rust's atomics would not be atomic across CPUs (and it has no
+/// compare-and-exchange in `core`).
+///
+/// # Safety
+/// `word` is an aligned u64 of a map value.
+#[inline(always)]
+unsafe fn compare_exchange(word: *mut u64, old: u64, new: u64) -> u64 {
+    let found: u64;
+    // SAFETY: the caller's; BPF_CMPXCHG compares with r0 and leaves the
+    // old value there (the x86 JIT emits `lock cmpxchg`).
+    unsafe {
+        asm!(
+            "r0 = cmpxchg_64({word} + 0, r0, {new})",
+            word = in(reg) word,
+            new = in(reg) new,
+            inout("r0") old => found,
+            options(nostack),
+        );
+    }
+    found
+}
+
+/// Atomically add `value` to `*word` (wrapping: `u64::MAX` subtracts 1).
+///
+/// # Safety
+/// `word` is an aligned u64 of a map value.
+#[inline(always)]
+unsafe fn atomic_add(word: *mut u64, value: u64) {
+    // SAFETY: the caller's; BPF_ATOMIC | BPF_ADD (`lock add`).
+    unsafe {
+        asm!(
+            "lock *(u64 *)({word} + 0) += {value}",
+            word = in(reg) word,
+            value = in(reg) value,
+            options(nostack),
+        );
+    }
+}
+
+/// Record the block at `addr` in `ALLOCS`, its bucket full.
+#[inline(always)]
+fn spill(addr: u64, info: AllocInfo, bucket: Option<&mut AllocBucket>) -> bool {
+    if ALLOCS.insert(addr, info, BPF_ANY.into()).is_err() {
+        return false;
+    }
+    if let Some(bucket) = bucket {
+        // SAFETY: an aligned u64 of a map value.
+        unsafe { atomic_add(&raw mut bucket.spilled, 1) };
+    }
+    true
+}
+
+/// Forget the record of the block at `addr`, taken off its stack's
+/// totals. Whether one was found.
 #[inline(always)]
 fn forget(addr: u64, config: &Config) -> bool {
+    let Some(bucket) = bucket(addr, config) else {
+        return forget_spilled(addr, None, config);
+    };
+    for slot in 0..BUCKET_SLOTS {
+        if bucket.keys[slot] != addr {
+            continue;
+        }
+        // Read before the slot is freed: once it is, another block may
+        // claim it and write its own record.
+        // SAFETY: a slot of the bucket, whose record was written before
+        // its address.
+        let info = unsafe { read_volatile(&raw const bucket.infos[slot]) };
+        // A lost race is a double free in the target: one of us subtracts.
+        // SAFETY: an aligned u64 of a map value.
+        if unsafe { compare_exchange(&raw mut bucket.keys[slot], addr, 0) } == addr {
+            account(info, -1, config);
+        }
+        return true;
+    }
+    if bucket.spilled == 0 {
+        return false;
+    }
+    forget_spilled(addr, Some(bucket), config)
+}
+
+/// Forget the record of `addr` in `ALLOCS`, if there is one.
+#[inline(always)]
+fn forget_spilled(addr: u64, bucket: Option<&mut AllocBucket>, config: &Config) -> bool {
     // SAFETY: copied out at once; a racing free of the same address on
     // another thread is a double free in the target, and at worst makes
     // both of us subtract it.
@@ -283,6 +413,10 @@ fn forget(addr: u64, config: &Config) -> bool {
         return false;
     };
     if ALLOCS.remove(addr).is_ok() {
+        if let Some(bucket) = bucket {
+            // SAFETY: an aligned u64 of a map value.
+            unsafe { atomic_add(&raw mut bucket.spilled, u64::MAX) };
+        }
         account(info, -1, config);
     }
     true

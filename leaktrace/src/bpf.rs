@@ -1,7 +1,7 @@
 //! The `bpf()` syscall, for what aya 0.14 does not do: loading programs
 //! with an attach type and making `uprobe_multi` links (`attach/multi.rs`),
-//! and reading a hash map in batches (the collector reads the live
-//! allocations of the stacks a report shows).
+//! and reading a map in batches (the collector reads the live allocations
+//! of the stacks a report shows).
 
 use std::{
     io,
@@ -90,16 +90,17 @@ const _: () = assert!(std::mem::size_of::<BatchAttr>() == 56);
 /// Entries fetched per `BPF_MAP_LOOKUP_BATCH` call.
 const BATCH: usize = 8192;
 
-/// Every entry of a (not per-CPU) hash map, read `BATCH` at a time: one
-/// syscall per batch where aya's iterator makes two per entry (a million
-/// live allocations: ~2 s that way). Entries inserted or deleted while it
-/// reads may be seen or not, as with any walk of a live map.
-pub fn hash_entries<K: Pod, V: Pod>(map: &Map) -> io::Result<Vec<(K, V)>> {
+/// Every entry of a (not per-CPU) hash map or array, read `BATCH` at a
+/// time: one syscall per batch where aya's iterator makes two per entry (a
+/// million live allocations: ~2 s that way). Entries inserted or deleted
+/// while it reads may be seen or not, as with any walk of a live map.
+pub fn map_entries<K: Pod, V: Pod>(map: &Map) -> io::Result<Vec<(K, V)>> {
     let fd = map_fd(map);
     let mut entries = Vec::new();
     let mut keys: Vec<K> = Vec::with_capacity(BATCH);
     let mut values: Vec<V> = Vec::with_capacity(BATCH);
-    // The hash map's batch token is a bucket index (a u32).
+    // The batch token is a bucket index (a hash map) or a key (an array):
+    // a u32 either way.
     let (mut token, mut next) = (0u64, 0u64);
     let mut first = true;
     loop {

@@ -14,16 +14,17 @@ use std::collections::HashSet;
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::Program,
     Ebpf, EbpfLoader, Pod,
 };
 use leaktrace_common::{
-    AllocInfo, Config, KmemConfig, Lost, Pending, StackStats, ThreadInfo, ThreadSiteStats,
-    CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD, CONFIG_PIDNS, CONFIG_TRACE,
-    CONFIG_WINDOWS, GLOBAL_CONFIG, GLOBAL_KMEM, MAP_ALLOCS, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES,
-    MAP_KERNEL_COUNTS, MAP_KERNEL_STACKS, MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PTHREADS,
-    MAP_STACKS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, MAP_TRACE_EVENTS, MAP_UNWIND_ROWS,
+    AllocBucket, AllocInfo, Config, KmemConfig, Lost, Pending, StackStats, ThreadInfo,
+    ThreadSiteStats, BUCKET_SLOTS, CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD,
+    CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, GLOBAL_CONFIG, GLOBAL_KMEM, MAP_ALLOCS,
+    MAP_ALLOC_TABLE, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES, MAP_KERNEL_COUNTS, MAP_KERNEL_STACKS,
+    MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PTHREADS, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS,
+    MAP_THREAD_SITES, MAP_TRACE_EVENTS, MAP_UNWIND_ROWS, MAX_TABLE_BITS, MIN_TABLE_BITS,
     TRACE_EVENTS_BYTES, UNWIND_CHUNK_ROWS,
 };
 
@@ -39,6 +40,8 @@ pub struct LoadOptions {
     pub min_size: u64,
     pub max_size: u64,
     pub max_allocations: u32,
+    /// log2 of `ALLOC_TABLE`'s buckets, 0 for none ([`table_bits`]).
+    pub table_bits: u32,
     pub max_stacks: u32,
     pub sample_rate: u64,
     /// `-s N` samples the heap by time windows (when the kernel makes
@@ -102,7 +105,7 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
         min_size: options.min_size,
         max_size: options.max_size,
         fork_child_pid_offset: fork_child_pid_offset()?,
-        _pad2: 0,
+        table_bits: options.table_bits,
         // In a window, every allocation is kept.
         sample_rate: if windows { 1 } else { options.sample_rate },
         pidns_dev: options.pid_namespace.map_or(0, |(dev, _)| dev),
@@ -122,6 +125,7 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
         .map_max_entries(MAP_KERNEL_CACHES, kernel_stacks)
         .map_max_entries(MAP_KERNEL_COUNTS, kernel_stacks)
         .map_max_entries(MAP_ALLOCS, if options.user { options.max_allocations } else { 1 })
+        .map_max_entries(MAP_ALLOC_TABLE, 1 << options.table_bits)
         .map_max_entries(MAP_STACKS, options.max_stacks)
         // One more than the stacks: allocations whose stack could not be
         // kept (the stack map full) still count, under NO_STACK, and are
@@ -248,6 +252,12 @@ pub fn reset_lost(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 /// address space. (Stacks stay: an id names the same addresses.)
 pub fn forget_image(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     clear::<u64, AllocInfo>(ebpf, MAP_ALLOCS)?;
+    let map =
+        ebpf.map_mut(MAP_ALLOC_TABLE).ok_or_else(|| anyhow!("map {MAP_ALLOC_TABLE} missing"))?;
+    let mut table: Array<&mut MapData, AllocBucket> = Array::try_from(map)?;
+    for index in 0..table.len() {
+        table.set(index, AllocBucket::default(), 0)?;
+    }
     clear::<u64, AllocInfo>(ebpf, MAP_MMAPS)?;
     clear::<u32, Pending>(ebpf, MAP_PENDING)?;
     clear::<u32, ThreadInfo>(ebpf, MAP_THREADS)?;
@@ -255,6 +265,24 @@ pub fn forget_image(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     clear_per_cpu::<StackStats>(ebpf, MAP_STACK_STATS)?;
     clear_per_cpu::<ThreadSiteStats>(ebpf, MAP_THREAD_SITES)?;
     Ok(())
+}
+
+/// log2 of the buckets of `ALLOC_TABLE` (five blocks each) for a target
+/// with `resident` bytes in memory: a slot for every 32 bytes, no more than
+/// `max_allocations` (which `ALLOCS` holds besides); 0, no table, when
+/// `max_allocations` is below the smallest table. The table is memory
+/// allocated at once (128 bytes a bucket), unlike `ALLOCS`: sized from
+/// the target, a small process costs little (512 KiB-2 MiB), a large one
+/// keeps most of its blocks there.
+pub fn table_bits(resident: u64, max_allocations: u32) -> u32 {
+    let slots_per_bucket = BUCKET_SLOTS as u64;
+    if u64::from(max_allocations) < (1 << MIN_TABLE_BITS) * slots_per_bucket {
+        return 0;
+    }
+    let slots = (resident / 32).min(u64::from(max_allocations));
+    let buckets = (slots / slots_per_bucket).max(1);
+    let bits = 64 - (buckets - 1).leading_zeros();
+    bits.clamp(MIN_TABLE_BITS, MAX_TABLE_BITS)
 }
 
 /// Remove every entry of the per-CPU hash map `name`, keyed by a stack id.

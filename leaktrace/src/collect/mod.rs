@@ -12,10 +12,10 @@ use aya::{
     Ebpf,
 };
 use leaktrace_common::{
-    AllocInfo, Lost, StackEnd, StackStats, ThreadInfo, ThreadSiteStats, UserStack, MAP_ALLOCS,
-    MAP_LOST, MAP_MMAPS, MAP_PREATTACH_FREES, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS,
-    MAP_THREAD_SITES, PREATTACH_BYTES, PREATTACH_COUNT, THREAD_DETACHED, THREAD_EXITED,
-    THREAD_REGISTERED, YOUNG_EPOCHS,
+    AllocBucket, AllocInfo, Lost, StackEnd, StackStats, ThreadInfo, ThreadSiteStats, UserStack,
+    MAP_ALLOCS, MAP_ALLOC_TABLE, MAP_LOST, MAP_MMAPS, MAP_PREATTACH_FREES, MAP_STACKS,
+    MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, PREATTACH_BYTES, PREATTACH_COUNT, SLOT_CLAIMED,
+    THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, YOUNG_EPOCHS,
 };
 use leaktrace_report::{AllocReport, ThreadCounts};
 
@@ -136,20 +136,29 @@ impl Collector {
     ) -> anyhow::Result<HashMap<u32, Vec<AllocReport>>> {
         let now_epoch = self.now_epoch();
         let mut per_stack: HashMap<u32, Vec<(u32, u64, u64)>> = HashMap::new();
+        let table = crate::bpf::map_entries::<u32, AllocBucket>(map(ebpf, MAP_ALLOC_TABLE)?)
+            .with_context(|| format!("failed to read {MAP_ALLOC_TABLE}"))?;
+        let in_table = table.iter().flat_map(|(_, bucket)| {
+            bucket.keys.iter().zip(bucket.infos).filter(|(key, _)| **key > SLOT_CLAIMED)
+        });
+        let mut allocs: Vec<(u64, AllocInfo)> =
+            in_table.map(|(address, info)| (*address, info)).collect();
         for name in [MAP_ALLOCS, MAP_MMAPS] {
-            let allocs = crate::bpf::hash_entries::<u64, AllocInfo>(map(ebpf, name)?)
-                .with_context(|| format!("failed to read {name}"))?;
-            for (address, info) in allocs {
-                if !wanted.contains(&info.stack_id) || self.is_young(info.epoch, now_epoch) {
-                    continue;
-                }
-                let list = per_stack.entry(info.stack_id).or_default();
-                list.push((info.epoch, address, info.size));
-                // Keep the oldest `cap`, trimmed now and then, not per entry.
-                if list.len() >= cap * 8 {
-                    list.sort_unstable();
-                    list.truncate(cap);
-                }
+            allocs.extend(
+                crate::bpf::map_entries::<u64, AllocInfo>(map(ebpf, name)?)
+                    .with_context(|| format!("failed to read {name}"))?,
+            );
+        }
+        for (address, info) in allocs {
+            if !wanted.contains(&info.stack_id) || self.is_young(info.epoch, now_epoch) {
+                continue;
+            }
+            let list = per_stack.entry(info.stack_id).or_default();
+            list.push((info.epoch, address, info.size));
+            // Keep the oldest `cap`, trimmed now and then, not per entry.
+            if list.len() >= cap * 8 {
+                list.sort_unstable();
+                list.truncate(cap);
             }
         }
         let epoch_ms = self.epoch_ns / 1_000_000;

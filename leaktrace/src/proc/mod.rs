@@ -124,6 +124,13 @@ pub fn shown_path(path: &Path) -> PathBuf {
     }
 }
 
+/// The resident memory of `pid` in bytes (/proc/PID/statm).
+pub fn resident_bytes(pid: u32) -> Result<u64> {
+    let statm =
+        process(pid)?.statm().with_context(|| format!("failed to read /proc/{pid}/statm"))?;
+    Ok(statm.resident * procfs::page_size())
+}
+
 /// The number of threads of `pid` (entries in /proc/PID/task).
 pub fn thread_count(pid: u32) -> Result<u64> {
     let tasks =

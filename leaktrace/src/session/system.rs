@@ -28,6 +28,7 @@ pub async fn trace(args: &Args, outputs: &mut Outputs) -> anyhow::Result<u8> {
         max_size: args.max_size.unwrap_or(u64::MAX),
         // No heap is traced: its maps hold one entry each.
         max_allocations: 1,
+        table_bits: 0,
         max_stacks: 1,
         sample_rate: args.sample_rate,
         windows: false,
