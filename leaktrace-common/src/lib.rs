@@ -22,6 +22,13 @@ pub const MAP_ALLOCS: &str = "ALLOCS";
 pub const MAP_MMAPS: &str = "MMAPS";
 /// Per-CPU outstanding totals per user stack: stack id -> [`StackStats`].
 pub const MAP_STACK_STATS: &str = "STACK_STATS";
+/// Per-CPU outstanding totals of the stacks that first took each slot on
+/// that CPU: the slot at stack id modulo [`STACK_SLOT_COUNT`] ->
+/// [`StackSlot`]. A stack's totals are the sum of its slots' and its
+/// [`MAP_STACK_STATS`] entry's, over every CPU.
+pub const MAP_STACK_SLOTS: &str = "STACK_SLOTS";
+/// Slots of [`MAP_STACK_SLOTS`] on each CPU.
+pub const STACK_SLOT_COUNT: u32 = 1024;
 /// User stacks, as unwound by the programs: stack id -> [`UserStack`].
 pub const MAP_STACKS: &str = "STACKS";
 /// Unwind rules of every loaded object, [`UNWIND_CHUNK_ROWS`] rows per entry:
@@ -37,7 +44,12 @@ pub const MAP_LINK_MAP_CHANGES: &str = "LINK_MAP_CHANGES";
 /// [`UnwindState`] at index 0, written whole so that a probe never sees a
 /// half-written set.
 pub const MAP_UNWIND_STATE: &str = "UNWIND_STATE";
-/// Calls in flight, between entry and return probe: thread id -> [`Pending`].
+/// Calls in flight, between entry and return probe: a thread's
+/// [`PendingSlot`] at its id modulo [`PENDING_SLOT_COUNT`], claimed for as long
+/// as it lives.
+pub const MAP_PENDING_SLOTS: &str = "PENDING_SLOTS";
+/// Calls in flight of threads whose slot of [`MAP_PENDING_SLOTS`] another
+/// thread holds: thread id -> [`Pending`].
 pub const MAP_PENDING: &str = "PENDING";
 /// The age epoch now (a `u32` at index 0: CLOCK_MONOTONIC / `epoch_ns`),
 /// kept by the loader, which the programs stamp allocations with.
@@ -272,6 +284,16 @@ pub struct StackStats {
     pub young: [YoungSlot; YOUNG_SLOTS],
 }
 
+/// A slot of [`MAP_STACK_SLOTS`]: one stack's totals on one CPU, in an
+/// array (no hash lookup at each allocation and free).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StackSlot {
+    /// The stack id + 1 of the stack that holds the slot; 0 when free.
+    pub tag: u64,
+    pub stats: StackStats,
+}
+
 /// Which call a [`Pending`] entry belongs to.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,7 +313,7 @@ pub enum CallKind {
 
 /// An allocator call between its entry and its return probe.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Pending {
     /// Stack pointer at entry: a return whose sp is not above it belongs to a
     /// nested call, and an entry above it means the return was missed.
@@ -315,6 +337,19 @@ pub struct Pending {
     /// window is stale, not an outer call.
     pub window: u32,
     pub _pad: u32,
+}
+
+/// Slots of [`MAP_PENDING_SLOTS`].
+pub const PENDING_SLOT_COUNT: u32 = 16_384;
+
+/// A thread's calls in flight, in an array: no hash lookup at each entry
+/// and return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingSlot {
+    /// The thread id that holds the slot; 0 when free.
+    pub owner: u64,
+    pub pending: Pending,
 }
 
 impl CallKind {
@@ -379,7 +414,9 @@ mod user {
     unsafe impl aya::Pod for super::AllocInfo {}
     unsafe impl aya::Pod for super::AllocBucket {}
     unsafe impl aya::Pod for super::StackStats {}
+    unsafe impl aya::Pod for super::StackSlot {}
     unsafe impl aya::Pod for super::Pending {}
+    unsafe impl aya::Pod for super::PendingSlot {}
     unsafe impl aya::Pod for super::ThreadInfo {}
     unsafe impl aya::Pod for super::ThreadSiteStats {}
     unsafe impl aya::Pod for super::UserStack {}

@@ -17,15 +17,17 @@ use aya_log_ebpf::warn;
 use leaktrace_common::{
     is_sampled, table_bucket, window_is_open, AllocBucket, AllocInfo, CallKind, Config, Lost,
     Pending, StackStats, ThreadInfo, ThreadSiteStats, TraceEvent, YoungSlot, BUCKET_SLOTS,
-    CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, NO_STACK, PREATTACH_BYTES,
-    PREATTACH_COUNT, SLOT_CLAIMED, TRACE_ALLOC, TRACE_FREE, YOUNG_SLOTS,
+    CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, NO_STACK, PENDING_SLOT_COUNT,
+    PREATTACH_BYTES, PREATTACH_COUNT, SLOT_CLAIMED, STACK_SLOT_COUNT, TRACE_ALLOC, TRACE_FREE,
+    YOUNG_SLOTS,
 };
 
 use crate::{
     context::stack_pointer,
     maps::{
         config, count_lost, count_preattach, window, worth_logging, ALLOCS, ALLOC_TABLE, EPOCH,
-        PENDING, PTHREADS, STACK_STATS, THREADS, THREAD_SITES, TRACE_EVENTS,
+        PENDING, PENDING_SLOTS, PTHREADS, STACK_SLOTS, STACK_STATS, THREADS, THREAD_SITES,
+        TRACE_EVENTS,
     },
     unwind::stack_id,
 };
@@ -105,10 +107,14 @@ pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) 
     true
 }
 
-/// This thread's `PENDING` entry, made idle on its first call (one lookup
-/// on every later call).
+/// This thread's record of calls in flight, made idle on its first call:
+/// in its slot of `PENDING_SLOTS`, or in `PENDING` if another thread holds
+/// the slot.
 #[inline(always)]
 fn own_record(tid: u32) -> Option<&'static mut Pending> {
+    if let Some(record) = own_slot(tid, true) {
+        return Some(record);
+    }
     let record = match PENDING.get_ptr_mut(tid) {
         Some(record) => record,
         None => {
@@ -132,13 +138,42 @@ fn own_record(tid: u32) -> Option<&'static mut Pending> {
     Some(unsafe { &mut *record })
 }
 
+/// This thread's slot of `PENDING_SLOTS`, if it holds it; with `claim`,
+/// taken when free (by compare-and-exchange: another thread of the same
+/// slot may race) unless the thread keeps its calls in `PENDING` already
+/// (an outer call's record may be there). A slot is its thread's until
+/// the thread exits (`forget_pending`).
+#[inline(always)]
+fn own_slot(tid: u32, claim: bool) -> Option<&'static mut Pending> {
+    let slot = PENDING_SLOTS.get_ptr_mut(tid % PENDING_SLOT_COUNT)?;
+    // SAFETY: a pointer from a successful lookup in an array, valid for
+    // this run; only the holder writes the record, and `owner` changes by
+    // compare-and-exchange or by its holder.
+    let slot = unsafe { &mut *slot };
+    let owner = u64::from(tid);
+    if slot.owner != owner {
+        // SAFETY: a map lookup whose value is not kept.
+        if !claim || slot.owner != 0 || unsafe { PENDING.get(tid) }.is_some() {
+            return None;
+        }
+        // SAFETY: an aligned u64 of a map value.
+        if unsafe { compare_exchange(&raw mut slot.owner, 0, owner) } != 0 {
+            return None;
+        }
+        slot.pending.sp = IDLE;
+    }
+    Some(&mut slot.pending)
+}
+
 /// The call in flight on this thread, if any: its record, to update.
 #[inline(always)]
 pub fn in_flight(tid: u32) -> Option<&'static mut Pending> {
-    let pending = PENDING.get_ptr_mut(tid)?;
-    // SAFETY: a pointer from a successful lookup, valid for this run; only
-    // this thread reads or writes its own entry.
-    let pending = unsafe { &mut *pending };
+    let pending = match own_slot(tid, false) {
+        Some(pending) => pending,
+        // SAFETY: a pointer from a successful lookup, valid for this run;
+        // only this thread reads or writes its own entry.
+        None => unsafe { &mut *PENDING.get_ptr_mut(tid)? },
+    };
     (pending.sp != IDLE).then_some(pending)
 }
 
@@ -185,9 +220,19 @@ pub fn exit(ctx: &RetProbeContext, tid: u32) -> Option<Pending> {
     Some(taken)
 }
 
-/// Forget a thread's `PENDING` entry when it exits.
+/// Forget a thread's record of calls when it exits (in its own context):
+/// its slot of `PENDING_SLOTS` is free again.
 #[inline(always)]
 pub fn forget_pending(tid: u32) {
+    if let Some(slot) = PENDING_SLOTS.get_ptr_mut(tid % PENDING_SLOT_COUNT) {
+        // SAFETY: as in `own_slot`; the exiting thread holds it.
+        let slot = unsafe { &mut *slot };
+        if slot.owner == u64::from(tid) {
+            slot.pending.sp = IDLE;
+            // SAFETY: an aligned u64 of a map value, this thread's.
+            unsafe { write_volatile(&raw mut slot.owner, 0) };
+        }
+    }
     let _ = PENDING.remove(tid);
 }
 
@@ -455,25 +500,14 @@ const MAX_CHUNK: u64 = 1 << 40;
 /// on this CPU.
 #[inline(always)]
 fn account(info: AllocInfo, sign: i64, config: &Config) {
-    let stats = match STACK_STATS.get_ptr_mut(info.stack_id) {
+    let stats = match stack_slot(info.stack_id) {
         Some(stats) => stats,
-        None => {
-            let zero = StackStats::default();
-            // BPF_NOEXIST: another program on this CPU may have created it.
-            let _ = STACK_STATS.insert(info.stack_id, zero, BPF_NOEXIST.into());
-            match STACK_STATS.get_ptr_mut(info.stack_id) {
-                Some(stats) => stats,
-                None => {
-                    count_lost(Lost::StatsMapFull);
-                    return;
-                }
-            }
-        }
+        None => match stack_stats(info.stack_id) {
+            Some(stats) => stats,
+            None => return,
+        },
     };
     let bytes = sign * info.size as i64;
-    // SAFETY: the pointer comes from a successful lookup in a per-CPU map
-    // and stays valid for this program run; only this CPU writes it.
-    let stats = unsafe { &mut *stats };
     stats.bytes += bytes;
     stats.allocs += sign;
     if config.epoch_ns == 0 {
@@ -492,6 +526,49 @@ fn account(info: AllocInfo, sign: i64, config: &Config) {
     }
     slot.bytes += bytes;
     slot.allocs += sign;
+}
+
+/// The stack's totals on this CPU in its slot of `STACK_SLOTS`, when the
+/// stack holds it there or takes it now (free; by compare-and-exchange, as
+/// another program preempting this one on the CPU may race). A slot never
+/// changes hands, so an update never lands on another stack's totals.
+#[inline(always)]
+fn stack_slot(stack_id: u32) -> Option<&'static mut StackStats> {
+    let slot = STACK_SLOTS.get_ptr_mut(stack_id % STACK_SLOT_COUNT)?;
+    // SAFETY: a pointer from a successful lookup in a per-CPU array, valid
+    // for this program run.
+    let slot = unsafe { &mut *slot };
+    let tag = u64::from(stack_id) + 1;
+    if slot.tag != tag {
+        // SAFETY: an aligned u64 of a map value.
+        if slot.tag != 0 || unsafe { compare_exchange(&raw mut slot.tag, 0, tag) } != 0 {
+            return None;
+        }
+    }
+    Some(&mut slot.stats)
+}
+
+/// The stack's totals on this CPU in `STACK_STATS`, made if missing.
+#[inline(always)]
+fn stack_stats(stack_id: u32) -> Option<&'static mut StackStats> {
+    let stats = match STACK_STATS.get_ptr_mut(stack_id) {
+        Some(stats) => stats,
+        None => {
+            let zero = StackStats::default();
+            // BPF_NOEXIST: another program on this CPU may have created it.
+            let _ = STACK_STATS.insert(stack_id, zero, BPF_NOEXIST.into());
+            match STACK_STATS.get_ptr_mut(stack_id) {
+                Some(stats) => stats,
+                None => {
+                    count_lost(Lost::StatsMapFull);
+                    return None;
+                }
+            }
+        }
+    };
+    // SAFETY: the pointer comes from a successful lookup in a per-CPU map
+    // and stays valid for this program run; only this CPU writes it.
+    Some(unsafe { &mut *stats })
 }
 
 /// Which counter of a site's [`ThreadSiteStats`] to bump.

@@ -19,13 +19,13 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use leaktrace_common::{
-    AllocBucket, AllocInfo, Config, KmemConfig, Lost, Pending, StackStats, ThreadInfo,
-    ThreadSiteStats, BUCKET_SLOTS, CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD, CONFIG_HOLD,
-    CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, GLOBAL_CONFIG, GLOBAL_KMEM, MAP_ALLOCS,
-    MAP_ALLOC_TABLE, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES, MAP_KERNEL_COUNTS, MAP_KERNEL_STACKS,
-    MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PTHREADS, MAP_STACKS, MAP_STACK_STATS, MAP_THREADS,
-    MAP_THREAD_SITES, MAP_TRACE_EVENTS, MAP_UNWIND_ROWS, MAX_TABLE_BITS, MIN_TABLE_BITS,
-    TRACE_EVENTS_BYTES, UNWIND_CHUNK_ROWS,
+    AllocBucket, AllocInfo, Config, KmemConfig, Lost, Pending, PendingSlot, StackSlot, StackStats,
+    ThreadInfo, ThreadSiteStats, BUCKET_SLOTS, CONFIG_GLIBC_CHUNKS, CONFIG_GLIBC_PTHREAD,
+    CONFIG_HOLD, CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, GLOBAL_CONFIG, GLOBAL_KMEM,
+    MAP_ALLOCS, MAP_ALLOC_TABLE, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES, MAP_KERNEL_COUNTS,
+    MAP_KERNEL_STACKS, MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PENDING_SLOTS, MAP_PTHREADS,
+    MAP_STACKS, MAP_STACK_SLOTS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, MAP_TRACE_EVENTS,
+    MAP_UNWIND_ROWS, MAX_TABLE_BITS, MIN_TABLE_BITS, TRACE_EVENTS_BYTES, UNWIND_CHUNK_ROWS,
 };
 
 pub use links::Links;
@@ -260,9 +260,23 @@ pub fn forget_image(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     }
     clear::<u64, AllocInfo>(ebpf, MAP_MMAPS)?;
     clear::<u32, Pending>(ebpf, MAP_PENDING)?;
+    let map = ebpf
+        .map_mut(MAP_PENDING_SLOTS)
+        .ok_or_else(|| anyhow!("map {MAP_PENDING_SLOTS} missing"))?;
+    let mut slots: Array<&mut MapData, PendingSlot> = Array::try_from(map)?;
+    for index in 0..slots.len() {
+        slots.set(index, PendingSlot::default(), 0)?;
+    }
     clear::<u32, ThreadInfo>(ebpf, MAP_THREADS)?;
     clear::<u64, u32>(ebpf, MAP_PTHREADS)?;
     clear_per_cpu::<StackStats>(ebpf, MAP_STACK_STATS)?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, err)| err).context("failed to count CPUs")?;
+    let map =
+        ebpf.map_mut(MAP_STACK_SLOTS).ok_or_else(|| anyhow!("map {MAP_STACK_SLOTS} missing"))?;
+    let mut slots: PerCpuArray<&mut MapData, StackSlot> = PerCpuArray::try_from(map)?;
+    for index in 0..slots.len() {
+        slots.set(index, PerCpuValues::try_from(vec![StackSlot::default(); cpus])?, 0)?;
+    }
     clear_per_cpu::<ThreadSiteStats>(ebpf, MAP_THREAD_SITES)?;
     Ok(())
 }

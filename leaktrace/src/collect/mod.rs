@@ -12,10 +12,10 @@ use aya::{
     Ebpf,
 };
 use leaktrace_common::{
-    AllocBucket, AllocInfo, Lost, StackEnd, StackStats, ThreadInfo, ThreadSiteStats, UserStack,
-    MAP_ALLOCS, MAP_ALLOC_TABLE, MAP_LOST, MAP_MMAPS, MAP_PREATTACH_FREES, MAP_STACKS,
-    MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, PREATTACH_BYTES, PREATTACH_COUNT, SLOT_CLAIMED,
-    THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, YOUNG_EPOCHS,
+    AllocBucket, AllocInfo, Lost, StackEnd, StackSlot, StackStats, ThreadInfo, ThreadSiteStats,
+    UserStack, MAP_ALLOCS, MAP_ALLOC_TABLE, MAP_LOST, MAP_MMAPS, MAP_PREATTACH_FREES, MAP_STACKS,
+    MAP_STACK_SLOTS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, PREATTACH_BYTES,
+    PREATTACH_COUNT, SLOT_CLAIMED, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, YOUNG_EPOCHS,
 };
 use leaktrace_report::{AllocReport, ThreadCounts};
 
@@ -67,10 +67,7 @@ impl Collector {
         let young = |epoch: u32| mapped.is_some() && self.is_young(epoch, now_epoch);
         let mut per_stack: HashMap<u32, StackUsage> = HashMap::new();
 
-        let stats: PerCpuHashMap<&MapData, u32, StackStats> =
-            PerCpuHashMap::try_from(map(ebpf, MAP_STACK_STATS)?)?;
-        for entry in stats.iter() {
-            let (stack_id, per_cpu) = entry.context("failed to read the per-stack totals")?;
+        for (stack_id, per_cpu) in stack_totals(ebpf)? {
             let (mut bytes, mut allocations) = (0i64, 0i64);
             for stats in per_cpu.iter() {
                 bytes += stats.bytes;
@@ -277,10 +274,8 @@ pub fn user_stack(ebpf: &Ebpf, stack_id: u32) -> anyhow::Result<(Vec<u64>, Stack
 /// Heap allocations tracked now, and the stacks holding them (young ones
 /// too): for the status line before the first report.
 pub fn tracked(ebpf: &Ebpf) -> anyhow::Result<(u64, u64)> {
-    let stats: PerCpuHashMap<&MapData, u32, StackStats> =
-        PerCpuHashMap::try_from(map(ebpf, MAP_STACK_STATS)?)?;
     let (mut allocations, mut stacks) = (0u64, 0u64);
-    for (_, per_cpu) in stats.iter().filter_map(Result::ok) {
+    for per_cpu in stack_totals(ebpf)?.into_values() {
         let held: i64 = per_cpu.iter().map(|stats| stats.allocs).sum();
         if held > 0 {
             allocations += held as u64;
@@ -288,6 +283,28 @@ pub fn tracked(ebpf: &Ebpf) -> anyhow::Result<(u64, u64)> {
         }
     }
     Ok((allocations, stacks))
+}
+
+/// Every stack's totals, per CPU and place: its slots of `STACK_SLOTS` on
+/// the CPUs where it holds one, and its `STACK_STATS` entry. They add up
+/// (a block allocated on one CPU may be freed on another).
+fn stack_totals(ebpf: &Ebpf) -> anyhow::Result<HashMap<u32, Vec<StackStats>>> {
+    let mut totals: HashMap<u32, Vec<StackStats>> = HashMap::new();
+    let slots: PerCpuArray<&MapData, StackSlot> =
+        PerCpuArray::try_from(map(ebpf, MAP_STACK_SLOTS)?)?;
+    for index in 0..slots.len() {
+        let per_cpu = slots.get(&index, 0).context("failed to read the per-stack totals")?;
+        for slot in per_cpu.iter().filter(|slot| slot.tag != 0) {
+            totals.entry((slot.tag - 1) as u32).or_default().push(slot.stats);
+        }
+    }
+    let stats: PerCpuHashMap<&MapData, u32, StackStats> =
+        PerCpuHashMap::try_from(map(ebpf, MAP_STACK_STATS)?)?;
+    for entry in stats.iter() {
+        let (stack_id, per_cpu) = entry.context("failed to read the per-stack totals")?;
+        totals.entry(stack_id).or_default().extend(per_cpu.iter().copied());
+    }
+    Ok(totals)
 }
 
 /// The lost-event counters, in `Lost::ALL` order.
