@@ -39,6 +39,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("steady_leak.c", "steady_leak"),
     ("steady_realloc.c", "steady_realloc"),
     ("window_edges.c", "window_edges"),
+    ("many_blocks.c", "many_blocks"),
     ("stable.c", "stable"),
     ("mntns_leak.c", "mntns_leak"),
     ("sysroot_leak.c", "sysroot_leak"),

@@ -194,3 +194,34 @@ fn exec_drops_the_old_image_and_traces_the_new() {
         json(report)
     );
 }
+
+/// Check that the books stay exact past their fast tables: 60,000 blocks
+/// live in a target whose allocation table holds 20,480 (the rest spill to
+/// the hash map), 60,000 more freed out of order, and 2,048 stacks each
+/// holding a block, against 1,024 per-CPU slots of per-stack totals.
+#[test]
+fn books_exact_past_their_tables() {
+    let report = trace_fixture("many_blocks", &[], &["--top", "5000"]);
+    let held = stack_by_first_frame(&report, "hold_block")
+        .unwrap_or_else(|| panic!("hold_block not reported: {}", json(&report)));
+    assert_eq!(
+        (held.bytes, held.allocations),
+        (60_000 * 48, 60_000),
+        "hold_block's blocks: {}",
+        json(&report)
+    );
+    let branches: Vec<&StackReport> = report.stacks_by_first_frame("branch_leak").collect();
+    assert_eq!(branches.len(), 2048, "stacks through branch_leak: {}", json(&report));
+    assert_eq!(
+        totals(branches.iter().copied()),
+        (2048 * 24, 2048),
+        "branch_leak's blocks: {}",
+        json(&report)
+    );
+    assert!(
+        report.stacks_by_first_frame("churn_block").next().is_none(),
+        "freed blocks at churn_block reported: {}",
+        json(&report)
+    );
+    assert_eq!(lost_events(&report), 0, "events lost: {}", json(&report));
+}
