@@ -140,9 +140,9 @@ fn own_record(tid: u32) -> Option<&'static mut Pending> {
 
 /// This thread's slot of `PENDING_SLOTS`, if it holds it; with `claim`,
 /// taken when free (by compare-and-exchange: another thread of the same
-/// slot may race) unless the thread keeps its calls in `PENDING` already
-/// (an outer call's record may be there). A slot is its thread's until
-/// the thread exits (`forget_pending`).
+/// slot may race), unless the thread has a call in flight in `PENDING`
+/// (an outer call's record: its idle record there is dropped as it moves).
+/// A slot is its thread's until the thread exits (`forget_pending`).
 #[inline(always)]
 fn own_slot(tid: u32, claim: bool) -> Option<&'static mut Pending> {
     let slot = PENDING_SLOTS.get_ptr_mut(tid % PENDING_SLOT_COUNT)?;
@@ -152,13 +152,20 @@ fn own_slot(tid: u32, claim: bool) -> Option<&'static mut Pending> {
     let slot = unsafe { &mut *slot };
     let owner = u64::from(tid);
     if slot.owner != owner {
-        // SAFETY: a map lookup whose value is not kept.
-        if !claim || slot.owner != 0 || unsafe { PENDING.get(tid) }.is_some() {
+        if !claim || slot.owner != 0 {
+            return None;
+        }
+        // SAFETY: copied out at once.
+        let kept = unsafe { PENDING.get(tid) }.map(|record| record.sp);
+        if kept.is_some_and(|sp| sp != IDLE) {
             return None;
         }
         // SAFETY: an aligned u64 of a map value.
         if unsafe { compare_exchange(&raw mut slot.owner, 0, owner) } != 0 {
             return None;
+        }
+        if kept.is_some() {
+            let _ = PENDING.remove(tid);
         }
         slot.pending.sp = IDLE;
     }
