@@ -66,10 +66,10 @@ pub fn target_tid() -> Option<u32> {
 /// charged to the caller of the outer function with its real size.
 /// Returns whether a new record was made (not a nested call).
 ///
-/// A thread's entry stays in `PENDING` between calls, marked idle (sp 0),
-/// and is rewritten in place: an update or delete of a hash map element
-/// takes its bucket lock and recycles the element, which cost more than the
-/// rest of the entry probe. The thread's exit removes the entry.
+/// A thread's record (`own_record`) stays between calls, marked idle (sp
+/// 0), and is rewritten in place: an update or delete of a hash map
+/// element takes its bucket lock and recycles the element, which cost more
+/// than the rest of the entry probe. The thread's exit frees it.
 #[inline(always)]
 pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) -> bool {
     let sp = stack_pointer(ctx);

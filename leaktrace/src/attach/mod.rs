@@ -252,32 +252,39 @@ pub fn reset_lost(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 /// address space. (Stacks stay: an id names the same addresses.)
 pub fn forget_image(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     clear::<u64, AllocInfo>(ebpf, MAP_ALLOCS)?;
-    let map =
-        ebpf.map_mut(MAP_ALLOC_TABLE).ok_or_else(|| anyhow!("map {MAP_ALLOC_TABLE} missing"))?;
-    let mut table: Array<&mut MapData, AllocBucket> = Array::try_from(map)?;
-    for index in 0..table.len() {
-        table.set(index, AllocBucket::default(), 0)?;
-    }
+    zero::<AllocBucket>(ebpf, MAP_ALLOC_TABLE)?;
     clear::<u64, AllocInfo>(ebpf, MAP_MMAPS)?;
     clear::<u32, Pending>(ebpf, MAP_PENDING)?;
-    let map = ebpf
-        .map_mut(MAP_PENDING_SLOTS)
-        .ok_or_else(|| anyhow!("map {MAP_PENDING_SLOTS} missing"))?;
-    let mut slots: Array<&mut MapData, PendingSlot> = Array::try_from(map)?;
-    for index in 0..slots.len() {
-        slots.set(index, PendingSlot::default(), 0)?;
-    }
+    zero::<PendingSlot>(ebpf, MAP_PENDING_SLOTS)?;
     clear::<u32, ThreadInfo>(ebpf, MAP_THREADS)?;
     clear::<u64, u32>(ebpf, MAP_PTHREADS)?;
     clear_per_cpu::<StackStats>(ebpf, MAP_STACK_STATS)?;
-    let cpus = aya::util::nr_cpus().map_err(|(_, err)| err).context("failed to count CPUs")?;
-    let map =
-        ebpf.map_mut(MAP_STACK_SLOTS).ok_or_else(|| anyhow!("map {MAP_STACK_SLOTS} missing"))?;
-    let mut slots: PerCpuArray<&mut MapData, StackSlot> = PerCpuArray::try_from(map)?;
-    for index in 0..slots.len() {
-        slots.set(index, PerCpuValues::try_from(vec![StackSlot::default(); cpus])?, 0)?;
-    }
+    zero_per_cpu::<StackSlot>(ebpf, MAP_STACK_SLOTS)?;
     clear_per_cpu::<ThreadSiteStats>(ebpf, MAP_THREAD_SITES)?;
+    Ok(())
+}
+
+/// Set every entry of the array `name` to its default (zeros).
+fn zero<V: Pod + Default>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let map = ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+    let mut array: Array<&mut MapData, V> =
+        Array::try_from(map).with_context(|| format!("map {name}"))?;
+    for index in 0..array.len() {
+        array.set(index, V::default(), 0)?;
+    }
+    Ok(())
+}
+
+/// Set every entry of the per-CPU array `name` to its default on every CPU.
+fn zero_per_cpu<V: Pod + Default>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, err)| err).context("failed to count CPUs")?;
+    let map = ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+    let mut array: PerCpuArray<&mut MapData, V> =
+        PerCpuArray::try_from(map).with_context(|| format!("map {name}"))?;
+    for index in 0..array.len() {
+        let zeros: Vec<V> = (0..cpus).map(|_| V::default()).collect();
+        array.set(index, PerCpuValues::try_from(zeros)?, 0)?;
+    }
     Ok(())
 }
 
@@ -340,4 +347,32 @@ pub fn print_program_stats(ebpf: &Ebpf, links: &Links) {
         eprintln!("leaktrace: program {name}: {runs} runs, {mean} ns mean");
     }
     eprintln!("leaktrace: program stats: {ran} programs ran");
+}
+
+#[cfg(test)]
+mod tests {
+    use leaktrace_common::DEFAULT_MAX_ALLOCATIONS;
+
+    use super::*;
+
+    /// Check the table's size: a slot for each 32 resident bytes, within
+    /// its bounds and `--max-allocations`, none below the smallest table.
+    #[test]
+    fn table_sized_from_the_target() {
+        const MIB: u64 = 1 << 20;
+        let full = DEFAULT_MAX_ALLOCATIONS;
+        // A fresh -c program: the smallest table. The demo (1.5 MiB):
+        // 49,152 slots, 16,384 buckets (2 MiB).
+        assert_eq!(table_bits(0, full), MIN_TABLE_BITS);
+        assert_eq!(table_bits(MIB + MIB / 2, full), 14);
+        // 10 MiB: 327,680 slots, 65,536 buckets.
+        assert_eq!(table_bits(10 * MIB, full), 16);
+        // 1 GiB: no more slots than --max-allocations (1,048,576 / 5
+        // buckets, rounded up to a power of two), within the largest.
+        assert_eq!(table_bits(1 << 30, full), MAX_TABLE_BITS);
+        assert_eq!(table_bits(1 << 30, 200_000), 16);
+        // --max-allocations below the smallest table: none.
+        assert_eq!(table_bits(10 * MIB, 16), 0);
+        assert_eq!(table_bits(10 * MIB, 20_479), 0);
+    }
 }
