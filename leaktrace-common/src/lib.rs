@@ -140,12 +140,18 @@ pub struct MappingsChanged {
 pub const CHANGE_LINKER: u32 = 1;
 /// [`MappingsChanged::cause`]: the target exec'd a program.
 pub const CHANGE_EXEC: u32 = 2;
-/// Whether the heap block at `addr` is one of the 1 in `rate` tracked.
-/// Blocks are 16-byte aligned, so the low bits are dropped and the rest
-/// mixed (Fibonacci hashing) before taking the bucket.
+/// Whether the heap block at `addr` is one of the 1 in `rate` tracked, by
+/// its [`address_hash`].
 #[inline(always)]
 pub fn is_sampled(addr: u64, rate: u64) -> bool {
-    rate <= 1 || ((addr >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32).is_multiple_of(rate)
+    rate <= 1 || (address_hash(addr) >> 32).is_multiple_of(rate)
+}
+
+/// A heap block's address mixed (Fibonacci hashing) above its 16-byte
+/// alignment: its high bits are spread whatever the allocator's layout.
+#[inline(always)]
+pub const fn address_hash(addr: u64) -> u64 {
+    (addr >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// Threads of the target created since attach: kernel tid -> [`ThreadInfo`].
@@ -250,9 +256,9 @@ pub struct AllocBucket {
 }
 
 /// The bucket of [`MAP_ALLOC_TABLE`] (of `1 << bits`) of the block at
-/// `addr`: Fibonacci hashing of the address above its 16-byte alignment.
+/// `addr`: the top bits of its [`address_hash`].
 pub const fn table_bucket(addr: u64, bits: u32) -> u32 {
-    (addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_shr(64u32.wrapping_sub(bits)) as u32
+    address_hash(addr).wrapping_shr(64u32.wrapping_sub(bits)) as u32
 }
 
 /// log2 of the fewest buckets [`MAP_ALLOC_TABLE`] has (4,096: 512 KiB,

@@ -5,13 +5,15 @@
 //! The helpers under them import only from helpers further down, never up:
 //! `record` (the books) uses `unwind` (the stack walk), which uses `maps`
 //! (every map and the configuration), which uses `types` (what only the
-//! kernel side stores); `context` (arguments, registers) imports nothing;
-//! `changes` (waking the loader, holding the target) uses `maps`.
+//! kernel side stores); `context` (arguments, registers) and `atomic`
+//! (atomic operations on map values) import nothing; `changes` (waking the
+//! loader, holding the target) uses `maps`.
 #![no_std]
 #![no_main]
-// BPF atomics in assembly (record.rs): Rust's are not atomic for this target.
+// BPF atomics in assembly (atomic.rs): Rust's are not atomic for this target.
 #![feature(asm_experimental_arch)]
 
+mod atomic;
 mod changes;
 mod context;
 mod maps;

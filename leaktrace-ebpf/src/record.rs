@@ -2,10 +2,7 @@
 //! flight between entry and return, the live-allocation records with their
 //! per-stack totals, and the threads' records with their per-site counts.
 
-use core::{
-    arch::asm,
-    ptr::{read_volatile, write_volatile},
-};
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{bpf_pidns_info, BPF_ANY, BPF_NOEXIST},
@@ -16,17 +13,18 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use leaktrace_common::{
     is_sampled, table_bucket, window_is_open, AllocBucket, AllocInfo, CallKind, Config, Lost,
-    Pending, StackStats, ThreadInfo, ThreadSiteStats, TraceEvent, YoungSlot, BUCKET_SLOTS,
-    CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, NO_STACK, PENDING_SLOT_COUNT,
-    PREATTACH_BYTES, PREATTACH_COUNT, SLOT_CLAIMED, STACK_SLOT_COUNT, TRACE_ALLOC, TRACE_FREE,
-    YOUNG_SLOTS,
+    Pending, PendingSlot, StackStats, ThreadInfo, ThreadSiteStats, TraceEvent, YoungSlot,
+    BUCKET_SLOTS, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, NO_STACK,
+    PENDING_SLOT_COUNT, PREATTACH_BYTES, PREATTACH_COUNT, SLOT_CLAIMED, STACK_SLOT_COUNT,
+    TRACE_ALLOC, TRACE_FREE, YOUNG_SLOTS,
 };
 
 use crate::{
+    atomic,
     context::stack_pointer,
     maps::{
-        config, count_lost, count_preattach, window, worth_logging, ALLOCS, ALLOC_TABLE, EPOCH,
-        PENDING, PENDING_SLOTS, PTHREADS, STACK_SLOTS, STACK_STATS, THREADS, THREAD_SITES,
+        config, count_lost, count_preattach, window, worth_logging, ALLOCS, ALLOC_TABLE, EEXIST,
+        EPOCH, PENDING, PENDING_SLOTS, PTHREADS, STACK_SLOTS, STACK_STATS, THREADS, THREAD_SITES,
         TRACE_EVENTS,
     },
     unwind::stack_id,
@@ -118,18 +116,8 @@ fn own_record(tid: u32) -> Option<&'static mut Pending> {
     let record = match PENDING.get_ptr_mut(tid) {
         Some(record) => record,
         None => {
-            let idle = Pending {
-                sp: IDLE,
-                size: 0,
-                arg: 0,
-                kind: 0,
-                child: 0,
-                flags: 0,
-                tail_calls: 0,
-                window: 0,
-                _pad: 0,
-            };
-            PENDING.insert(tid, idle, BPF_ANY.into()).ok()?;
+            // Idle: sp 0.
+            PENDING.insert(tid, Pending::default(), BPF_ANY.into()).ok()?;
             PENDING.get_ptr_mut(tid)?
         }
     };
@@ -145,13 +133,8 @@ fn own_record(tid: u32) -> Option<&'static mut Pending> {
 /// A slot is its thread's until the thread exits (`forget_pending`).
 #[inline(always)]
 fn own_slot(tid: u32, claim: bool) -> Option<&'static mut Pending> {
-    let slot = PENDING_SLOTS.get_ptr_mut(tid % PENDING_SLOT_COUNT)?;
-    // SAFETY: a pointer from a successful lookup in an array, valid for
-    // this run; only the holder writes the record, and `owner` changes by
-    // compare-and-exchange or by its holder.
-    let slot = unsafe { &mut *slot };
-    let owner = u64::from(tid);
-    if slot.owner != owner {
+    let (slot, held) = pending_slot(tid)?;
+    if !held {
         if !claim || slot.owner != 0 {
             return None;
         }
@@ -161,7 +144,7 @@ fn own_slot(tid: u32, claim: bool) -> Option<&'static mut Pending> {
             return None;
         }
         // SAFETY: an aligned u64 of a map value.
-        if unsafe { compare_exchange(&raw mut slot.owner, 0, owner) } != 0 {
+        if !unsafe { atomic::claim(&raw mut slot.owner, u64::from(tid)) } {
             return None;
         }
         if kept.is_some() {
@@ -170,6 +153,18 @@ fn own_slot(tid: u32, claim: bool) -> Option<&'static mut Pending> {
         slot.pending.sp = IDLE;
     }
     Some(&mut slot.pending)
+}
+
+/// The slot of `PENDING_SLOTS` for `tid`, and whether `tid` holds it.
+#[inline(always)]
+fn pending_slot(tid: u32) -> Option<(&'static mut PendingSlot, bool)> {
+    let slot = PENDING_SLOTS.get_ptr_mut(tid % PENDING_SLOT_COUNT)?;
+    // SAFETY: a pointer from a successful lookup in an array, valid for
+    // this run; only the holder writes the record, and `owner` changes by
+    // compare-and-exchange or by its holder.
+    let slot = unsafe { &mut *slot };
+    let held = slot.owner == u64::from(tid);
+    Some((slot, held))
 }
 
 /// The call in flight on this thread, if any: its record, to update.
@@ -231,14 +226,10 @@ pub fn exit(ctx: &RetProbeContext, tid: u32) -> Option<Pending> {
 /// its slot of `PENDING_SLOTS` is free again.
 #[inline(always)]
 pub fn forget_pending(tid: u32) {
-    if let Some(slot) = PENDING_SLOTS.get_ptr_mut(tid % PENDING_SLOT_COUNT) {
-        // SAFETY: as in `own_slot`; the exiting thread holds it.
-        let slot = unsafe { &mut *slot };
-        if slot.owner == u64::from(tid) {
-            slot.pending.sp = IDLE;
-            // SAFETY: an aligned u64 of a map value, this thread's.
-            unsafe { write_volatile(&raw mut slot.owner, 0) };
-        }
+    if let Some((slot, true)) = pending_slot(tid) {
+        slot.pending.sp = IDLE;
+        // SAFETY: an aligned u64 of a map value, this thread's.
+        unsafe { write_volatile(&raw mut slot.owner, 0) };
     }
     let _ = PENDING.remove(tid);
 }
@@ -343,19 +334,18 @@ fn bucket(addr: u64, config: &Config) -> Option<&'static mut AllocBucket> {
 #[inline(always)]
 fn keep(addr: u64, info: AllocInfo, config: &Config) -> bool {
     let Some(bucket) = bucket(addr, config) else {
-        return spill(addr, info, None);
+        return spill(addr, info, None, config);
     };
     // The address is live in our records: its free was missed (it
     // happened in a way we do not probe). Replace the stale record.
     if bucket.keys.contains(&addr) || bucket.spilled != 0 {
-        let _ = forget(addr, config);
+        let _ = forget_in(Some(&mut *bucket), addr, config);
     }
     for slot in 0..BUCKET_SLOTS {
-        if bucket.keys[slot] != 0 {
-            continue;
-        }
         // SAFETY: an aligned u64 of a map value.
-        if unsafe { compare_exchange(&raw mut bucket.keys[slot], 0, SLOT_CLAIMED) } != 0 {
+        if bucket.keys[slot] != 0
+            || !unsafe { atomic::claim(&raw mut bucket.keys[slot], SLOT_CLAIMED) }
+        {
             continue;
         }
         // SAFETY: fields of the slot this program claimed; volatile so
@@ -369,68 +359,43 @@ fn keep(addr: u64, info: AllocInfo, config: &Config) -> bool {
         unsafe { write_volatile(&raw mut bucket.keys[slot], addr) };
         return true;
     }
-    spill(addr, info, Some(bucket))
+    spill(addr, info, Some(bucket), config)
 }
 
-/// Atomically: if `*word` is `old`, make it `new`. Returns what `*word`
-/// held. In assembly: the BPF target is built as single-threaded, so
-/// Rust's atomics would not be atomic across CPUs (and it has no
-/// compare-and-exchange in `core`).
-///
-/// # Safety
-/// `word` is an aligned u64 of a map value.
+/// Record the block at `addr` in `ALLOCS`: its bucket is full, or there
+/// is no table.
 #[inline(always)]
-unsafe fn compare_exchange(word: *mut u64, old: u64, new: u64) -> u64 {
-    let found: u64;
-    // SAFETY: the caller's; BPF_CMPXCHG compares with r0 and leaves the
-    // old value there (the x86 JIT emits `lock cmpxchg`).
-    unsafe {
-        asm!(
-            "r0 = cmpxchg_64({word} + 0, r0, {new})",
-            word = in(reg) word,
-            new = in(reg) new,
-            inout("r0") old => found,
-            options(nostack),
-        );
+fn spill(addr: u64, info: AllocInfo, bucket: Option<&mut AllocBucket>, config: &Config) -> bool {
+    match ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
+        Ok(()) => {
+            if let Some(bucket) = bucket {
+                // SAFETY: an aligned u64 of a map value.
+                unsafe { atomic::add(&raw mut bucket.spilled, 1) };
+            }
+            true
+        }
+        // A stale record there (its free was missed; without a table,
+        // `keep` did not look first): off its stack's totals, then
+        // replaced, the bucket's count unchanged.
+        Err(err) if i64::from(err) == -EEXIST => {
+            let _ = forget_spilled(addr, None, config);
+            ALLOCS.insert(addr, info, BPF_ANY.into()).is_ok()
+        }
+        Err(_) => false,
     }
-    found
-}
-
-/// Atomically add `value` to `*word` (wrapping: `u64::MAX` subtracts 1).
-///
-/// # Safety
-/// `word` is an aligned u64 of a map value.
-#[inline(always)]
-unsafe fn atomic_add(word: *mut u64, value: u64) {
-    // SAFETY: the caller's; BPF_ATOMIC | BPF_ADD (`lock add`).
-    unsafe {
-        asm!(
-            "lock *(u64 *)({word} + 0) += {value}",
-            word = in(reg) word,
-            value = in(reg) value,
-            options(nostack),
-        );
-    }
-}
-
-/// Record the block at `addr` in `ALLOCS`, its bucket full.
-#[inline(always)]
-fn spill(addr: u64, info: AllocInfo, bucket: Option<&mut AllocBucket>) -> bool {
-    if ALLOCS.insert(addr, info, BPF_ANY.into()).is_err() {
-        return false;
-    }
-    if let Some(bucket) = bucket {
-        // SAFETY: an aligned u64 of a map value.
-        unsafe { atomic_add(&raw mut bucket.spilled, 1) };
-    }
-    true
 }
 
 /// Forget the record of the block at `addr`, taken off its stack's
 /// totals. Whether one was found.
 #[inline(always)]
 fn forget(addr: u64, config: &Config) -> bool {
-    let Some(bucket) = bucket(addr, config) else {
+    forget_in(bucket(addr, config), addr, config)
+}
+
+/// [`forget`], with the address's bucket (`None` without a table).
+#[inline(always)]
+fn forget_in(bucket: Option<&mut AllocBucket>, addr: u64, config: &Config) -> bool {
+    let Some(bucket) = bucket else {
         return forget_spilled(addr, None, config);
     };
     for slot in 0..BUCKET_SLOTS {
@@ -444,7 +409,7 @@ fn forget(addr: u64, config: &Config) -> bool {
         let info = unsafe { read_volatile(&raw const bucket.infos[slot]) };
         // A lost race is a double free in the target: one of us subtracts.
         // SAFETY: an aligned u64 of a map value.
-        if unsafe { compare_exchange(&raw mut bucket.keys[slot], addr, 0) } == addr {
+        if unsafe { atomic::compare_exchange(&raw mut bucket.keys[slot], addr, 0) } == addr {
             account(info, -1, config);
         }
         return true;
@@ -467,7 +432,7 @@ fn forget_spilled(addr: u64, bucket: Option<&mut AllocBucket>, config: &Config) 
     if ALLOCS.remove(addr).is_ok() {
         if let Some(bucket) = bucket {
             // SAFETY: an aligned u64 of a map value.
-            unsafe { atomic_add(&raw mut bucket.spilled, u64::MAX) };
+            unsafe { atomic::add(&raw mut bucket.spilled, u64::MAX) };
         }
         account(info, -1, config);
     }
@@ -546,11 +511,9 @@ fn stack_slot(stack_id: u32) -> Option<&'static mut StackStats> {
     // for this program run.
     let slot = unsafe { &mut *slot };
     let tag = u64::from(stack_id) + 1;
-    if slot.tag != tag {
-        // SAFETY: an aligned u64 of a map value.
-        if slot.tag != 0 || unsafe { compare_exchange(&raw mut slot.tag, 0, tag) } != 0 {
-            return None;
-        }
+    // SAFETY: an aligned u64 of a map value.
+    if slot.tag != tag && (slot.tag != 0 || !unsafe { atomic::claim(&raw mut slot.tag, tag) }) {
+        return None;
     }
     Some(&mut slot.stats)
 }
@@ -574,7 +537,9 @@ fn stack_stats(stack_id: u32) -> Option<&'static mut StackStats> {
         }
     };
     // SAFETY: the pointer comes from a successful lookup in a per-CPU map
-    // and stays valid for this program run; only this CPU writes it.
+    // and stays valid for this program run; only this CPU writes it (a
+    // program preempting another on the CPU may make an update of the
+    // totals lose the other's: plain adds, as in the slots).
     Some(unsafe { &mut *stats })
 }
 

@@ -35,6 +35,7 @@ use leaktrace_common::{
 };
 
 use crate::{
+    atomic,
     context::frame,
     maps::{
         count_lost, worth_logging, EEXIST, STACKS, STACK_CACHE, STACK_CACHE_BITS, STACK_SCRATCH,
@@ -171,8 +172,10 @@ pub fn stack_id_at<C: EbpfContext>(ctx: &C, ip: u64, sp: u64, bp: u64) -> u32 {
     // SAFETY: a pointer from a successful lookup in a per-CPU array, valid
     // for this program run.
     let window = unsafe { &mut *window };
-    window.started = window.started.wrapping_add(1);
-    let ticket = window.started;
+    // Atomic: a walk preempting this one between a load and a store would
+    // get the same ticket.
+    // SAFETY: an aligned u64 of a map value.
+    let ticket = unsafe { atomic::fetch_add(&raw mut window.started, 1) }.wrapping_add(1);
     // Field by field, with volatile stores: LLVM merges the adjacent zero
     // fields of a struct literal into a call to memset, a BPF function
     // looping over bytes (~15 ns a walk).
@@ -373,11 +376,15 @@ const WINDOW_SPAN: u64 = (WINDOW_WORDS as u64 - 1) * 8;
 #[inline(always)]
 fn frame_words(window: &mut StackWindow, ticket: u64, low: u64, high: u64) -> Option<(u64, u64)> {
     let base = window.base;
-    let indices = if window.owner == ticket && low >= base && high.wrapping_sub(base) <= WINDOW_SPAN
+    // Whole words, in order, within one window's span of each other.
+    let fits = (low | high) & 7 == 0 && high >= low && high - low <= WINDOW_SPAN;
+    let indices = if fits
+        && window.owner == ticket
+        && low >= base
+        && high.wrapping_sub(base) <= WINDOW_SPAN
     {
         ((low - base) / 8, (high - base) / 8)
     } else {
-        let fits = (low | high) & 7 == 0 && high >= low && high - low <= WINDOW_SPAN;
         // SAFETY: the words are plain memory of the map value.
         let bytes = unsafe {
             core::slice::from_raw_parts_mut(

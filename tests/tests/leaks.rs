@@ -196,8 +196,8 @@ fn exec_drops_the_old_image_and_traces_the_new() {
 }
 
 /// Check that the books stay exact past their fast tables: 60,000 blocks
-/// live in a target whose allocation table holds 20,480 (the rest spill to
-/// the hash map), 60,000 more freed out of order, and 2,048 stacks each
+/// live in a target whose allocation table holds 20,480-81,920 (the rest
+/// spill to the hash map), 60,000 more freed out of order, and 2,048 stacks each
 /// holding a block, against 1,024 per-CPU slots of per-stack totals.
 #[test]
 fn books_exact_past_their_tables() {

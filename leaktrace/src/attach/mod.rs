@@ -25,7 +25,8 @@ use leaktrace_common::{
     MAP_ALLOCS, MAP_ALLOC_TABLE, MAP_KERNEL_ALLOCS, MAP_KERNEL_CACHES, MAP_KERNEL_COUNTS,
     MAP_KERNEL_STACKS, MAP_LOST, MAP_MMAPS, MAP_PENDING, MAP_PENDING_SLOTS, MAP_PTHREADS,
     MAP_STACKS, MAP_STACK_SLOTS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, MAP_TRACE_EVENTS,
-    MAP_UNWIND_ROWS, MAX_TABLE_BITS, MIN_TABLE_BITS, TRACE_EVENTS_BYTES, UNWIND_CHUNK_ROWS,
+    MAP_UNWIND_ROWS, MAX_TABLE_BITS, MIN_TABLE_BITS, PENDING_SLOT_COUNT, STACK_SLOT_COUNT,
+    TRACE_EVENTS_BYTES, UNWIND_CHUNK_ROWS,
 };
 
 pub use links::Links;
@@ -126,6 +127,9 @@ pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
         .map_max_entries(MAP_KERNEL_COUNTS, kernel_stacks)
         .map_max_entries(MAP_ALLOCS, if options.user { options.max_allocations } else { 1 })
         .map_max_entries(MAP_ALLOC_TABLE, 1 << options.table_bits)
+        // The programs fall back on the hash maps past an array's end.
+        .map_max_entries(MAP_PENDING_SLOTS, if options.user { PENDING_SLOT_COUNT } else { 1 })
+        .map_max_entries(MAP_STACK_SLOTS, if options.user { STACK_SLOT_COUNT } else { 1 })
         .map_max_entries(MAP_STACKS, options.max_stacks)
         // One more than the stacks: allocations whose stack could not be
         // kept (the stack map full) still count, under NO_STACK, and are
@@ -251,8 +255,10 @@ pub fn reset_lost(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 /// flight: the target exec'd, and what its old image held went with its
 /// address space. (Stacks stay: an id names the same addresses.)
 pub fn forget_image(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    clear::<u64, AllocInfo>(ebpf, MAP_ALLOCS)?;
+    // The table first: a block spilled in between would keep its record
+    // in ALLOCS, its bucket's count of spilled blocks zeroed.
     zero::<AllocBucket>(ebpf, MAP_ALLOC_TABLE)?;
+    clear::<u64, AllocInfo>(ebpf, MAP_ALLOCS)?;
     clear::<u64, AllocInfo>(ebpf, MAP_MMAPS)?;
     clear::<u32, Pending>(ebpf, MAP_PENDING)?;
     zero::<PendingSlot>(ebpf, MAP_PENDING_SLOTS)?;
@@ -289,12 +295,13 @@ fn zero_per_cpu<V: Pod + Default>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result
 }
 
 /// log2 of the buckets of `ALLOC_TABLE` (five blocks each) for a target
-/// with `resident` bytes in memory: a slot for every 32 bytes, no more than
-/// `max_allocations` (which `ALLOCS` holds besides); 0, no table, when
-/// `max_allocations` is below the smallest table. The table is memory
-/// allocated at once (128 bytes a bucket), unlike `ALLOCS`: sized from
-/// the target, a small process costs little (512 KiB-2 MiB), a large one
-/// keeps most of its blocks there.
+/// with `resident` bytes in memory: about a slot for every 32 bytes (the
+/// buckets rounded down to a power of two), no more slots than
+/// `max_allocations`; 0, no table, when `max_allocations` is below the
+/// smallest table. The table is memory allocated at once (128 bytes a
+/// bucket), unlike `ALLOCS`: sized from the target, a small process costs
+/// little (512 KiB-1 MiB), a large one keeps most of its blocks there.
+/// `ALLOCS` holds `max_allocations` besides: the two hold up to twice it.
 pub fn table_bits(resident: u64, max_allocations: u32) -> u32 {
     let slots_per_bucket = BUCKET_SLOTS as u64;
     if u64::from(max_allocations) < (1 << MIN_TABLE_BITS) * slots_per_bucket {
@@ -302,7 +309,7 @@ pub fn table_bits(resident: u64, max_allocations: u32) -> u32 {
     }
     let slots = (resident / 32).min(u64::from(max_allocations));
     let buckets = (slots / slots_per_bucket).max(1);
-    let bits = 64 - (buckets - 1).leading_zeros();
+    let bits = 63 - buckets.leading_zeros();
     bits.clamp(MIN_TABLE_BITS, MAX_TABLE_BITS)
 }
 
@@ -362,15 +369,15 @@ mod tests {
         const MIB: u64 = 1 << 20;
         let full = DEFAULT_MAX_ALLOCATIONS;
         // A fresh -c program: the smallest table. The demo (1.5 MiB):
-        // 49,152 slots, 16,384 buckets (2 MiB).
+        // 49,152 slots, 8,192 buckets (1 MiB).
         assert_eq!(table_bits(0, full), MIN_TABLE_BITS);
-        assert_eq!(table_bits(MIB + MIB / 2, full), 14);
+        assert_eq!(table_bits(MIB + MIB / 2, full), 13);
         // 10 MiB: 327,680 slots, 65,536 buckets.
         assert_eq!(table_bits(10 * MIB, full), 16);
         // 1 GiB: no more slots than --max-allocations (1,048,576 / 5
-        // buckets, rounded up to a power of two), within the largest.
-        assert_eq!(table_bits(1 << 30, full), MAX_TABLE_BITS);
-        assert_eq!(table_bits(1 << 30, 200_000), 16);
+        // buckets, rounded down to a power of two: 131,072).
+        assert_eq!(table_bits(1 << 30, full), 17);
+        assert_eq!(table_bits(1 << 30, 200_000), 15);
         // --max-allocations below the smallest table: none.
         assert_eq!(table_bits(10 * MIB, 16), 0);
         assert_eq!(table_bits(10 * MIB, 20_479), 0);

@@ -160,9 +160,10 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
         min_size: args.min_size.unwrap_or(0),
         max_size: args.max_size.unwrap_or(u64::MAX),
         max_allocations: args.allocation_slots(),
-        // A -c target has not run yet: the smallest table.
+        // A -c target has not run its program yet (its pages are still
+        // leaktrace's): the smallest table.
         table_bits: attach::table_bits(
-            crate::proc::resident_bytes(pid).unwrap_or(0),
+            if hold { 0 } else { crate::proc::resident_bytes(pid).unwrap_or(0) },
             args.allocation_slots(),
         ),
         max_stacks: args.max_stacks,
