@@ -23,8 +23,8 @@ use crate::{
     atomic,
     context::stack_pointer,
     maps::{
-        config, count_lost, count_preattach, window, worth_logging, ALLOCS, ALLOC_TABLE, EEXIST,
-        EPOCH, PENDING, PENDING_SLOTS, PTHREADS, STACK_SLOTS, STACK_STATS, THREADS, THREAD_SITES,
+        config, count_lost, count_preattach, window, worth_logging, ALLOCS, ALLOC_TABLE, EPOCH,
+        PENDING, PENDING_SLOTS, PTHREADS, STACK_SLOTS, STACK_STATS, THREADS, THREAD_SITES,
         TRACE_EVENTS,
     },
     unwind::stack_id,
@@ -333,14 +333,15 @@ fn bucket(addr: u64, config: &Config) -> Option<&'static mut AllocBucket> {
 /// before the allocator's return (where this runs) hands it out.
 #[inline(always)]
 fn keep(addr: u64, info: AllocInfo, config: &Config) -> bool {
-    let Some(bucket) = bucket(addr, config) else {
-        return spill(addr, info, None, config);
+    let mut bucket = bucket(addr, config);
+    // The address may be live in our records: its free was missed (it
+    // happened in a way we do not probe). The stale record goes first (a
+    // scan of the bucket; `ALLOCS` only if the bucket spilled, or without
+    // a table).
+    let _ = forget_in(bucket.as_deref_mut(), addr, config);
+    let Some(bucket) = bucket else {
+        return spill(addr, info, None);
     };
-    // The address is live in our records: its free was missed (it
-    // happened in a way we do not probe). Replace the stale record.
-    if bucket.keys.contains(&addr) || bucket.spilled != 0 {
-        let _ = forget_in(Some(&mut *bucket), addr, config);
-    }
     for slot in 0..BUCKET_SLOTS {
         // SAFETY: an aligned u64 of a map value.
         if bucket.keys[slot] != 0
@@ -359,30 +360,21 @@ fn keep(addr: u64, info: AllocInfo, config: &Config) -> bool {
         unsafe { write_volatile(&raw mut bucket.keys[slot], addr) };
         return true;
     }
-    spill(addr, info, Some(bucket), config)
+    spill(addr, info, Some(bucket))
 }
 
 /// Record the block at `addr` in `ALLOCS`: its bucket is full, or there
-/// is no table.
+/// is no table. (`keep` forgot any stale record of it first.)
 #[inline(always)]
-fn spill(addr: u64, info: AllocInfo, bucket: Option<&mut AllocBucket>, config: &Config) -> bool {
-    match ALLOCS.insert(addr, info, BPF_NOEXIST.into()) {
-        Ok(()) => {
-            if let Some(bucket) = bucket {
-                // SAFETY: an aligned u64 of a map value.
-                unsafe { atomic::add(&raw mut bucket.spilled, 1) };
-            }
-            true
-        }
-        // A stale record there (its free was missed; without a table,
-        // `keep` did not look first): off its stack's totals, then
-        // replaced, the bucket's count unchanged.
-        Err(err) if i64::from(err) == -EEXIST => {
-            let _ = forget_spilled(addr, None, config);
-            ALLOCS.insert(addr, info, BPF_ANY.into()).is_ok()
-        }
-        Err(_) => false,
+fn spill(addr: u64, info: AllocInfo, bucket: Option<&mut AllocBucket>) -> bool {
+    if ALLOCS.insert(addr, info, BPF_ANY.into()).is_err() {
+        return false;
     }
+    if let Some(bucket) = bucket {
+        // SAFETY: an aligned u64 of a map value.
+        unsafe { atomic::add(&raw mut bucket.spilled, 1) };
+    }
+    true
 }
 
 /// Forget the record of the block at `addr`, taken off its stack's
