@@ -52,6 +52,9 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("exec_new.c", "exec_new"),
     ("kernel_leak.c", "kernel_leak"),
     ("sort_leak.c", "sort_leak"),
+    ("leader_exits.c", "leader_exits"),
+    ("many_maps.c", "many_maps"),
+    ("trace_flood.c", "trace_flood"),
 ];
 
 /// Flags of the unwinding fixtures: optimized code without frame pointers,
@@ -149,6 +152,8 @@ fn build_unwind_fixtures(src: &Path, out: &Path) {
         &["-ldl"],
     )
     .unwrap_or_else(|err| panic!("{err}"));
+    compile_with(UNWIND_FLAGS, &[&src.join("dlopen_loop.c")], &out.join("dlopen_loop"), &["-ldl"])
+        .unwrap_or_else(|err| panic!("{err}"));
     // unwind_chain again, compiled -fno-pie and linked -no-pie: an ET_EXEC
     // at fixed addresses.
     compile_with(
@@ -218,6 +223,25 @@ fn build_debug_info_fixtures(src: &Path, out: &Path, debug_dir: &Path) {
     let binary = out.join("nosyms_leak");
     compile(&src.join("nosyms_leak.c"), &binary, pie);
     run(Command::new("strip").arg("--strip-all").arg(&binary));
+
+    // steady_leak with its .debug_info replaced by 256 KiB of noise: its
+    // symbol table is intact.
+    let binary = out.join("corrupt_dwarf");
+    compile(&src.join("steady_leak.c"), &binary, pie);
+    let noise = out.join("noise.bin");
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..256 << 10)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    fs::write(&noise, bytes).unwrap();
+    run(Command::new("objcopy")
+        .arg(format!("--update-section=.debug_info={}", noise.display()))
+        .arg(&binary));
 
     // -rdynamic puts every global function in .dynsym, which strip keeps.
     let binary = out.join("dynsym_leak");

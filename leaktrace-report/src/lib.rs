@@ -386,28 +386,91 @@ pub enum ReadError {
     Io(#[from] std::io::Error),
     #[error("line {line} is not a leaktrace report: {source}")]
     NotAReport { line: usize, source: serde_json::Error },
+    #[error("line {line} is longer than {} MiB: not leaktrace --json output", MAX_LINE >> 20)]
+    LineTooLong { line: usize },
+    #[error("line {line}: {what} is {value}, more than any process can hold (2^57 bytes)")]
+    Implausible { line: usize, what: &'static str, value: u64 },
     #[error("no leaktrace report in it")]
     Empty,
 }
+
+/// The longest line read as a report: a report of 10,000 stacks of 128
+/// frames with `-a` is ~30 MiB.
+pub const MAX_LINE: usize = 64 << 20;
+
+/// The most bytes (or blocks) a report can truthfully count: a 5-level
+/// page table maps 2^57 bytes of user space.
+pub const MAX_PLAUSIBLE: u64 = 1 << 57;
 
 /// Every report of a `--json` output. Lines that do not start with `{` are
 /// skipped (a `-c` program may share stdout); any other line must be a
 /// report.
 pub fn read_reports(reader: impl BufRead) -> Result<Vec<Report>, ReadError> {
     let mut reports = Vec::new();
-    for (index, line) in reader.lines().enumerate() {
-        let line = line?;
-        if !line.starts_with('{') {
-            continue;
-        }
-        let report = serde_json::from_str(&line)
-            .map_err(|source| ReadError::NotAReport { line: index + 1, source })?;
-        reports.push(report);
-    }
+    each_report(reader, |report| reports.push(report))?;
     if reports.is_empty() {
         return Err(ReadError::Empty);
     }
     Ok(reports)
+}
+
+/// The report a `--json` output ends with: its last final one, else its
+/// last. Read as a stream: one line at a time, of at most [`MAX_LINE`]
+/// bytes, keeping one report.
+pub fn read_last_report(reader: impl BufRead) -> Result<Report, ReadError> {
+    let (mut last, mut last_final) = (None, None);
+    each_report(reader, |report| {
+        if report.is_final {
+            last_final = Some(report);
+        } else {
+            last = Some(report);
+        }
+    })?;
+    last_final.or(last).ok_or(ReadError::Empty)
+}
+
+/// Call `each` with every report of `reader`, in order, each checked to
+/// hold only counts that can be real.
+fn each_report(mut reader: impl BufRead, mut each: impl FnMut(Report)) -> Result<(), ReadError> {
+    use std::io::Read as _;
+    let mut line = Vec::new();
+    for number in 1.. {
+        line.clear();
+        let read = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+        if read == 0 {
+            break;
+        }
+        if line.len() > MAX_LINE {
+            return Err(ReadError::LineTooLong { line: number });
+        }
+        if !line.starts_with(b"{") {
+            continue;
+        }
+        let report: Report = serde_json::from_slice(&line)
+            .map_err(|source| ReadError::NotAReport { line: number, source })?;
+        if let Some((what, value)) = report.implausible() {
+            return Err(ReadError::Implausible { line: number, what, value });
+        }
+        each(report);
+    }
+    Ok(())
+}
+
+impl Report {
+    /// The first count of this report that no process could hold, if any:
+    /// a report that says so was not written by leaktrace, and its numbers
+    /// would overflow a comparison.
+    pub fn implausible(&self) -> Option<(&'static str, u64)> {
+        let counts = [
+            ("the total of bytes", self.totals.bytes),
+            ("the total of blocks", self.totals.allocations),
+        ]
+        .into_iter()
+        .chain(self.stacks.iter().flat_map(|stack| {
+            [("a stack's bytes", stack.bytes), ("a stack's blocks", stack.allocations)]
+        }));
+        counts.into_iter().find(|&(_, value)| value > MAX_PLAUSIBLE)
+    }
 }
 
 #[cfg(test)]

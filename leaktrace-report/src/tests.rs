@@ -143,6 +143,34 @@ fn not_a_report() {
     assert_eq!(reports.len(), 1);
 }
 
+/// Check that the last final report is kept as the input streams by, and
+/// that an endless line and impossible counts are refused with their line.
+#[test]
+fn last_report_streamed_and_checked() {
+    let mut first = sample();
+    first.is_final = false;
+    first.pid = 1;
+    let last = sample();
+    let text = format!(
+        "{}\n{}\n{}\n",
+        serde_json::to_string(&first).unwrap(),
+        serde_json::to_string(&last).unwrap(),
+        serde_json::to_string(&first).unwrap()
+    );
+    assert_eq!(read_last_report(text.as_bytes()).unwrap().pid, 7);
+
+    use std::io::Read as _;
+    let endless = std::io::BufReader::new(std::io::repeat(b'{').take(MAX_LINE as u64 + 10));
+    let err = read_last_report(endless).unwrap_err();
+    assert!(matches!(err, ReadError::LineTooLong { line: 1 }), "{err}");
+
+    let mut huge = sample();
+    huge.stacks[0].bytes = 1 << 63;
+    let text = format!("{}\n", serde_json::to_string(&huge).unwrap());
+    let err = read_last_report(text.as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("line 1: a stack's bytes is 9223372036854775808"), "{err}");
+}
+
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 

@@ -168,8 +168,11 @@ impl Links {
                     self.windowed.push(group);
                 }
                 None => {
+                    // A live thread of the process: a perf event's uprobes
+                    // go in the mm of the task it names, which a main
+                    // thread that has exited no longer has.
                     let scope = UProbeScope::OneProcess(
-                        std::num::NonZeroU32::new(pid)
+                        std::num::NonZeroU32::new(crate::proc::reader(pid))
                             .ok_or_else(|| anyhow!("PID 0 cannot be traced"))?,
                     );
                     let uprobe = program(ebpf, name)?;

@@ -89,8 +89,19 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/le
 /// Load every program, configured for one target; the links to come hold
 /// the uprobe programs when they are loaded for multi links.
 pub fn load(options: &LoadOptions) -> anyhow::Result<(Ebpf, Links)> {
-    let multi = options.user && multi::supported();
-    if options.user && !multi {
+    // A uprobe_multi link installs its probes in the mm of the process's
+    // main thread: one whose main thread has exited (pthread_exit) while
+    // others run gets perf-event uprobes, which go through a live thread.
+    let leader_gone = crate::proc::reader(options.tgid) != options.tgid;
+    if options.user && leader_gone {
+        log::info!(
+            "the main thread of {} has exited: its probes go through thread {}",
+            options.tgid,
+            crate::proc::reader(options.tgid)
+        );
+    }
+    let multi = options.user && multi::supported() && !leader_gone;
+    if options.user && !multi && !leader_gone {
         log::info!("this kernel makes no uprobe_multi links: perf-event uprobes instead");
     }
     let windows = multi && options.windows && options.sample_rate > 1;

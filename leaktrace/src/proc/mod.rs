@@ -21,17 +21,60 @@ use std::{
 use anyhow::{Context as _, Result};
 use procfs::process::{LimitValue, MMPermissions, MMapPath, MemoryMap, Process};
 
-/// The process `pid`, or an error naming its /proc path.
+/// The process `pid`, or an error naming its /proc path. Read through a
+/// live thread when its main thread has exited (see [`reader`]).
 pub fn process(pid: u32) -> Result<Process> {
-    let raw_pid = i32::try_from(pid).with_context(|| format!("pid {pid} is out of range"))?;
+    let reader = reader(pid);
+    let raw_pid = i32::try_from(reader).with_context(|| format!("pid {pid} is out of range"))?;
     Process::new(raw_pid).with_context(|| format!("failed to read /proc/{pid}"))
 }
 
-/// Whether `pid` is gone (or a zombie).
+/// Whether a task's state letter is a zombie's or a dead one's.
+fn ended_state(state: char) -> bool {
+    matches!(state, 'Z' | 'X')
+}
+
+/// The task's state letter (/proc/ID/stat), if it can be read: `ID` may be
+/// any thread's id.
+fn task_state(id: u32) -> std::io::Result<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{id}/stat"))?;
+    // "pid (comm) S ...": comm may hold spaces and parentheses.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .ok_or_else(|| std::io::Error::other("unexpected /proc stat line"))
+}
+
+/// A thread of process `pid` that has not exited, if any: the main thread
+/// unless it has (a program whose main thread called `pthread_exit` runs
+/// on in its other threads, while the main thread is a zombie). The
+/// kernel answers /proc/TID/ for any thread: `maps`, `map_files`, `exe`,
+/// `root` and `statm` of a zombie main thread are empty or refused, those
+/// of a live thread are the process's.
+pub fn live_thread(pid: u32) -> Option<u32> {
+    if task_state(pid).is_ok_and(|state| !ended_state(state)) {
+        return Some(pid);
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&tid| tid != pid && task_state(tid).is_ok_and(|state| !ended_state(state)))
+}
+
+/// The id under which to read process `pid` in /proc: its main thread, or
+/// a live thread once the main thread has exited.
+pub fn reader(pid: u32) -> u32 {
+    live_thread(pid).unwrap_or(pid)
+}
+
+/// Whether `pid` is gone (or a zombie, every thread of it). An error other
+/// than the process being gone (out of file descriptors, say) is not an
+/// exit.
 pub fn has_exited(pid: u32) -> bool {
-    !process(pid)
-        .and_then(|process| Ok(process.stat()?))
-        .is_ok_and(|stat| !matches!(stat.state, 'Z' | 'X'))
+    match task_state(pid) {
+        Ok(state) if !ended_state(state) => false,
+        Ok(_) => live_thread(pid).is_none(),
+        Err(err) => matches!(err.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)),
+    }
 }
 
 /// Every mapping of `pid`, in address order.
@@ -100,7 +143,7 @@ pub fn mapped_files(pid: u32) -> Result<Vec<MappedFile>> {
         }
     }
     // The executable: the file of the same inode as /proc/PID/exe.
-    let exe_inode = std::fs::metadata(format!("/proc/{pid}/exe")).map(|exe| exe.ino());
+    let exe_inode = std::fs::metadata(format!("/proc/{}/exe", reader(pid))).map(|exe| exe.ino());
     let exe_path = maps.iter().find_map(|map| match &map.pathname {
         MMapPath::Path(path) if exe_inode.as_ref().is_ok_and(|&inode| inode == map.inode) => {
             Some(path)
@@ -225,7 +268,7 @@ pub fn stack_limit(pid: u32) -> Option<u64> {
 /// through /proc/PID/root.
 pub fn through_root(pid: u32, path: &Path) -> PathBuf {
     match path.strip_prefix("/") {
-        Ok(relative) => PathBuf::from(format!("/proc/{pid}/root")).join(relative),
+        Ok(relative) => PathBuf::from(format!("/proc/{}/root", reader(pid))).join(relative),
         Err(_) => path.to_path_buf(),
     }
 }
@@ -233,7 +276,7 @@ pub fn through_root(pid: u32, path: &Path) -> PathBuf {
 /// The file mapped at `[start, end)` in `pid`, whatever its path says: the
 /// very file mapped, in any mount namespace, deleted or replaced since.
 pub fn map_file(pid: u32, start: u64, end: u64) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))
+    PathBuf::from(format!("/proc/{}/map_files/{start:x}-{end:x}", reader(pid)))
 }
 
 #[cfg(test)]

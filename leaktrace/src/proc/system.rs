@@ -126,7 +126,7 @@ impl Comms {
 
 /// The number of open file descriptors of `pid`.
 pub fn fd_count(pid: u32) -> anyhow::Result<u64> {
-    let entries = std::fs::read_dir(format!("/proc/{pid}/fd"))
+    let entries = std::fs::read_dir(format!("/proc/{}/fd", super::reader(pid)))
         .with_context(|| format!("failed to read /proc/{pid}/fd"))?;
     Ok(entries.count() as u64)
 }

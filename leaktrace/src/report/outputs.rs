@@ -2,14 +2,26 @@
 //! (`--folded`), a flame graph (`--svg`), a pprof profile (`--pprof`), a
 //! push to Pyroscope (`--push`). Each file is replaced at every report (a
 //! new file renamed over the old, so a reader never sees half of one).
+//!
+//! leaktrace runs as root, often in a directory someone else can write
+//! (`sudo leaktrace --svg ./leak.svg` in a user's project). So it never
+//! opens a path that could have been planted there: the directory is
+//! opened once, at start, and every write goes through that descriptor
+//! (`/proc/self/fd/N/...`, so a directory swapped for a link later is not
+//! followed); each report is written to a new file of a random name,
+//! created with `O_CREAT|O_EXCL` (the `tempfile` crate: it neither follows
+//! a link nor opens a FIFO), then renamed over PATH, which replaces
+//! whatever entry is there without opening it. A PATH that is a link, a
+//! FIFO, a device or a directory at start is refused.
 
 use std::{
     fs,
     io::{self, Write as _},
+    os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use leaktrace_report::Report;
 
 use super::{
@@ -21,11 +33,109 @@ use super::{
 
 #[derive(Default)]
 pub struct Outputs {
-    pub folded: Option<PathBuf>,
-    pub svg: Option<PathBuf>,
-    pub pprof: Option<PathBuf>,
+    pub folded: Option<OutputFile>,
+    pub svg: Option<OutputFile>,
+    pub pprof: Option<OutputFile>,
     pub push: Option<Pusher>,
     build_ids: BuildIds,
+}
+
+/// A file leaktrace replaces at each report: its directory, held open,
+/// and its name there.
+pub struct OutputFile {
+    /// The path as given, for messages.
+    shown: PathBuf,
+    /// The directory, open since the start.
+    dir: fs::File,
+    name: std::ffi::OsString,
+}
+
+impl OutputFile {
+    /// Check that `path` (given with `flag`) is absent or a regular file,
+    /// and that its directory takes a new file; hold the directory open.
+    pub fn new(path: &Path, flag: &str) -> anyhow::Result<Self> {
+        let shown = path.display();
+        let Some(name) = path.file_name() else {
+            bail!("{flag} {shown}: give a file name, not a directory");
+        };
+        match fs::symlink_metadata(path) {
+            Ok(metadata) => {
+                let kind = metadata.file_type();
+                let what = if kind.is_symlink() {
+                    "a symbolic link (leaktrace runs as root and does not write through links)"
+                } else if kind.is_dir() {
+                    "a directory"
+                } else if kind.is_fifo() {
+                    "a FIFO"
+                } else if kind.is_socket() {
+                    "a socket"
+                } else if kind.is_block_device() || kind.is_char_device() {
+                    "a device"
+                } else {
+                    ""
+                };
+                if !what.is_empty() {
+                    bail!("{flag} {shown}: is {what}: give the path of a regular file or of none");
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => bail!("{flag} {shown}: cannot check it: {err}"),
+        }
+        let parent = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(parent)
+            .with_context(|| format!("{flag} {shown}: cannot open its directory"))?;
+        let file = Self { shown: path.to_path_buf(), dir, name: name.to_owned() };
+        // A file is created there and removed: the directory takes writes.
+        file.temporary().with_context(|| format!("{flag} {shown}: cannot write there"))?;
+        Ok(file)
+    }
+
+    /// The held directory, as a path this process can open.
+    fn dir_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.dir)))
+    }
+
+    /// A new file of a random name beside PATH, removed when dropped.
+    fn temporary(&self) -> io::Result<tempfile::NamedTempFile> {
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(&self.name);
+        prefix.push(".");
+        tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".tmp")
+            // As File::create would, less the umask: the user who ran sudo
+            // can read what was written for them.
+            .permissions(fs::Permissions::from_mode(0o644))
+            .tempfile_in(self.dir_path())
+    }
+
+    /// Write a new file and rename it over PATH. When anything fails, the
+    /// new file is removed.
+    fn replace(
+        &self,
+        write: impl FnOnce(&mut io::BufWriter<&fs::File>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let temporary = self.temporary()?;
+        let mut out = io::BufWriter::new(temporary.as_file());
+        write(&mut out)?;
+        out.flush()?;
+        drop(out);
+        temporary.persist(self.dir_path().join(&self.name)).map_err(|err| err.error)?;
+        Ok(())
+    }
+
+    /// Replace the file, saying on stderr when that failed.
+    fn write(&self, write: impl FnOnce(&mut io::BufWriter<&fs::File>) -> io::Result<()>) {
+        if let Err(err) = self.replace(write) {
+            eprintln!("leaktrace: cannot write {}: {err}", self.shown.display());
+        }
+    }
 }
 
 impl Outputs {
@@ -36,26 +146,26 @@ impl Outputs {
         pprof: Option<PathBuf>,
         push: Option<Pusher>,
     ) -> anyhow::Result<Self> {
-        for (path, flag) in [(&folded, "--folded"), (&svg, "--svg"), (&pprof, "--pprof")] {
-            if let Some(path) = path {
-                fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("{flag} {}: cannot write there", path.display()))?;
-            }
-        }
-        Ok(Self { folded, svg, pprof, push, build_ids: BuildIds::default() })
+        let open = |path: Option<PathBuf>, flag: &str| {
+            path.map(|path| OutputFile::new(&path, flag)).transpose()
+        };
+        Ok(Self {
+            folded: open(folded, "--folded")?,
+            svg: open(svg, "--svg")?,
+            pprof: open(pprof, "--pprof")?,
+            push,
+            build_ids: BuildIds::default(),
+        })
     }
 
     /// Write this report everywhere asked; failures are said on stderr and
     /// tracing goes on. The push counts go into the report.
     pub fn write(&mut self, report: &mut Report) {
-        if let Some(path) = &self.folded {
-            warn_on(path, replace(path, |out| out.write_all(folded(report).as_bytes())));
+        if let Some(file) = &self.folded {
+            file.write(|out| out.write_all(folded(report).as_bytes()));
         }
-        if let Some(path) = &self.svg {
-            warn_on(path, replace(path, |out| write_svg(report, out)));
+        if let Some(file) = &self.svg {
+            file.write(|out| write_svg(report, out));
         }
         if self.pprof.is_none() && self.push.is_none() {
             return;
@@ -67,8 +177,8 @@ impl Outputs {
                 return;
             }
         };
-        if let Some(path) = &self.pprof {
-            warn_on(path, replace(path, |out| out.write_all(&bytes)));
+        if let Some(file) = &self.pprof {
+            file.write(|out| out.write_all(&bytes));
         }
         if let Some(pusher) = &mut self.push {
             pusher.push(&bytes);
@@ -77,23 +187,56 @@ impl Outputs {
     }
 }
 
-/// Write a new `path` through a temporary file renamed over it.
-fn replace(
-    path: &Path,
-    write: impl FnOnce(&mut io::BufWriter<fs::File>) -> io::Result<()>,
-) -> io::Result<()> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
-    let mut out = io::BufWriter::new(fs::File::create(&temporary)?);
-    write(&mut out)?;
-    out.flush()?;
-    drop(out);
-    fs::rename(&temporary, path)
-}
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
 
-fn warn_on(path: &Path, result: io::Result<()>) {
-    if let Err(err) = result {
-        eprintln!("leaktrace: cannot write {}: {err}", path.display());
+    use super::*;
+
+    fn scratch() -> tempfile::TempDir {
+        tempfile::tempdir().expect("a scratch directory")
+    }
+
+    /// Check that a link, a FIFO and a directory at PATH are refused with
+    /// one line, and nothing is created where the link points.
+    #[test]
+    fn refuses_what_is_not_a_file() {
+        let dir = scratch();
+        let elsewhere = dir.path().join("elsewhere");
+        symlink(&elsewhere, dir.path().join("link.svg")).unwrap();
+        let err = OutputFile::new(&dir.path().join("link.svg"), "--svg").err().unwrap();
+        assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
+        assert!(!elsewhere.exists());
+        let fifo = dir.path().join("fifo.svg");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+        let err = OutputFile::new(&fifo, "--svg").err().unwrap();
+        assert!(format!("{err:#}").contains("a FIFO"), "{err:#}");
+        let err = OutputFile::new(dir.path(), "--svg").err().unwrap();
+        assert!(format!("{err:#}").contains("directory"), "{err:#}");
+    }
+
+    /// Check that a write replaces PATH (a link planted there since the
+    /// start is replaced, not followed), leaves no temporary file, and
+    /// that a failed write leaves none either.
+    #[test]
+    fn replaces_and_cleans_up() {
+        let dir = scratch();
+        let path = dir.path().join("out.folded");
+        let file = OutputFile::new(&path, "--folded").unwrap();
+        let target = dir.path().join("precious");
+        fs::write(&target, "keep").unwrap();
+        symlink(&target, &path).unwrap();
+        file.replace(|out| out.write_all(b"a;b 1\n")).unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "a;b 1\n");
+        assert!(!fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        let failed = file.replace(|_| Err(io::Error::other("disk full")));
+        assert!(failed.is_err());
+        let names: Vec<_> =
+            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "a temporary file was left: {names:?}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "a;b 1\n");
     }
 }

@@ -3,7 +3,7 @@
 //! held `-c` target let go once they are published), and the programs' log.
 
 use std::{
-    io::{self, Write as _},
+    io,
     os::fd::AsRawFd,
     time::{Duration, Instant},
 };
@@ -169,19 +169,50 @@ pub fn flush_now(logger: &mut Option<AsyncFd<Logger>>) {
 
 /// `-t`: the trace events printed on stderr, at most [`TRACE_LINES_PER_SECOND`]
 /// lines a second; the others are counted and the count said.
+///
+/// The lines are written by a thread of their own, through a queue of
+/// [`TRACE_QUEUE`] lines: stderr may be a pipe nobody reads, and a write
+/// to a full pipe blocks. The loop never waits on it (it must still see
+/// SIGINT, and the target pays for every moment the probes stay): a line
+/// that finds the queue full is dropped and counted. The thread writes
+/// to the descriptor itself, not through std's locked stderr, so that
+/// leaktrace's other messages never queue behind a blocked write.
 #[derive(Default)]
 pub struct TraceLines {
     window: Option<Instant>,
     printed: u64,
     dropped: u64,
     dropped_total: u64,
+    /// Lines the writer had no room for.
+    unwritten: u64,
+    writer: Option<std::sync::mpsc::SyncSender<String>>,
+    written: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The most `-t` lines printed in a second.
 const TRACE_LINES_PER_SECOND: u64 = 1000;
+/// Lines waiting for the writer before more are dropped.
+const TRACE_QUEUE: usize = 4096;
 
 impl TraceLines {
-    /// Resolves once the events that arrived are printed (or counted).
+    /// Queue a line for stderr; false when the queue is full (or the
+    /// writer gone).
+    fn send(&mut self, line: String) -> bool {
+        let written = &mut self.written;
+        let writer = self.writer.get_or_insert_with(|| {
+            let (sender, receiver) = std::sync::mpsc::sync_channel::<String>(TRACE_QUEUE);
+            *written = Some(std::thread::spawn(move || {
+                for mut line in receiver {
+                    line.push('\n');
+                    write_stderr(line.as_bytes());
+                }
+            }));
+            sender
+        });
+        writer.try_send(line).is_ok()
+    }
+
+    /// Resolves once the events that arrived are queued (or counted).
     pub async fn print(&mut self, events: &mut Option<AsyncFd<RingBuf<MapData>>>) {
         let Some(events) = events else {
             return std::future::pending().await;
@@ -189,13 +220,15 @@ impl TraceLines {
         let Ok(mut guard) = events.readable_mut().await else {
             return std::future::pending().await;
         };
-        let mut out = std::io::stderr().lock();
         while let Some(item) = guard.get_inner_mut().next() {
             let Some(line) = trace_line(&item) else { continue };
             let now = Instant::now();
             if self.window.is_none_or(|start| now.duration_since(start) >= Duration::from_secs(1)) {
                 if self.dropped > 0 {
-                    let _ = writeln!(out, "leaktrace: trace: {} lines not shown (over {TRACE_LINES_PER_SECOND} a second)", self.dropped);
+                    let count = format!("leaktrace: trace: {} lines not shown (over {TRACE_LINES_PER_SECOND} a second)", self.dropped);
+                    if !self.send(count) {
+                        self.unwritten += 1;
+                    }
                 }
                 self.window = Some(now);
                 self.printed = 0;
@@ -203,7 +236,9 @@ impl TraceLines {
             }
             if self.printed < TRACE_LINES_PER_SECOND {
                 self.printed += 1;
-                let _ = writeln!(out, "{line}");
+                if !self.send(line) {
+                    self.unwritten += 1;
+                }
             } else {
                 self.dropped += 1;
                 self.dropped_total += 1;
@@ -212,13 +247,48 @@ impl TraceLines {
         guard.clear_ready();
     }
 
-    /// Say how many lines were not shown in all.
-    pub fn finish(&self) {
+    /// Say how many lines were not shown in all: queued, never waited for.
+    pub fn finish(&mut self) {
         if self.dropped_total > 0 {
-            eprintln!(
+            let count = format!(
                 "leaktrace: trace: {} lines not shown in all (over {TRACE_LINES_PER_SECOND} a second)",
                 self.dropped_total
             );
+            self.send(count);
+        }
+        if self.unwritten > 0 {
+            let count = format!(
+                "leaktrace: trace: {} lines dropped: standard error did not take them",
+                self.unwritten
+            );
+            self.send(count);
+        }
+        // What is queued goes out, unless stderr stays blocked.
+        self.writer = None;
+        if let Some(written) = self.written.take() {
+            let deadline = Instant::now() + TRACE_DRAIN;
+            while !written.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// How long the queued `-t` lines may take to be written at the end.
+const TRACE_DRAIN: Duration = Duration::from_secs(1);
+
+/// Write `bytes` to file descriptor 2 directly (std's stderr is behind a
+/// lock a blocked write would hold); errors end the write, as a closed
+/// stderr does.
+fn write_stderr(mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: a valid buffer of `bytes.len()` bytes.
+        let written = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+        match usize::try_from(written) {
+            Ok(0) => return,
+            Ok(count) => bytes = &bytes[count..],
+            Err(_) if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }

@@ -21,7 +21,8 @@ pub fn forget_image(
     links: &mut Links,
 ) -> anyhow::Result<PathBuf> {
     let pid = target.pid;
-    let program = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let program =
+        std::fs::read_link(format!("/proc/{}/exe", crate::proc::reader(pid))).unwrap_or_default();
     log::info!("pid {pid} exec'd {}: the old image's books are dropped", program.display());
     attach::forget_image(ebpf)?;
     let objects = objects_to_probe(target, None)?;

@@ -25,7 +25,7 @@ use leaktrace_common::{
     KmemConfig, CHANGE_EXEC, DEFAULT_MAX_KERNEL_STACKS, DEFAULT_UNWIND_CHUNKS, KMEM_ON,
     KMEM_TARGET, MAP_LINK_MAP_CHANGES, MAP_TRACE_EVENTS, UNWIND_CHUNK_ROWS, YOUNG_EPOCHS,
 };
-use leaktrace_report::{read_reports, Ended, Report, Sampling};
+use leaktrace_report::{read_last_report, Ended, Report, Sampling};
 use tokio::time::{interval, interval_at, MissedTickBehavior};
 
 use events::{
@@ -80,14 +80,17 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .build()
         .context("failed to start the event loop")?;
     if args.is_system() {
+        raise_fd_limit();
         let mut outputs = outputs(&args, "kernel", None)?;
         return runtime.block_on(system::trace(&args, &mut outputs));
     }
     let mut target = match (&args.command, args.pid) {
-        (Some(command), _) => Target::spawn(command, args.json)?,
+        (Some(command), _) => Target::spawn(command, args.json, args.keep_running)?,
         (None, Some(pid)) => Target::existing(pid)?,
         (None, None) => bail!("give a PID with -p or a command with -c"),
     };
+    // After the fork: a -c program keeps the limit it was given.
+    raise_fd_limit();
     let comm = match &args.command {
         Some(command) => shlex::split(command)
             .and_then(|words| words.into_iter().next())
@@ -409,10 +412,8 @@ pub fn diff(args: &DiffArgs) -> anyhow::Result<()> {
     let read = |path: &Path| -> anyhow::Result<Report> {
         let file =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let reports = read_reports(io::BufReader::new(file))
-            .map_err(|err| anyhow!("{} is not leaktrace --json output: {err}", path.display()))?;
-        let last = reports.iter().rposition(|report| report.is_final).unwrap_or(reports.len() - 1);
-        Ok(reports.into_iter().nth(last).expect("read_reports returns at least one"))
+        read_last_report(io::BufReader::new(file))
+            .map_err(|err| anyhow!("{} is not leaktrace --json output: {err}", path.display()))
     };
     let before = read(&args.before)?;
     let after = read(&args.after)?;
@@ -474,8 +475,43 @@ fn kernel_analyzer(args: &Args, plan: &attach::kmem::KmemPlan) -> anyhow::Result
 fn attach_error(err: anyhow::Error, target: &mut Target) -> anyhow::Error {
     if target.has_exited() {
         anyhow!("process {} exited while leaktrace was attaching", target.pid)
+    } else if out_of_fds(&err) {
+        let limit = fd_limit().map_or("?".to_string(), |limit| limit.rlim_cur.to_string());
+        err.context(format!(
+            "leaktrace ran out of file descriptors (RLIMIT_NOFILE {limit}, raised to its hard \
+             limit): raise the hard limit (ulimit -Hn) for a process that maps this many files"
+        ))
     } else {
         err
+    }
+}
+
+/// Whether `err` was caused by this process's file descriptors running out.
+fn out_of_fds(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.downcast_ref::<io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::EMFILE))
+    })
+}
+
+fn fd_limit() -> Option<libc::rlimit> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid rlimit for getrlimit to fill.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
+}
+
+/// Raise the soft limit of open files to the hard one: leaktrace holds
+/// one descriptor for each object the target maps (a target may map
+/// thousands), besides its maps and links; the usual soft limit is 1024.
+fn raise_fd_limit() {
+    let Some(mut limit) = fd_limit() else {
+        return;
+    };
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: a valid rlimit, read above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            log::debug!("cannot raise RLIMIT_NOFILE: {}", io::Error::last_os_error());
+        }
     }
 }
 

@@ -5,7 +5,10 @@
 
 pub mod kernel;
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+};
 
 use blazesym::{
     symbolize::{
@@ -35,6 +38,8 @@ pub struct Symbolizer {
     sysroot: Option<PathBuf>,
     /// The objects' files as opened by the unwinder, by (device, inode).
     files: HashMap<(u64, u64), PathBuf>,
+    /// Modules named from their symbol tables, their debug info unreadable.
+    unreadable_debug_info: HashSet<PathBuf>,
 }
 
 /// Where blazesym looks for separate debug info by default; `--debug-dir`
@@ -57,6 +62,7 @@ impl Symbolizer {
             modules: Vec::new(),
             sysroot,
             files: HashMap::new(),
+            unreadable_debug_info: HashSet::new(),
         }
     }
 
@@ -94,6 +100,8 @@ impl Symbolizer {
             if frame.symbol.is_none() {
                 if let Some(found) = self.symbolize_by_build_id(frame.address) {
                     *frame = found;
+                } else if let Some(found) = self.symbolize_from_symbols(frame.address) {
+                    *frame = found;
                 }
             }
         }
@@ -102,7 +110,7 @@ impl Symbolizer {
     }
 
     fn symbolize_live(&self, ips: &[u64]) -> Vec<Frame> {
-        let source = Source::Process(Process::new(Pid::from(self.pid)));
+        let source = Source::Process(Process::new(Pid::from(crate::proc::reader(self.pid))));
         let calls: Vec<u64> = ips.iter().map(|&ip| call_site(ip)).collect();
         match self.blazesym.symbolize(&source, Input::AbsAddr(&calls)) {
             Ok(symbolized) => {
@@ -176,6 +184,31 @@ impl Symbolizer {
             module: Some(shown_path(&module.path).display().to_string()),
             ..frame
         })
+    }
+
+    /// The name of `ip` from its module's symbol tables alone, when its
+    /// debug info could not be read (corrupt, or of a format blazesym
+    /// refuses): a name without file:line beats none. Said once a module.
+    fn symbolize_from_symbols(&mut self, ip: u64) -> Option<Frame> {
+        let module = self.module_of(ip)?.clone();
+        let mut elf = Elf::new(self.readable_path(&module));
+        elf.debug_syms = false;
+        let file_offset = call_site(ip) - module.start + module.offset;
+        let symbolized = self
+            .blazesym
+            .symbolize_single(&Source::Elf(elf), Input::FileOffset(file_offset))
+            .ok()?;
+        let mut frame = self.to_frames(ip, symbolized).pop()?;
+        frame.symbol.as_ref()?;
+        let shown = shown_path(&module.path);
+        if self.unreadable_debug_info.insert(shown.clone()) {
+            eprintln!(
+                "leaktrace: warning: the debug info of {} is unreadable: its functions are named from its symbol table, without file:line",
+                shown.display()
+            );
+        }
+        frame.module = Some(shown.display().to_string());
+        Some(frame)
     }
 
     /// A module's file as leaktrace can open it: under --sysroot, the file

@@ -56,8 +56,16 @@ impl Target {
                 stat.comm
             );
         }
+        // Read through a live thread (`proc::process`): the main thread may
+        // have called pthread_exit while the others run on, and allocate.
         if matches!(stat.state, 'Z' | 'X') {
             bail!("process {pid} ({}) has already exited", stat.comm);
+        }
+        if proc::reader(pid) != pid {
+            log::info!(
+                "process {pid} ({}): its main thread has exited; its other threads are traced",
+                stat.comm
+            );
         }
         let tgid = process.status().map(|status| status.tgid as u32).unwrap_or(pid);
         if tgid != pid {
@@ -72,7 +80,18 @@ impl Target {
     /// std's `Command::spawn` cannot do this: it waits for the exec.
     /// With `stdout_to_stderr` (`--json`), the program writes its standard
     /// output to leaktrace's standard error: stdout is the reports' alone.
-    pub fn spawn(command: &str, stdout_to_stderr: bool) -> anyhow::Result<Self> {
+    ///
+    /// However leaktrace ends, SIGKILL included, the program is not left
+    /// stopped (at the gate, or held where its mappings changed): the
+    /// kernel sends it SIGKILL when leaktrace dies (`PR_SET_PDEATHSIG`),
+    /// or with `keep_running` SIGCONT, which lets a held program go on.
+    /// leaktrace forks from its main thread, which lives as long as it
+    /// does (the signal follows the thread that forked).
+    pub fn spawn(
+        command: &str,
+        stdout_to_stderr: bool,
+        keep_running: bool,
+    ) -> anyhow::Result<Self> {
         let words = shlex::split(command)
             .filter(|words| !words.is_empty())
             .ok_or_else(|| anyhow!("cannot parse --command '{command}'"))?;
@@ -88,9 +107,12 @@ impl Target {
         argv_ptrs.push(std::ptr::null());
         let (gate_read, gate_write) = pipe()?;
         let (error_read, error_write) = pipe()?;
+        let on_our_death = if keep_running { libc::SIGCONT } else { libc::SIGKILL };
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
         // SAFETY: leaktrace is single-threaded here, and the child only
-        // makes async-signal-safe calls (read, dup2, write, execvp, _exit)
-        // on memory prepared before the fork.
+        // makes async-signal-safe calls (prctl, getppid, read, dup2, write,
+        // execvp, _exit) on memory prepared before the fork.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(std::io::Error::last_os_error()).context("failed to fork");
@@ -98,7 +120,13 @@ impl Target {
         if pid == 0 {
             // SAFETY: see above; the descriptors are open in the child.
             unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, on_our_death as libc::c_ulong, 0, 0, 0);
+                // leaktrace died before the line above: no signal will come.
+                if libc::getppid() != parent && !keep_running {
+                    libc::_exit(127);
+                }
                 let mut byte = 0u8;
+                // EOF (leaktrace gone, with --keep-running) goes on too.
                 libc::read(gate_read.as_raw_fd(), (&raw mut byte).cast(), 1);
                 if stdout_to_stderr {
                     libc::dup2(2, 1);

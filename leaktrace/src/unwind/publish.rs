@@ -26,6 +26,17 @@ use crate::{
     proc::{exec_mappings, file_key, map_file, maps, ExecMapping},
 };
 
+/// Half the soft limit of open files (`RLIMIT_NOFILE`, which the session
+/// raised to its hard limit).
+fn keep_files() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 512;
+    }
+    usize::try_from(limit.rlim_cur / 2).unwrap_or(usize::MAX)
+}
+
 /// A PT_LOAD segment: file range and link-time address.
 #[derive(Clone, Copy, Debug)]
 struct Segment {
@@ -70,8 +81,12 @@ pub struct Unwinder {
     mappings: Array<MapData, UnwindMapping>,
     state: Array<MapData, u64>,
     objects: HashMap<(u64, u64), LoadedObject>,
-    /// Every object's file, open for the session.
+    /// Objects' files, open for the session (at most `keep_files`).
     files: HashMap<(u64, u64), File>,
+    /// How many files to keep open: half the descriptors leaktrace may
+    /// have. Past that, an object's file is closed once its table is
+    /// loaded, and symbolized through the target's /proc/PID/root.
+    keep_files: usize,
     next_chunk: u32,
     /// Publications so far; the live set is `generation & 1`.
     generation: u32,
@@ -95,6 +110,7 @@ impl Unwinder {
             state: Array::try_from(take(MAP_UNWIND_STATE)?)?,
             objects: HashMap::new(),
             files: HashMap::new(),
+            keep_files: keep_files(),
             next_chunk: 0,
             generation: 0,
             seen: Vec::new(),
@@ -108,7 +124,7 @@ impl Unwinder {
     pub fn refresh(&mut self) -> anyhow::Result<bool> {
         if let Some(program) = self.program {
             // A `-c` child still held before exec maps leaktrace itself.
-            let exe = file_key(Path::new(&format!("/proc/{}/exe", self.pid)))
+            let exe = file_key(Path::new(&format!("/proc/{}/exe", crate::proc::reader(self.pid))))
                 .map_err(|_| anyhow!("process {} has exited", self.pid))?;
             if exe != program {
                 return Ok(false);
@@ -189,8 +205,15 @@ impl Unwinder {
         let file =
             File::open(&path).with_context(|| format!("failed to open {}", path.display()))?;
         let loaded = self.load_file(&file, &mapping.path);
-        self.files.insert(mapping.file, file);
+        self.keep(mapping.file, file);
         loaded
+    }
+
+    /// Keep `file` open for the session, while under [`Self::keep_files`].
+    fn keep(&mut self, key: (u64, u64), file: File) {
+        if self.files.len() < self.keep_files {
+            self.files.insert(key, file);
+        }
     }
 
     /// Each object's file as this process can open it, by (device, inode):
@@ -219,7 +242,7 @@ impl Unwinder {
             }
             let loaded = File::open(path).map_err(anyhow::Error::from).and_then(|file| {
                 let loaded = self.load_file(&file, path);
-                self.files.insert(key, file);
+                self.keep(key, file);
                 loaded
             });
             match loaded {
