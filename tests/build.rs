@@ -55,6 +55,10 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("leader_exits.c", "leader_exits"),
     ("many_maps.c", "many_maps"),
     ("trace_flood.c", "trace_flood"),
+    ("big_heap_replaced.c", "big_heap_replaced"),
+    ("ring_same_class.c", "ring_same_class"),
+    ("short_threads.c", "short_threads"),
+    ("c_short_names.c", "c_short_names"),
 ];
 
 /// Flags of the unwinding fixtures: optimized code without frame pointers,
@@ -179,6 +183,13 @@ fn build_allocator_fixtures(src: &Path, out: &Path) {
         ("jemalloc_new.cpp", "jemalloc_new", None, &["-ljemalloc"], "libjemalloc-dev"),
         ("tcmalloc_leak.c", "tcmalloc_leak", None, &["-ltcmalloc"], "libgoogle-perftools-dev"),
         ("mimalloc_leak.c", "mimalloc_leak", None, &["-lmimalloc"], "libmimalloc-dev"),
+        (
+            "tcmalloc_sized_delete.cpp",
+            "tcmalloc_sized_delete",
+            None,
+            &["-O2", "-fsized-deallocation", "-ltcmalloc"],
+            "libgoogle-perftools-dev",
+        ),
     ];
     for &(source, name, compiler, extra, package) in fixtures {
         let output = out.join(name);
@@ -270,6 +281,15 @@ fn build_rust_fixtures(src: &Path, out: &Path) {
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     // Legacy mangling (_ZN...17h<hash>E) is the default, and stable rustc
     // only accepts -C symbol-mangling-version=v0 (legacy needs -Z).
+    // Churn beside a leak: every free is seen at __rust_dealloc and free.
+    let mut command = Command::new(&rustc);
+    command
+        .args(["-g", "-C", "opt-level=1", "-C", "force-frame-pointers=yes"])
+        .arg("-o")
+        .arg(out.join("rust_churn"))
+        .arg(src.join("rust_churn.rs"));
+    run(&mut command);
+
     for (name, mangling) in
         [("rust_system", &[][..]), ("rust_system_v0", &["-C", "symbol-mangling-version=v0"][..])]
     {

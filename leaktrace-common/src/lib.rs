@@ -67,13 +67,88 @@ pub const fn window_is_open(window: u32) -> bool {
 /// Per-CPU counters of lost events, indexed by [`Lost`].
 pub const MAP_LOST: &str = "LOST";
 /// Per-CPU counters of frees of blocks the programs never saw allocated
-/// (allocated before attach): [`PREATTACH_COUNT`] and [`PREATTACH_BYTES`].
+/// (allocated before attach): [`PREATTACH_COUNT`] and [`PREATTACH_BYTES`],
+/// the allocator's own ([`PREATTACH_INTERNAL`]), and the count in each
+/// size class from [`PREATTACH_CLASSES`] on.
 pub const MAP_PREATTACH_FREES: &str = "PREATTACH_FREES";
 /// Index of the count of such frees in [`MAP_PREATTACH_FREES`].
 pub const PREATTACH_COUNT: u32 = 0;
 /// Index of their bytes, where the allocator's chunk header tells them
 /// ([`CONFIG_GLIBC_CHUNKS`]).
 pub const PREATTACH_BYTES: u32 = 1;
+/// Index of the frees of unknown blocks that the allocator made itself
+/// (called from inside [`MAP_ALLOCATOR_TEXT`]): glibc's thread cache,
+/// emptied as a thread exits, frees chunks the program freed already and
+/// the cache itself, which glibc got without malloc. Not memory from
+/// before attach being replaced.
+pub const PREATTACH_INTERNAL: u32 = 2;
+/// Index of the first size class's count ([`size_class`]).
+pub const PREATTACH_CLASSES: u32 = 3;
+/// Entries of [`MAP_PREATTACH_FREES`].
+pub const PREATTACH_SLOTS: u32 = PREATTACH_CLASSES + SIZE_CLASSES;
+/// Size classes of chunks: 16-byte steps up to 1 KiB (glibc's thread
+/// cache and small bins), then powers of two up to 2^40.
+pub const SIZE_CLASSES: u32 = 64 + 30;
+
+/// The size class of a chunk of `chunk` bytes (its header included).
+pub const fn size_class(chunk: u64) -> u32 {
+    if chunk <= 1024 {
+        return (chunk.saturating_sub(1) / 16) as u32;
+    }
+    // 1025..=2048 is the first power-of-two class.
+    let bits = 64 - (chunk - 1).leading_zeros();
+    let class = 64 + bits - 11;
+    if class < SIZE_CLASSES {
+        class
+    } else {
+        SIZE_CLASSES - 1
+    }
+}
+
+/// The chunk glibc's malloc serves a request of `size` bytes from: the
+/// request and the 8-byte header, rounded up to 16, at least 32 (what
+/// [`size_class`] of a free of such a block sees).
+pub const fn glibc_chunk(size: u64) -> u64 {
+    let chunk = size.saturating_add(8 + 15) & !15;
+    if chunk < 32 {
+        32
+    } else {
+        chunk
+    }
+}
+
+/// Per-CPU, one word: the address of the last free seen on this CPU. The
+/// same free seen at two layers (`__rust_dealloc` then `free`, a C++
+/// `operator delete` jumping to `tc_free`, `realloc(p, 0)` freeing inside)
+/// comes back to back on one CPU, and counts once.
+pub const MAP_LAST_FREE: &str = "LAST_FREE";
+/// One [`TextRange`]: where the code of glibc's shared libc is mapped in
+/// the target (zero when the allocator is not that library), kept by the
+/// unwinder as it publishes the mappings.
+pub const MAP_ALLOCATOR_TEXT: &str = "ALLOCATOR_TEXT";
+/// Frees of pre-attach memory by stack, a sample of them (one block in
+/// [`FREE_STACK_SAMPLE`] by address): stack id -> count, per CPU. Where a
+/// structure filled before attach is being replaced.
+pub const MAP_PREATTACH_STACKS: &str = "PREATTACH_STACKS";
+/// Stacks of [`MAP_PREATTACH_STACKS`].
+pub const PREATTACH_STACK_COUNT: u32 = 4096;
+/// One free of pre-attach memory in this many has its stack taken.
+pub const FREE_STACK_SAMPLE: u64 = 4;
+
+/// Whether the free of pre-attach memory at `addr` has its stack taken:
+/// bits of the address hash that address sampling (`is_sampled`) does
+/// not use.
+pub const fn free_stack_sampled(addr: u64) -> bool {
+    (address_hash(addr) >> 16).is_multiple_of(FREE_STACK_SAMPLE)
+}
+
+/// A range of addresses, `[start, end)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TextRange {
+    pub start: u64,
+    pub end: u64,
+}
 /// [`Config::flags`]: the allocator is glibc's, whose chunk header (the 8
 /// bytes before a block) holds the chunk's size.
 pub const CONFIG_GLIBC_CHUNKS: u32 = 1;
@@ -403,6 +478,7 @@ pub struct ThreadSiteStats {
 }
 
 const _: () = assert!(core::mem::size_of::<Config>() == 64);
+const _: () = assert!(core::mem::size_of::<TextRange>() == 16);
 const _: () = assert!(core::mem::size_of::<ThreadInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<ThreadSiteStats>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 16);
@@ -428,11 +504,40 @@ mod user {
     unsafe impl aya::Pod for super::UserStack {}
     unsafe impl aya::Pod for super::UnwindChunk {}
     unsafe impl aya::Pod for super::UnwindMapping {}
+    unsafe impl aya::Pod for super::TextRange {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Check the size classes: 16-byte steps to 1 KiB, then powers of two,
+    /// and glibc's chunk for a request.
+    #[test]
+    fn size_classes() {
+        let cases = [(32, 1), (48, 2), (1024, 63), (1025, 64), (2048, 64), (2049, 65), (4112, 66)];
+        for (chunk, class) in cases {
+            assert_eq!(size_class(chunk), class, "chunk {chunk}");
+        }
+        assert_eq!(size_class(1 << 50), SIZE_CLASSES - 1);
+        assert_eq!(size_class(0), 0);
+        let requests = [(0, 32), (24, 32), (25, 48), (64, 80), (1024, 1040), (4096, 4112)];
+        for (request, chunk) in requests {
+            assert_eq!(glibc_chunk(request), chunk, "request {request}");
+        }
+        assert_eq!(size_class(glibc_chunk(1024)), size_class(1040));
+    }
+
+    /// Check that about one free in FREE_STACK_SAMPLE has its stack taken,
+    /// whatever address sampling chose.
+    #[test]
+    fn free_stacks_sampled_apart() {
+        let addresses = (0..100_000u64).map(|i| 0x5555_0000_0000 + i * 48);
+        let both = addresses.clone().filter(|&a| is_sampled(a, 4) && free_stack_sampled(a)).count();
+        let sampled = addresses.filter(|&a| free_stack_sampled(a)).count();
+        assert!((22_000..28_000).contains(&sampled), "{sampled}");
+        assert!((5_000..7_500).contains(&both), "{both}");
+    }
 
     /// Check that about one address in N is sampled, and all when N is 1.
     #[test]

@@ -10,11 +10,12 @@ use aya_ebpf::{
 };
 use leaktrace_common::{
     AllocBucket, AllocInfo, CacheName, Config, KernelAlloc, KmemConfig, Lost, Pending, PendingSlot,
-    StackSlot, StackStats, ThreadInfo, ThreadSiteStats, UnwindChunk, UnwindMapping, UnwindState,
-    UserStack, CONFIG_WINDOWS, DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_KERNEL_ALLOCATIONS,
-    DEFAULT_MAX_KERNEL_STACKS, DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS,
-    KMEM_FIELDS, MAX_PENDING, MAX_THREADS, MAX_UNWIND_MAPPINGS, MIN_TABLE_BITS, NO_FIELD,
-    PENDING_SLOT_COUNT, STACK_SLOT_COUNT,
+    StackSlot, StackStats, TextRange, ThreadInfo, ThreadSiteStats, UnwindChunk, UnwindMapping,
+    UnwindState, UserStack, CONFIG_WINDOWS, DEFAULT_MAX_ALLOCATIONS,
+    DEFAULT_MAX_KERNEL_ALLOCATIONS, DEFAULT_MAX_KERNEL_STACKS, DEFAULT_MAX_MAPPINGS,
+    DEFAULT_MAX_STACKS, DEFAULT_UNWIND_CHUNKS, KMEM_FIELDS, MAX_PENDING, MAX_THREADS,
+    MAX_UNWIND_MAPPINGS, MIN_TABLE_BITS, NO_FIELD, PENDING_SLOT_COUNT, PREATTACH_SLOTS,
+    PREATTACH_STACK_COUNT, STACK_SLOT_COUNT,
 };
 
 use crate::types::{CachedAddress, StackWindow};
@@ -196,9 +197,23 @@ pub static DETACH_ATTRS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(102
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(Lost::COUNT, 0);
 
-/// Frees of blocks allocated before attach: count and bytes.
+/// Frees of blocks allocated before attach: count, bytes, the
+/// allocator's own, and the count per size class (see leaktrace-common).
 #[map]
-pub static PREATTACH_FREES: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+pub static PREATTACH_FREES: PerCpuArray<u64> = PerCpuArray::with_max_entries(PREATTACH_SLOTS, 0);
+
+/// The address of the last free seen on this CPU ([`MAP_LAST_FREE`]).
+#[map]
+pub static LAST_FREE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where glibc's libc code is mapped in the target ([`MAP_ALLOCATOR_TEXT`]).
+#[map]
+pub static ALLOCATOR_TEXT: Array<TextRange> = Array::with_max_entries(1, 0);
+
+/// A sample of the stacks of pre-attach frees: stack id -> count, per CPU.
+#[map]
+pub static PREATTACH_STACKS: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::with_max_entries(PREATTACH_STACK_COUNT, 0);
 
 #[inline(always)]
 pub fn config() -> Config {

@@ -12,22 +12,23 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use leaktrace_common::{
-    is_sampled, table_bucket, window_is_open, AllocBucket, AllocInfo, CallKind, Config, Lost,
-    Pending, PendingSlot, StackStats, ThreadInfo, ThreadSiteStats, TraceEvent, YoungSlot,
-    BUCKET_SLOTS, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS, CONFIG_TRACE, CONFIG_WINDOWS, NO_STACK,
-    PENDING_SLOT_COUNT, PREATTACH_BYTES, PREATTACH_COUNT, SLOT_CLAIMED, STACK_SLOT_COUNT,
-    TRACE_ALLOC, TRACE_FREE, YOUNG_SLOTS,
+    free_stack_sampled, is_sampled, size_class, table_bucket, window_is_open, AllocBucket,
+    AllocInfo, CallKind, Config, Lost, Pending, PendingSlot, StackStats, ThreadInfo,
+    ThreadSiteStats, TraceEvent, YoungSlot, BUCKET_SLOTS, CONFIG_GLIBC_CHUNKS, CONFIG_PIDNS,
+    CONFIG_TRACE, CONFIG_WINDOWS, NO_STACK, PENDING_SLOT_COUNT, PREATTACH_BYTES, PREATTACH_CLASSES,
+    PREATTACH_COUNT, PREATTACH_INTERNAL, SLOT_CLAIMED, STACK_SLOT_COUNT, TRACE_ALLOC, TRACE_FREE,
+    YOUNG_SLOTS,
 };
 
 use crate::{
     atomic,
-    context::stack_pointer,
+    context::{frame, stack_pointer},
     maps::{
-        config, count_lost, count_preattach, window, worth_logging, ALLOCS, ALLOC_TABLE, EPOCH,
-        PENDING, PENDING_SLOTS, PTHREADS, STACK_SLOTS, STACK_STATS, THREADS, THREAD_SITES,
-        TRACE_EVENTS,
+        config, count_lost, count_preattach, window, worth_logging, ALLOCATOR_TEXT, ALLOCS,
+        ALLOC_TABLE, EPOCH, LAST_FREE, PENDING, PENDING_SLOTS, PREATTACH_STACKS, PTHREADS,
+        STACK_SLOTS, STACK_STATS, THREADS, THREAD_SITES, TRACE_EVENTS,
     },
-    unwind::stack_id,
+    unwind::{stack_id, stack_id_at},
 };
 
 /// `Pending::sp` of a thread with no call in flight.
@@ -279,22 +280,47 @@ pub fn record_alloc<C: EbpfContext>(ctx: &C, addr: u64, size: u64) {
 /// a block may also have been filtered out, and with sampling windows
 /// allocated between windows, so nothing is counted then. Returns whether
 /// the block was tracked.
+///
+/// A free seen at two layers (a wrapper and the allocator it calls or
+/// jumps to: `__rust_dealloc` and `free`, `operator delete` and `tc_free`,
+/// `realloc(p, 0)` and the `free` inside it) counts once: the second
+/// sighting, right after on the same CPU, finds its address in
+/// `LAST_FREE` and is dropped (a double free in the target is too).
+///
+/// `entry_sp`: the stack pointer at the entry of a free function, where
+/// its return address is; `None` elsewhere (realloc's return).
 #[inline(always)]
-pub fn release(addr: u64) -> bool {
+pub fn release<C: EbpfContext>(ctx: &C, addr: u64, entry_sp: Option<u64>) -> bool {
     let config = config();
-    if config.flags & CONFIG_TRACE != 0 && addr != 0 {
-        trace_event(TRACE_FREE, addr, 0, NO_STACK);
+    if addr == 0 {
+        return false;
     }
-    if addr == 0 || !is_sampled(addr, config.sample_rate) {
+    if !is_sampled(addr, config.sample_rate) {
+        if config.flags & CONFIG_TRACE != 0 {
+            trace_event(TRACE_FREE, addr, 0, NO_STACK);
+        }
         return false;
     }
     let tracked = forget(addr, &config);
+    let last = LAST_FREE.get_ptr_mut(0);
+    // SAFETY: a per-CPU word of this program run.
+    let seen = last.is_some_and(|last| unsafe { *last } == addr);
+    if let Some(last) = last {
+        // SAFETY: as above.
+        unsafe { *last = addr };
+    }
+    if !tracked && seen {
+        return false;
+    }
+    if config.flags & CONFIG_TRACE != 0 {
+        trace_event(TRACE_FREE, addr, 0, NO_STACK);
+    }
     if !tracked
         && config.min_size == 0
         && config.max_size == u64::MAX
         && config.flags & CONFIG_WINDOWS == 0
     {
-        count_replaced(addr, &config);
+        count_replaced(ctx, addr, entry_sp, &config);
     }
     tracked
 }
@@ -435,12 +461,37 @@ fn forget_spilled(addr: u64, bucket: Option<&mut AllocBucket>, config: &Config) 
 /// before attach (or its allocation was lost, which is counted apart). A
 /// structure filled before attach and being replaced (a ring, a pool, an
 /// LRU) frees such blocks while its new members pile up in the books; the
-/// analysis weighs one against the other. glibc's chunk header, the 8 bytes
-/// before the block, gives its size: a chunk size with 3 flag bits, the
-/// header itself (and the footer of an mmapped chunk) not usable.
+/// analysis weighs one against the other, call site by call site, by size
+/// class and by the stacks of a sample of these frees.
+///
+/// A free called from inside glibc's libc is the allocator's own (its
+/// thread cache emptied at a thread's exit): counted apart. glibc's chunk
+/// header, the 8 bytes before the block, gives its size: a chunk size
+/// with 3 flag bits, the header itself (and the footer of an mmapped
+/// chunk) not usable.
 #[inline(always)]
-fn count_replaced(addr: u64, config: &Config) {
+fn count_replaced<C: EbpfContext>(ctx: &C, addr: u64, entry_sp: Option<u64>, config: &Config) {
+    // The free's caller, from its return address at the entry's sp.
+    let caller = entry_sp.and_then(|sp| {
+        // SAFETY: a read of the target's memory, which the helper checks.
+        unsafe { bpf_probe_read_user(sp as *const u64) }.ok().map(|ip| (ip, sp + 8))
+    });
+    if let (Some((ip, _)), Some(text)) = (caller, ALLOCATOR_TEXT.get(0)) {
+        if text.start <= ip && ip < text.end {
+            count_preattach(PREATTACH_INTERNAL, 1);
+            return;
+        }
+    }
     count_preattach(PREATTACH_COUNT, 1);
+    if let Some((ip, sp)) = caller {
+        if free_stack_sampled(addr) {
+            let (_, _, bp) = frame(ctx);
+            let stack = stack_id_at(ctx, ip, sp, bp);
+            if stack != NO_STACK {
+                count_free_stack(stack);
+            }
+        }
+    }
     if config.flags & CONFIG_GLIBC_CHUNKS == 0 {
         return;
     }
@@ -452,6 +503,18 @@ fn count_replaced(addr: u64, config: &Config) {
     let overhead = if header & IS_MMAPPED != 0 { 16 } else { 8 };
     if chunk > overhead && chunk < MAX_CHUNK {
         count_preattach(PREATTACH_BYTES, chunk - overhead);
+        count_preattach(PREATTACH_CLASSES + size_class(chunk), 1);
+    }
+}
+
+/// Count one sampled free of pre-attach memory at `stack`, on this CPU.
+#[inline(always)]
+fn count_free_stack(stack: u32) {
+    if let Some(count) = PREATTACH_STACKS.get_ptr_mut(stack) {
+        // SAFETY: a per-CPU value from a successful lookup; this CPU's.
+        unsafe { *count += 1 };
+    } else {
+        let _ = PREATTACH_STACKS.insert(stack, 1, BPF_NOEXIST.into());
     }
 }
 

@@ -19,7 +19,9 @@ pub use leaktrace_common::{KernelKind, Lost, StackEnd};
 pub use memory::{MemoryDelta, MemoryPicture, MemoryReport, Usage};
 use serde::{Deserialize, Serialize};
 pub use system::{FdReport, KernelSummary, ProcessReport, ProcessShare, SlabReport, SystemReport};
-pub use verdict::{Finding, ThreadFinding, Verdict, VerdictKind, KERNEL_LEAK_MIN_SHARE};
+pub use verdict::{
+    Finding, ReplacingSite, ThreadFinding, Verdict, VerdictKind, KERNEL_LEAK_MIN_SHARE,
+};
 
 /// The version of this model that a report was written with.
 pub const SCHEMA: u32 = 1;
@@ -212,6 +214,30 @@ pub struct StackReport {
     /// Its change from the first run to the second (`leaktrace diff`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<StackDelta>,
+    /// Why its growth is taken for replacement of memory from before
+    /// attach, not a leak (its trend is then `replacing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacing: Option<ReplacementEvidence>,
+}
+
+/// What ties a growing call site to frees of memory allocated before
+/// attach. A site is `replacing` only with evidence about itself: the
+/// blocks freed are of its size class (where the allocator's chunk header
+/// tells sizes: glibc), and a sample of those frees' stacks passes through
+/// a function of its own stack.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplacementEvidence {
+    /// Frees a second of pre-attach blocks of this site's size class;
+    /// absent where sizes are unknown.
+    #[serde(default)]
+    pub same_size_frees_per_second: Option<f64>,
+    /// The function both this site's stack and the sampled frees' stacks
+    /// pass through.
+    #[serde(default)]
+    pub freed_in: Option<String>,
+    /// The sampled frees through that function.
+    #[serde(default)]
+    pub sampled_frees: u64,
 }
 
 /// How `-s N` chose the heap allocations it tracked.
@@ -240,6 +266,10 @@ pub enum Trend {
     Flat,
     /// Falling.
     Shrinking,
+    /// Rising as fast as memory from before attach of its kind is freed:
+    /// a structure filled before attach being replaced
+    /// ([`StackReport::replacing`] says on what evidence).
+    Replacing,
 }
 
 impl Trend {
@@ -251,6 +281,7 @@ impl Trend {
             Trend::Plateau => "plateau",
             Trend::Flat => "flat",
             Trend::Shrinking => "shrinking",
+            Trend::Replacing => "replacing",
         }
     }
 }
@@ -274,6 +305,10 @@ pub struct PreattachFrees {
     /// The recent rate of such frees.
     pub count_per_second: f64,
     pub bytes_per_second: Option<f64>,
+    /// Blocks never seen allocated that the allocator freed itself (glibc
+    /// empties a thread's cache as it exits): not counted above.
+    #[serde(default)]
+    pub allocator_frees: u64,
 }
 
 /// Threads in the process and where they were created.

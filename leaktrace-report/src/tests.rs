@@ -33,6 +33,7 @@ fn sample() -> Report {
                 processes: Vec::new(),
                 allocs: Vec::new(),
                 delta: None,
+                replacing: None,
             },
             StackReport {
                 bytes: 192,
@@ -45,6 +46,7 @@ fn sample() -> Report {
                 processes: vec![ProcessShare { pid: 7, comm: "server".into(), bytes: 192 }],
                 allocs: Vec::new(),
                 delta: None,
+                replacing: None,
             },
         ],
         system: Some(SystemReport {

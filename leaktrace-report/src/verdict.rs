@@ -32,6 +32,9 @@ pub enum VerdictKind {
     /// The heap was sampled (`-s N`) and no leak was seen: one too slow to
     /// show in the sample may still be there.
     Sampled,
+    /// The target exited holding memory it never freed (valgrind's "in use
+    /// at exit"): a fact, not a trend.
+    InUseAtExit,
 }
 
 /// The share of what a kernel stack allocates that its growth must keep to
@@ -39,9 +42,10 @@ pub enum VerdictKind {
 /// kernel_leak fixture's about half); sockets' and pipes' inodes are freed
 /// after an RCU grace period, and under a storm of fds that backlog grew
 /// for seconds at under 1% of the allocations (a false leak, seen once in
-/// CI). Slower growth is still said, as `kernel_growth`: it may be a leak
-/// of a few objects in a hundred.
-pub const KERNEL_LEAK_MIN_SHARE: f64 = 0.05;
+/// CI), and lsm_inode_cache's at 6% in a run of a busy day. Slower growth
+/// is still said, as `kernel_growth`: it may be a leak of a few objects in
+/// ten.
+pub const KERNEL_LEAK_MIN_SHARE: f64 = 0.2;
 
 /// Threads of one kind of thread leak, and the worst site.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +81,10 @@ pub enum Finding {
         /// Frees of memory allocated before attach, per second.
         count_per_second: f64,
         bytes_per_second: Option<f64>,
+        /// The fastest such site and its evidence (absent while no site
+        /// grows at that pace).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        top: Option<ReplacingSite>,
     },
     /// Live memory grows while no call site grows steadily.
     Growth { bytes_per_second: f64 },
@@ -115,6 +123,23 @@ pub enum Finding {
     NoLeak { outstanding: u64 },
     /// No heap leak was seen in a sample of one allocation in `rate`.
     Sampled { rate: u64 },
+    /// The target has exited; what it held then was never freed.
+    InUseAtExit {
+        bytes: u64,
+        blocks: u64,
+        /// Call sites holding it.
+        sites: usize,
+        /// "function (file:line)" of the site holding the most.
+        top: String,
+    },
+}
+
+/// A call site taken for replacement, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplacingSite {
+    /// "function (file:line)".
+    pub label: String,
+    pub evidence: crate::ReplacementEvidence,
 }
 
 impl Finding {
@@ -129,14 +154,18 @@ impl Finding {
             Finding::NoLeakYet { .. } | Finding::NoLeak { .. } | Finding::NoGrowth { .. } => {
                 VerdictKind::NoLeak
             }
-            Finding::KernelLeak { kept_share: Some(share), .. }
-                if *share < KERNEL_LEAK_MIN_SHARE =>
+            // A share not known yet (its stack's allocations have no rate
+            // yet) is not judged either: seen as a false leak on a busy
+            // machine, inode security blobs freed after a grace period.
+            Finding::KernelLeak { kept_share, .. }
+                if kept_share.is_none_or(|share| share < KERNEL_LEAK_MIN_SHARE) =>
             {
                 VerdictKind::KernelGrowth
             }
             Finding::KernelLeak { .. } => VerdictKind::KernelLeak,
             Finding::ProcessGrowth { .. } => VerdictKind::ProcessGrowth,
             Finding::Sampled { .. } => VerdictKind::Sampled,
+            Finding::InUseAtExit { .. } => VerdictKind::InUseAtExit,
         }
     }
 }

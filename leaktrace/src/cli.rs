@@ -37,6 +37,12 @@ pub struct Args {
     #[arg(long, requires = "command")]
     pub keep_running: bool,
 
+    /// With -c: exit with this status when the program leaked (a leak
+    /// called, or memory in use when it exited, glibc's stdio buffers
+    /// aside), as valgrind's --error-exitcode; else the program's own.
+    #[arg(long, value_name = "N", requires = "command", value_parser = clap::value_parser!(u8).range(1..))]
+    pub error_exitcode: Option<u8>,
+
     /// Seconds between reports.
     #[arg(value_name = "INTERVAL", default_value_t = 5.0, value_parser = positive_seconds)]
     pub interval: f64,

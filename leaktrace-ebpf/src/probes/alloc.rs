@@ -14,7 +14,7 @@ use leaktrace_common::{window_is_open, CallKind, Lost};
 
 use super::Result;
 use crate::{
-    context::arg,
+    context::{arg, stack_pointer},
     maps::count_lost,
     record::{enter, exit, record_alloc, release, target_tid},
 };
@@ -161,11 +161,11 @@ fn try_alloc_exit_realloc(ctx: &RetProbeContext) -> Result {
     let old = pending.arg;
     if new == 0 {
         if pending.size == 0 && old != 0 {
-            release(old);
+            release(ctx, old, None);
         }
         return Ok(());
     }
-    let tracked = old != 0 && release(old);
+    let tracked = old != 0 && release(ctx, old, None);
     if !tracked && !window_is_open(pending.window) {
         return Ok(());
     }
@@ -226,6 +226,7 @@ pub fn alloc_enter_free(ctx: ProbeContext) -> u32 {
 
 fn try_alloc_enter_free(ctx: &ProbeContext) -> Result {
     target_tid().ok_or(())?;
-    release(arg(ctx, 0)?);
+    // At the entry (or past a leading test): the return address at sp.
+    release(ctx, arg(ctx, 0)?, Some(stack_pointer(ctx)));
     Ok(())
 }

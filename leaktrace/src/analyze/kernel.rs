@@ -200,7 +200,7 @@ impl KernelAnalyzer {
             }
             leaking.push((usage, rate, cache, self.kept_share(usage, rate)));
         }
-        let is_leak = |share: &Option<f64>| share.is_none_or(|s| s >= KERNEL_LEAK_MIN_SHARE);
+        let is_leak = |share: &Option<f64>| share.is_some_and(|s| s >= KERNEL_LEAK_MIN_SHARE);
         leaking.sort_by_key(|(.., share)| !is_leak(share));
         let leaks = leaking.iter().filter(|(.., share)| is_leak(share)).count();
         let finding = match leaking.first() {
@@ -306,6 +306,7 @@ impl KernelAnalyzer {
             processes,
             allocs: Vec::new(),
             delta: None,
+            replacing: None,
         }
     }
 }

@@ -15,11 +15,11 @@ use std::{
 };
 
 use aya::Ebpf;
-use leaktrace_common::{Lost, StackEnd, NO_STACK};
+use leaktrace_common::{glibc_chunk, size_class, Lost, StackEnd, NO_STACK, SIZE_CLASSES};
 use leaktrace_report::{
     site_label, ExecEvent, Finding, Frame, MemoryReport, PreattachFrees, ProbedObject, RecordKind,
-    Report, Sampling, StackReport, ThreadSiteReport, ThreadsBeforeAttach, ThreadsReport, Totals,
-    Trend, Verdict, VerdictKind, SCHEMA,
+    ReplacementEvidence, Report, Sampling, StackReport, ThreadSiteReport, ThreadsBeforeAttach,
+    ThreadsReport, Totals, Trend, Verdict, VerdictKind, SCHEMA,
 };
 
 use crate::{
@@ -31,7 +31,13 @@ use crate::{
 };
 use growth::History;
 use kernel::{kernel_losses, FdCount, KernelAnalyzer};
-use verdict::{GrowingSite, LiveEvidence, Replacement, RetentionEvidence, ThreadSiteEvidence};
+use verdict::{
+    ExitEvidence, GrowingSite, LiveEvidence, Replacement, RetentionEvidence, ThreadSiteEvidence,
+};
+
+/// glibc's allocator of stdio buffers (`__GI__IO_file_doallocate` with
+/// its debug info): what it holds at exit is libc's.
+const STDIO_BUFFERS: &str = "_IO_file_doallocate";
 
 /// Byte changes below this are noise for a call site.
 const STACK_TOLERANCE: f64 = 256.0;
@@ -86,6 +92,8 @@ pub struct Analyzer {
     /// Frees of pre-attach memory so far: count, and bytes.
     preattach_count: History<()>,
     preattach_bytes: History<()>,
+    /// The same frees per size class, where chunk sizes are known.
+    preattach_classes: History<u32>,
     thread_sites: History<u32>,
     heap_rss: History<()>,
     live_bytes: History<()>,
@@ -127,6 +135,7 @@ impl Analyzer {
             stack_allocations: History::new(0.5),
             preattach_count: History::new(0.5),
             preattach_bytes: History::new(STACK_TOLERANCE),
+            preattach_classes: History::new(0.5),
             thread_sites: History::new(0.5),
             heap_rss: History::new(HEAP_TOLERANCE),
             live_bytes: History::new(LIVE_TOLERANCE),
@@ -191,14 +200,30 @@ impl Analyzer {
         let (freed_count, freed_bytes) = snapshot.preattach_frees;
         self.preattach_count.record(t, [((), freed_count as f64)]);
         self.preattach_bytes.record(t, [((), freed_bytes as f64)]);
+        self.preattach_classes.record(
+            t,
+            snapshot
+                .preattach_classes
+                .iter()
+                .enumerate()
+                .filter(|&(_, &count)| count > 0)
+                .map(|(class, &count)| (class as u32, count as f64)),
+        );
         let bytes_known = self.glibc_allocator;
         let rate = |history: &History<()>| history.growth(()).map_or(0.0, |g| g.bytes_per_second);
-        let freed_before_attach = (freed_count > 0).then(|| PreattachFrees {
-            count: freed_count,
-            bytes: bytes_known.then_some(freed_bytes),
-            count_per_second: rate(&self.preattach_count).max(0.0),
-            bytes_per_second: bytes_known.then(|| rate(&self.preattach_bytes).max(0.0)),
-        });
+        // Under -c nothing ran before attach: a free of a block never seen
+        // is the loader's (its own malloc, before libc's), or a double
+        // free, never memory from before attach.
+        let before_attach = self.options.baseline_now;
+        let freed_before_attach = (before_attach
+            && (freed_count > 0 || snapshot.allocator_frees > 0))
+            .then(|| PreattachFrees {
+                count: freed_count,
+                bytes: bytes_known.then_some(freed_bytes),
+                count_per_second: rate(&self.preattach_count).max(0.0),
+                bytes_per_second: bytes_known.then(|| rate(&self.preattach_bytes).max(0.0)),
+                allocator_frees: snapshot.allocator_frees,
+            });
 
         // The growing sites, fastest first, for the verdict and the report.
         let mut growing: Vec<(StackUsage, f64)> = snapshot
@@ -211,22 +236,51 @@ impl Analyzer {
             .collect();
         growing.sort_by(|a, b| b.1.total_cmp(&a.1));
 
-        let stacks = self.shown_stacks(ebpf, &snapshot, &growing, alive);
         let growing_sites: Vec<GrowingSite> = growing
             .iter()
-            .map(|(usage, rate)| GrowingSite {
-                label: site_label(&self.frames(ebpf, usage.stack_id, alive)),
-                bytes_per_second: *rate,
-                allocations_per_second: self
-                    .stack_allocations
-                    .growth(usage.stack_id)
-                    .map_or(0.0, |g| g.bytes_per_second),
+            .map(|(usage, rate)| {
+                let frames = self.frames(ebpf, usage.stack_id, alive);
+                GrowingSite {
+                    label: site_label(&frames),
+                    bytes_per_second: *rate,
+                    allocations_per_second: self
+                        .stack_allocations
+                        .growth(usage.stack_id)
+                        .map_or(0.0, |g| g.bytes_per_second),
+                    size_class: (bytes_known && usage.allocations > 0)
+                        .then(|| size_class(glibc_chunk(usage.bytes / usage.allocations))),
+                    functions: verdict::own_functions(&frames),
+                }
             })
             .collect();
-        let replacement = freed_before_attach.map(|frees| Replacement {
-            count_per_second: frees.count_per_second,
-            bytes_per_second: frees.bytes_per_second,
-        });
+        let replacement =
+            freed_before_attach.filter(|frees| frees.count > 0).map(|frees| Replacement {
+                count_per_second: frees.count_per_second,
+                bytes_per_second: frees.bytes_per_second,
+                class_rates: bytes_known.then(|| {
+                    (0..SIZE_CLASSES)
+                        .map(|class| {
+                            self.preattach_classes
+                                .growth(class)
+                                .map_or(0.0, |g| g.bytes_per_second.max(0.0))
+                        })
+                        .collect()
+                }),
+                free_paths: snapshot
+                    .preattach_stacks
+                    .iter()
+                    .map(|&(stack, count)| {
+                        (verdict::own_functions(&self.frames(ebpf, stack, alive)), count)
+                    })
+                    .collect(),
+            });
+        let replaced = verdict::replaced_sites(&growing_sites, replacement.as_ref());
+        let replaced_stacks: HashMap<u32, ReplacementEvidence> = growing
+            .iter()
+            .zip(replaced)
+            .filter_map(|((usage, _), evidence)| Some((usage.stack_id, evidence?)))
+            .collect();
+        let stacks = self.shown_stacks(ebpf, &snapshot, &growing, &replaced_stacks, alive);
 
         let (threads, persistent) = self.threads(ebpf, t, alive)?;
         let thread_evidence: Vec<ThreadSiteEvidence> = threads
@@ -270,12 +324,14 @@ impl Analyzer {
                 .count(),
             lost: dropped(&snapshot.lost, snapshot.total_allocations()),
         };
+        let exit = exited.then(|| self.held_at_exit(ebpf, &snapshot));
         let mut verdict = verdict::decide(
             &growing_sites,
             replacement.as_ref(),
             &thread_evidence,
             retention.as_ref(),
             &live,
+            exit.as_ref(),
             self.reports,
         );
         let mut stacks = stacks;
@@ -350,6 +406,7 @@ impl Analyzer {
         ebpf: &Ebpf,
         snapshot: &Snapshot,
         growing: &[(StackUsage, f64)],
+        replaced: &HashMap<u32, ReplacementEvidence>,
         alive: bool,
     ) -> Vec<StackReport> {
         let top = self.options.top;
@@ -381,19 +438,49 @@ impl Analyzer {
         };
         shown
             .iter()
-            .map(|usage| StackReport {
-                bytes: usage.bytes,
-                allocations: usage.allocations,
-                frames: self.frames(ebpf, usage.stack_id, alive),
-                stack_end: stack_end(ebpf, usage.stack_id),
-                growth: self.stacks.growth(usage.stack_id),
-                kind: None,
-                cache: None,
-                processes: Vec::new(),
-                allocs: allocs.remove(&usage.stack_id).unwrap_or_default(),
-                delta: None,
+            .map(|usage| {
+                let replacing = replaced.get(&usage.stack_id).cloned();
+                let mut growth = self.stacks.growth(usage.stack_id);
+                if let (Some(growth), true) = (&mut growth, replacing.is_some()) {
+                    growth.trend = Trend::Replacing;
+                }
+                StackReport {
+                    bytes: usage.bytes,
+                    allocations: usage.allocations,
+                    frames: self.frames(ebpf, usage.stack_id, alive),
+                    stack_end: stack_end(ebpf, usage.stack_id),
+                    growth,
+                    kind: None,
+                    cache: None,
+                    processes: Vec::new(),
+                    allocs: allocs.remove(&usage.stack_id).unwrap_or_default(),
+                    delta: None,
+                    replacing,
+                }
             })
             .collect()
+    }
+
+    /// What the target held as it exited: every stack but those of glibc's
+    /// stdio buffers (kept for the process's life; valgrind frees them
+    /// through `__libc_freeres` before it counts).
+    fn held_at_exit(&mut self, ebpf: &Ebpf, snapshot: &Snapshot) -> ExitEvidence {
+        let mut exit = ExitEvidence { bytes: 0, blocks: 0, sites: 0, top: String::new() };
+        for usage in &snapshot.stacks {
+            let frames = self.frames(ebpf, usage.stack_id, false);
+            let stdio =
+                |frame: &Frame| frame.symbol.as_deref().is_some_and(|s| s.ends_with(STDIO_BUFFERS));
+            if frames.iter().any(stdio) {
+                continue;
+            }
+            if exit.sites == 0 {
+                exit.top = site_label(&frames);
+            }
+            exit.bytes += usage.bytes;
+            exit.blocks += usage.allocations;
+            exit.sites += 1;
+        }
+        exit
     }
 
     /// The threads section: per creating site, with its trend.

@@ -4,7 +4,12 @@
 //! or no leak, each with the numbers behind it. When two causes hold, both.
 //! `report::text` turns the findings into prose.
 
-use leaktrace_report::{Finding, ThreadFinding, Trend, Verdict};
+use std::collections::BTreeMap;
+
+use leaktrace_report::{
+    is_runtime_frame, Finding, Frame, ReplacementEvidence, ReplacingSite, ThreadFinding, Trend,
+    Verdict,
+};
 
 /// Exited-unjoined or piling-up threads at one site before it is a leak.
 const THREAD_LEAK_MIN: u64 = 3;
@@ -19,13 +24,31 @@ pub struct GrowingSite {
     pub bytes_per_second: f64,
     /// Its outstanding allocations' recent rate.
     pub allocations_per_second: f64,
+    /// The size class of its blocks (`leaktrace_common::size_class`),
+    /// where the allocator's chunk sizes are known.
+    pub size_class: Option<u32>,
+    /// The functions its blocks are allocated in: the first
+    /// [`EVIDENCE_DEPTH`] of its stack outside the allocator and the
+    /// language runtime, never the outermost (`main`, a thread's start)
+    /// unless it is the only one.
+    pub functions: Vec<String>,
 }
 
 /// Memory allocated before attach, being freed now.
 pub struct Replacement {
     pub count_per_second: f64,
     pub bytes_per_second: Option<f64>,
+    /// Those frees a second in each size class, where chunk sizes are known.
+    pub class_rates: Option<Vec<f64>>,
+    /// A sample of those frees' stacks: the functions each frees in (as
+    /// [`GrowingSite::functions`]) and how many frees it had.
+    pub free_paths: Vec<(Vec<String>, u64)>,
 }
+
+/// Functions of a stack weighed as its site's own, innermost first.
+pub const EVIDENCE_DEPTH: usize = 2;
+/// Frees a second of a size class below which they are no evidence.
+const MIN_CLASS_RATE: f64 = 0.5;
 
 /// How much faster than the frees of pre-attach memory the sites they
 /// explain may grow, with a floor of a block a second: both rates are
@@ -56,6 +79,15 @@ pub struct RetentionEvidence {
 /// Reports before a trend can be told.
 pub const REPORTS_FOR_TREND: usize = 3;
 
+/// What the target held when it exited, once it has.
+pub struct ExitEvidence {
+    pub bytes: u64,
+    pub blocks: u64,
+    pub sites: usize,
+    /// The site holding the most.
+    pub top: String,
+}
+
 /// What the process's live memory as a whole did.
 pub struct LiveEvidence {
     pub bytes: u64,
@@ -69,24 +101,119 @@ pub struct LiveEvidence {
     pub lost: u64,
 }
 
-/// Weigh the evidence of the `reports` so far. `growing` is sorted fastest first.
+/// Which growing sites replace memory from before attach, with the
+/// evidence (same order as `growing`; `None`: judged like any other).
+///
+/// Replacement is a claim about a call site, and needs evidence about that
+/// site: frees of pre-attach blocks of its size class (where the
+/// allocator tells sizes), and a sampled free's stack through one of its
+/// own functions ([`GrowingSite::functions`]). Among the sites with such
+/// evidence, per size class, the largest set whose pace those frees cover
+/// is explained; a site growing faster stays a leak.
+pub fn replaced_sites(
+    growing: &[GrowingSite],
+    replacement: Option<&Replacement>,
+) -> Vec<Option<ReplacementEvidence>> {
+    let mut explained = vec![None; growing.len()];
+    let Some(replacement) = replacement else {
+        return explained;
+    };
+    let mut groups: BTreeMap<Option<u32>, Vec<(usize, ReplacementEvidence)>> = BTreeMap::new();
+    for (index, site) in growing.iter().enumerate() {
+        if let Some(evidence) = site_evidence(site, replacement) {
+            let class = site.size_class.filter(|_| replacement.class_rates.is_some());
+            groups.entry(class).or_default().push((index, evidence));
+        }
+    }
+    for (class, members) in groups {
+        let rate = match (class, &replacement.class_rates) {
+            (Some(class), Some(rates)) => rates.get(class as usize).copied().unwrap_or(0.0),
+            _ => replacement.count_per_second,
+        };
+        let sites: Vec<&GrowingSite> = members.iter().map(|&(index, _)| &growing[index]).collect();
+        for chosen in explained_by(&sites, rate) {
+            let (index, evidence) = &members[chosen];
+            explained[*index] = Some(evidence.clone());
+        }
+    }
+    explained
+}
+
+/// What ties `site` to the frees of pre-attach memory, if enough does.
+fn site_evidence(site: &GrowingSite, replacement: &Replacement) -> Option<ReplacementEvidence> {
+    let same_size = match &replacement.class_rates {
+        Some(rates) => {
+            let rate = rates.get(site.size_class? as usize).copied().unwrap_or(0.0);
+            if rate < MIN_CLASS_RATE {
+                return None;
+            }
+            Some(rate)
+        }
+        None => None,
+    };
+    let (function, sampled) = shared_function(&site.functions, &replacement.free_paths)?;
+    Some(ReplacementEvidence {
+        same_size_frees_per_second: same_size,
+        freed_in: Some(function),
+        sampled_frees: sampled,
+    })
+}
+
+/// The first of `functions` that sampled frees' stacks also pass
+/// through, and how many of those frees did.
+fn shared_function(functions: &[String], frees: &[(Vec<String>, u64)]) -> Option<(String, u64)> {
+    functions.iter().find_map(|function| {
+        let count: u64 =
+            frees.iter().filter(|(path, _)| path.contains(function)).map(|(_, count)| count).sum();
+        (count > 0).then(|| (function.clone(), count))
+    })
+}
+
+/// Where every stack of a process starts (the program's entry, `main`, a
+/// thread's start): never evidence of what a call site does.
+const ENTRY_FUNCTIONS: [&str; 7] =
+    ["_start", "main", "start_thread", "thread_start", "clone", "clone3", "__libc_start_main"];
+
+/// The functions a stack's blocks are allocated (or freed) in, as
+/// [`GrowingSite::functions`] has them: its first [`EVIDENCE_DEPTH`]
+/// named frames outside the allocator, the language runtime and the entry
+/// functions, without the outermost of them (a thread's start routine,
+/// which its every stack shares) unless it is the only one.
+pub fn own_functions(frames: &[Frame]) -> Vec<String> {
+    let named: Vec<&str> = frames
+        .iter()
+        .filter(|frame| !is_runtime_frame(frame))
+        .filter_map(|frame| frame.symbol.as_deref())
+        .filter(|name| !ENTRY_FUNCTIONS.contains(name) && !name.starts_with("__libc_start"))
+        .collect();
+    let own = if named.len() > 1 { &named[..named.len() - 1] } else { &named[..] };
+    own.iter().take(EVIDENCE_DEPTH).map(|name| name.to_string()).collect()
+}
+
+/// Weigh the evidence of the `reports` so far. `growing` is sorted fastest
+/// first.
 pub fn decide(
     growing: &[GrowingSite],
     replacement: Option<&Replacement>,
     threads: &[ThreadSiteEvidence],
     retention: Option<&RetentionEvidence>,
     live: &LiveEvidence,
+    exit: Option<&ExitEvidence>,
     reports: usize,
 ) -> Verdict {
     let live_bytes = live.bytes;
     let mut findings = Vec::new();
-    let explained = replacement
-        .map_or_else(Vec::new, |replacement| explained_by(growing, replacement.count_per_second));
+    let replaced = replaced_sites(growing, replacement);
+    let explained: Vec<(&GrowingSite, &ReplacementEvidence)> = growing
+        .iter()
+        .zip(&replaced)
+        .filter_map(|(site, evidence)| Some((site, evidence.as_ref()?)))
+        .collect();
     let growing: Vec<&GrowingSite> = growing
         .iter()
-        .enumerate()
-        .filter(|(i, _)| !explained.contains(i))
-        .map(|(_, s)| s)
+        .zip(&replaced)
+        .filter(|(_, evidence)| evidence.is_none())
+        .map(|(site, _)| site)
         .collect();
     if let Some(top) = growing.first() {
         findings.push(Finding::Leak {
@@ -95,11 +222,16 @@ pub fn decide(
             top: top.label.clone(),
         });
     }
+    // While sites replace, the verdict says so: never "no leak".
     if let (Some(replacement), false) = (replacement, explained.is_empty()) {
         findings.push(Finding::Replacing {
             sites: explained.len(),
             count_per_second: replacement.count_per_second,
             bytes_per_second: replacement.bytes_per_second,
+            top: explained.first().map(|(site, evidence)| ReplacingSite {
+                label: site.label.clone(),
+                evidence: (*evidence).clone(),
+            }),
         });
     }
     findings.extend(thread_finding(threads));
@@ -110,6 +242,17 @@ pub fn decide(
             findings.push(Finding::Retention {
                 live_bytes: evidence.live_bytes,
                 heap_rss: evidence.heap_rss,
+            });
+        }
+    }
+    // After exit, what was never freed is a fact: said whatever the trends.
+    if let Some(exit) = exit {
+        if exit.bytes > 0 {
+            findings.push(Finding::InUseAtExit {
+                bytes: exit.bytes,
+                blocks: exit.blocks,
+                sites: exit.sites,
+                top: exit.top.clone(),
             });
         }
     }
@@ -146,7 +289,7 @@ pub fn decide(
 /// set, since a replaced structure's new members are all the frees explain.
 /// A real leak beside it keeps its own pace and stays out of the set unless
 /// it is smaller than the slack.
-fn explained_by(growing: &[GrowingSite], frees_per_second: f64) -> Vec<usize> {
+fn explained_by(growing: &[&GrowingSite], frees_per_second: f64) -> Vec<usize> {
     if frees_per_second <= 0.0 || growing.is_empty() {
         return Vec::new();
     }
@@ -218,20 +361,27 @@ mod tests {
     /// now or sites are new, nor while events are lost.
     #[test]
     fn no_leak_only_when_settled() {
-        let kinds = |live: LiveEvidence| decide(&[], None, &[], None, &live, 9).kinds;
+        let kinds = |live: LiveEvidence| decide(&[], None, &[], None, &live, None, 9).kinds;
         assert_eq!(kinds(settled(4096)), [VerdictKind::NoLeak]);
         let growing =
             LiveEvidence { trend: Trend::Growing, bytes_per_second: 512.0, ..settled(4096) };
         assert_eq!(kinds(growing), [VerdictKind::Growth]);
         let rising = LiveEvidence { rising: true, ..settled(4096) };
-        let verdict = decide(&[], None, &[], None, &rising, 9);
+        let verdict = decide(&[], None, &[], None, &rising, None, 9);
         assert!(matches!(verdict.findings[..], [Finding::NoLeakYet { .. }]), "{verdict:?}");
         let fresh = LiveEvidence { new_sites: 2, ..settled(4096) };
-        let verdict = decide(&[], None, &[], None, &fresh, 9);
+        let verdict = decide(&[], None, &[], None, &fresh, None, 9);
         assert!(matches!(verdict.findings[..], [Finding::NoLeakYet { .. }]), "{verdict:?}");
         assert_eq!(kinds(LiveEvidence { lost: 7, ..settled(4096) }), [VerdictKind::Incomplete]);
-        let leak =
-            decide(&[site("a", 1.0)], None, &[], None, &LiveEvidence { lost: 7, ..settled(1) }, 9);
+        let leak = decide(
+            &[site("a", 1.0)],
+            None,
+            &[],
+            None,
+            &LiveEvidence { lost: 7, ..settled(1) },
+            None,
+            9,
+        );
         assert_eq!(leak.kinds, [VerdictKind::Leak, VerdictKind::Incomplete]);
     }
 
@@ -240,6 +390,8 @@ mod tests {
             label: label.into(),
             bytes_per_second: rate,
             allocations_per_second: rate / 100.0,
+            size_class: None,
+            functions: vec![label.into()],
         }
     }
 
@@ -252,6 +404,7 @@ mod tests {
             &[],
             None,
             &settled(1),
+            None,
             5,
         );
         assert_eq!(verdict.kinds, [VerdictKind::Leak]);
@@ -272,7 +425,7 @@ mod tests {
             piling_up: true,
             stack_bytes: 96 << 20,
         }];
-        let verdict = decide(&[], None, &threads, None, &settled(0), 5);
+        let verdict = decide(&[], None, &threads, None, &settled(0), None, 5);
         assert_eq!(verdict.kinds, [VerdictKind::ThreadLeak]);
         let expected = ThreadFinding {
             threads: 12,
@@ -294,7 +447,7 @@ mod tests {
             heap_rss_trend: Trend::Growing,
             live_trend: Trend::Flat,
         };
-        let verdict = decide(&[], None, &[], Some(&evidence), &settled(2 << 20), 5);
+        let verdict = decide(&[], None, &[], Some(&evidence), &settled(2 << 20), None, 5);
         assert_eq!(verdict.kinds, [VerdictKind::Retention]);
         assert_eq!(
             verdict.findings,
@@ -302,39 +455,161 @@ mod tests {
         );
     }
 
-    /// Check that sites growing as fast as pre-attach memory is freed are
-    /// replacement, while a leak beside them keeps its own pace and stays one.
+    /// A growing site allocating `per_second` blocks of size class
+    /// `class` in `function`.
+    fn growing(function: &str, per_second: f64, class: Option<u32>) -> GrowingSite {
+        GrowingSite {
+            label: format!("{function} (ring.c:40)"),
+            bytes_per_second: per_second * 256.0,
+            allocations_per_second: per_second,
+            size_class: class,
+            functions: vec![function.into()],
+        }
+    }
+
+    /// Frees of pre-attach memory: `per_second` in all, of size class 16
+    /// when `sized`, their sampled stacks through `freed_in`.
+    fn frees(per_second: f64, sized: bool, freed_in: &[&str]) -> Replacement {
+        let mut rates = vec![0.0; 94];
+        rates[16] = per_second;
+        Replacement {
+            count_per_second: per_second,
+            bytes_per_second: sized.then_some(per_second * 256.0),
+            class_rates: sized.then_some(rates),
+            free_paths: freed_in.iter().map(|f| (vec![f.to_string(), "main".into()], 10)).collect(),
+        }
+    }
+
+    /// Check, on a table of sites and frees, that only a site with evidence
+    /// about itself (its size class freed, where sizes are known, and a
+    /// sampled free in one of its functions) is `replacing`, and only at
+    /// the frees' pace; every other growing site is a leak.
     #[test]
-    fn replacement_explains_its_pace() {
-        let ring = GrowingSite {
-            label: "ring_put (ring.c:40)".into(),
-            bytes_per_second: 51200.0,
-            allocations_per_second: 200.0,
+    fn replacement_needs_evidence_about_the_site() {
+        use VerdictKind::{Leak, Replacing};
+        let ring = || growing("ring_put", 200.0, Some(16));
+        type Case = (&'static str, Vec<GrowingSite>, Replacement, Vec<VerdictKind>, Vec<bool>);
+        let cases: Vec<Case> = vec![
+            (
+                "ring alone",
+                vec![ring()],
+                frees(196.0, true, &["ring_put"]),
+                vec![Replacing],
+                vec![true],
+            ),
+            (
+                "a leak of another size beside the ring",
+                vec![ring(), growing("leak", 50.0, Some(32))],
+                frees(196.0, true, &["ring_put"]),
+                vec![Leak, Replacing],
+                vec![true, false],
+            ),
+            (
+                "a slow leak of the same size class in another function",
+                vec![ring(), growing("leak", 5.0, Some(16))],
+                frees(196.0, true, &["ring_put"]),
+                vec![Leak, Replacing],
+                vec![true, false],
+            ),
+            (
+                "frees of another size class",
+                vec![ring()],
+                Replacement {
+                    class_rates: Some(vec![0.0; 94]),
+                    ..frees(196.0, true, &["ring_put"])
+                },
+                vec![Leak],
+                vec![false],
+            ),
+            (
+                "no sampled free through the site (thread teardown, another structure)",
+                vec![ring()],
+                frees(196.0, true, &["start_thread"]),
+                vec![Leak],
+                vec![false],
+            ),
+            (
+                "sizes unknown (jemalloc): the stacks alone",
+                vec![growing("ring_put", 200.0, None), growing("leak", 5.0, None)],
+                frees(196.0, false, &["ring_put"]),
+                vec![Leak, Replacing],
+                vec![true, false],
+            ),
+            (
+                "growing far faster than the frees",
+                vec![growing("ring_put", 400.0, Some(16))],
+                frees(196.0, true, &["ring_put"]),
+                vec![Leak],
+                vec![false],
+            ),
+            ("no frees at all", vec![ring()], frees(0.0, true, &[]), vec![Leak], vec![false]),
+        ];
+        for (name, sites, replacement, kinds, replaced) in cases {
+            let verdict = decide(&sites, Some(&replacement), &[], None, &settled(1), None, 5);
+            assert_eq!(verdict.kinds, kinds, "{name}: {:?}", verdict.findings);
+            let found: Vec<bool> =
+                replaced_sites(&sites, Some(&replacement)).iter().map(Option::is_some).collect();
+            assert_eq!(found, replaced, "{name}");
+        }
+        let sites = [ring()];
+        let replacement = frees(196.0, true, &["ring_put"]);
+        let verdict = decide(&sites, Some(&replacement), &[], None, &settled(1), None, 5);
+        let Finding::Replacing { top: Some(top), sites: 1, .. } = &verdict.findings[0] else {
+            panic!("{:?}", verdict.findings)
         };
-        let leak = GrowingSite {
-            label: "leak (ring.c:60)".into(),
-            bytes_per_second: 25600.0,
-            allocations_per_second: 50.0,
+        assert_eq!(top.evidence.freed_in.as_deref(), Some("ring_put"));
+        assert_eq!(top.evidence.same_size_frees_per_second, Some(196.0));
+    }
+
+    /// Check that a stack's own functions leave out the allocator, the
+    /// runtime, the entry functions and the outermost of the rest.
+    #[test]
+    fn own_functions_of_a_stack() {
+        let frame = |symbol: &str, module: &str| Frame {
+            address: 0,
+            symbol: Some(symbol.into()),
+            offset: None,
+            file: None,
+            line: None,
+            module: Some(module.into()),
+            inlined: false,
         };
-        let frees = Replacement { count_per_second: 196.0, bytes_per_second: Some(50000.0) };
-        let verdict = decide(&[ring, leak], Some(&frees), &[], None, &settled(1), 5);
-        assert_eq!(verdict.kinds, [VerdictKind::Leak, VerdictKind::Replacing]);
-        assert!(
-            matches!(&verdict.findings[0], Finding::Leak { sites: 1, top, .. } if top == "leak (ring.c:60)"),
-            "{:?}",
-            verdict.findings
-        );
-        assert_eq!(verdict.leak_bytes_per_second, 25600.0);
-        let ring_alone = [GrowingSite {
-            label: "ring_put".into(),
-            bytes_per_second: 51200.0,
-            allocations_per_second: 200.0,
-        }];
-        let verdict = decide(&ring_alone, Some(&frees), &[], None, &settled(1), 5);
-        assert_eq!(verdict.kinds, [VerdictKind::Replacing]);
-        let no_frees = Replacement { count_per_second: 0.0, bytes_per_second: None };
-        let verdict = decide(&ring_alone, Some(&no_frees), &[], None, &settled(1), 5);
-        assert_eq!(verdict.kinds, [VerdictKind::Leak]);
+        let (app, libc) = ("/usr/bin/app", "/usr/lib/x86_64-linux-gnu/libc.so.6");
+        let names = |frames: &[Frame]| own_functions(frames);
+        let main_stack = [
+            frame("leak", app),
+            frame("main", app),
+            frame("__libc_start_call_main", libc),
+            frame("_start", app),
+        ];
+        assert_eq!(names(&main_stack), ["leak"]);
+        let thread_stack = [
+            frame("malloc", libc),
+            frame("create_session", app),
+            frame("store_put", app),
+            frame("worker", app),
+            frame("start_thread", libc),
+        ];
+        assert_eq!(names(&thread_stack), ["create_session", "store_put"]);
+        assert_eq!(names(&[frame("ring_put", app), frame("worker", app)]), ["ring_put"]);
+        assert_eq!(names(&[frame("only", app)]), ["only"]);
+    }
+
+    /// Check that a target that exited holding memory gets "in use at exit"
+    /// at once, whatever the trends (too few reports, none growing), and
+    /// beside a leak already seen; one that held nothing, no finding.
+    #[test]
+    fn in_use_at_exit_is_a_fact() {
+        let exit =
+            ExitEvidence { bytes: 4 << 20, blocks: 10_000, sites: 2, top: "leak (a.c:3)".into() };
+        let early = LiveEvidence { trend: Trend::New, ..settled(4 << 20) };
+        let verdict = decide(&[], None, &[], None, &early, Some(&exit), 1);
+        assert_eq!(verdict.kinds, [VerdictKind::InUseAtExit]);
+        let verdict = decide(&[site("leak", 8.0)], None, &[], None, &early, Some(&exit), 6);
+        assert_eq!(verdict.kinds, [VerdictKind::Leak, VerdictKind::InUseAtExit]);
+        let nothing = ExitEvidence { bytes: 0, blocks: 0, sites: 0, top: String::new() };
+        let verdict = decide(&[], None, &[], None, &settled(0), Some(&nothing), 6);
+        assert_eq!(verdict.kinds, [VerdictKind::NoLeak]);
     }
 
     /// Check that two causes are both stated, and that nothing means no leak.
@@ -347,12 +622,12 @@ mod tests {
             piling_up: true,
             stack_bytes: 40 << 20,
         }];
-        let verdict = decide(&[site("a", 1.0)], None, &threads, None, &settled(1), 5);
+        let verdict = decide(&[site("a", 1.0)], None, &threads, None, &settled(1), None, 5);
         assert_eq!(verdict.kinds, [VerdictKind::Leak, VerdictKind::ThreadLeak]);
-        let verdict = decide(&[], None, &[], None, &settled(4096), 5);
+        let verdict = decide(&[], None, &[], None, &settled(4096), None, 5);
         assert_eq!(verdict.kinds, [VerdictKind::NoLeak]);
         assert_eq!(verdict.findings, [Finding::NoLeak { outstanding: 4096 }]);
-        let verdict = decide(&[], None, &[], None, &settled(4096), 2);
+        let verdict = decide(&[], None, &[], None, &settled(4096), None, 2);
         assert_eq!(verdict.kinds, [VerdictKind::NoLeak]);
         assert_eq!(
             verdict.findings,

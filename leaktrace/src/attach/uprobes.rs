@@ -49,6 +49,9 @@ pub struct Plan {
     pub glibc_allocator: bool,
     /// pthread_create is glibc's: its attributes can be read.
     pub glibc_pthread: bool,
+    /// The file (device, inode) of glibc's shared libc when it is the one
+    /// allocator: frees called from its code are the allocator's own.
+    pub glibc_libc: Option<(u64, u64)>,
 }
 
 /// Look at every object for what it defines: the C allocator API where
@@ -104,6 +107,7 @@ fn plan_objects(
     let mut allocators = 0;
     let mut glibc_allocators = 0;
     let mut glibc_pthread = false;
+    let mut glibc_libc = None;
     for object in objects {
         let elf = match ElfFile::open(&object.open) {
             Ok(elf) => elf,
@@ -140,6 +144,9 @@ fn plan_objects(
             allocators += 1;
             if prefix.is_empty() && defines(GLIBC_MALLOC) {
                 glibc_allocators += 1;
+                if name.starts_with("libc.so") {
+                    glibc_libc = file_key(&object.open).ok();
+                }
             }
             sets.push((ALLOCATOR_PROBES, prefix.to_string()));
             if !name.starts_with("libstdc++") {
@@ -178,11 +185,13 @@ fn plan_objects(
             ),
         }
     }
+    let glibc_allocator = allocators == 1 && glibc_allocators == 1;
     Ok(Plan {
         pid: options.pid,
         objects: planned,
-        glibc_allocator: allocators == 1 && glibc_allocators == 1,
+        glibc_allocator,
         glibc_pthread,
+        glibc_libc: glibc_libc.filter(|_| glibc_allocator),
     })
 }
 

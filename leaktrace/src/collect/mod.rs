@@ -13,9 +13,10 @@ use aya::{
 };
 use leaktrace_common::{
     AllocBucket, AllocInfo, Lost, StackEnd, StackSlot, StackStats, ThreadInfo, ThreadSiteStats,
-    UserStack, MAP_ALLOCS, MAP_ALLOC_TABLE, MAP_LOST, MAP_MMAPS, MAP_PREATTACH_FREES, MAP_STACKS,
-    MAP_STACK_SLOTS, MAP_STACK_STATS, MAP_THREADS, MAP_THREAD_SITES, PREATTACH_BYTES,
-    PREATTACH_COUNT, SLOT_CLAIMED, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, YOUNG_EPOCHS,
+    UserStack, MAP_ALLOCS, MAP_ALLOC_TABLE, MAP_LOST, MAP_MMAPS, MAP_PREATTACH_FREES,
+    MAP_PREATTACH_STACKS, MAP_STACKS, MAP_STACK_SLOTS, MAP_STACK_STATS, MAP_THREADS,
+    MAP_THREAD_SITES, PREATTACH_BYTES, PREATTACH_CLASSES, PREATTACH_COUNT, PREATTACH_INTERNAL,
+    SIZE_CLASSES, SLOT_CLAIMED, THREAD_DETACHED, THREAD_EXITED, THREAD_REGISTERED, YOUNG_EPOCHS,
 };
 use leaktrace_report::{AllocReport, ThreadCounts};
 
@@ -37,6 +38,14 @@ pub struct Snapshot {
     /// Frees since attach of blocks allocated before it: (count, bytes),
     /// scaled like the heap figures.
     pub preattach_frees: (u64, u64),
+    /// Frees of unknown blocks the allocator made itself (glibc's thread
+    /// cache at a thread's exit): not pre-attach memory replaced.
+    pub allocator_frees: u64,
+    /// The pre-attach frees per size class (`leaktrace_common::size_class`),
+    /// where the chunk header tells it.
+    pub preattach_classes: Vec<u64>,
+    /// A sample of the pre-attach frees' stacks: (stack id, frees seen).
+    pub preattach_stacks: Vec<(u32, u64)>,
 }
 
 impl Snapshot {
@@ -120,7 +129,24 @@ impl Collector {
         };
         let preattach_frees =
             (slot(PREATTACH_COUNT) * self.sample_rate, slot(PREATTACH_BYTES) * self.sample_rate);
-        Ok(Snapshot { stacks, lost, preattach_frees })
+        let preattach_classes = (0..SIZE_CLASSES)
+            .map(|class| slot(PREATTACH_CLASSES + class) * self.sample_rate)
+            .collect();
+        let free_stacks: PerCpuHashMap<&MapData, u32, u64> =
+            PerCpuHashMap::try_from(map(ebpf, MAP_PREATTACH_STACKS)?)?;
+        let preattach_stacks = free_stacks
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(stack, per_cpu)| (stack, per_cpu.iter().sum()))
+            .collect();
+        Ok(Snapshot {
+            stacks,
+            lost,
+            preattach_frees,
+            allocator_frees: slot(PREATTACH_INTERNAL) * self.sample_rate,
+            preattach_classes,
+            preattach_stacks,
+        })
     }
 
     /// The outstanding allocations of the stacks `wanted`, at most `cap` a

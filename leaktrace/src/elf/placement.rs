@@ -28,8 +28,10 @@ use iced_x86::{
 const MAX_SKIPPED: usize = 16;
 
 /// Registers an entry-only program may read: the first two arguments (free,
-/// munmap, pthread_attr_setdetachstate) and the stack pointer.
-const PRESERVED: [Register; 3] = [Register::RDI, Register::RSI, Register::RSP];
+/// munmap, pthread_attr_setdetachstate), the stack pointer (free reads its
+/// return address there) and the frame pointer (free walks its caller's
+/// stack from there, for a sample of frees of pre-attach memory).
+const PRESERVED: [Register; 4] = [Register::RDI, Register::RSI, Register::RSP, Register::RBP];
 
 /// The argument registers, in order (System V x86-64).
 const ARGUMENTS: [Register; 6] =

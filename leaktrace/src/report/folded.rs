@@ -85,6 +85,7 @@ mod tests {
             processes: Vec::new(),
             allocs: Vec::new(),
             delta: None,
+            replacing: None,
         };
         assert_eq!(
             folded_line(&stack),

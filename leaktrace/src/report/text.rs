@@ -31,12 +31,17 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
             report.totals.allocations,
         )?;
     } else {
+        // Once the target has exited, all it held counts, however young.
+        let age = if report.exited {
+            "held at exit".to_string()
+        } else {
+            format!("older than {} ms", report.older_ms)
+        };
         writeln!(
             out,
-            "[{clock}] Top {} of {} stacks with outstanding allocations older than {} ms in pid {pid}: {} in {} allocations",
+            "[{clock}] Top {} of {} stacks with outstanding allocations {age} in pid {pid}: {} in {} allocations",
             report.stacks.iter().filter(|stack| stack.kind.is_none()).count(),
             report.stack_count,
-            report.older_ms,
             human_bytes(report.totals.bytes),
             report.totals.allocations,
         )?;
@@ -142,6 +147,13 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
             "\tAllocated before attach and freed since: {} blocks{bytes}, {:.0} a second{rate}.",
             freed.count, freed.count_per_second
         )?;
+        if freed.allocator_frees > 0 {
+            writeln!(
+                out,
+                "\tFreed by the allocator itself, never seen allocated (thread caches emptied as threads exit): {} blocks, not counted above.",
+                freed.allocator_frees
+            )?;
+        }
     }
     // Stacks cut short lose frames, not bytes: said apart.
     let is_cut = |reason: Lost| {
@@ -321,7 +333,7 @@ fn finding_text(finding: &Finding) -> String {
             human_bytes(*live_bytes),
             human_bytes(*heap_rss)
         ),
-        Finding::Replacing { sites, count_per_second, bytes_per_second } => {
+        Finding::Replacing { sites, count_per_second, bytes_per_second, top } => {
             let freed = match bytes_per_second {
                 Some(bytes) => format!(
                     "{}/s of it freed ({count_per_second:.0} blocks/s)",
@@ -330,8 +342,18 @@ fn finding_text(finding: &Finding) -> String {
                 None => format!("{count_per_second:.0} blocks/s of it freed"),
             };
             let noun = if *sites == 1 { "call site grows" } else { "call sites grow" };
+            let evidence = top.as_ref().map_or(String::new(), |top| {
+                let mut why = Vec::new();
+                if let Some(rate) = top.evidence.same_size_frees_per_second {
+                    why.push(format!("{rate:.0} frees/s of blocks of its size"));
+                }
+                if let Some(function) = &top.evidence.freed_in {
+                    why.push(format!("sampled frees in {function}"));
+                }
+                format!(" ({}: {})", top.label, why.join(", "))
+            });
             format!(
-                "still replacing memory allocated before attach: {freed}; {sites} {noun} at that pace, \
+                "still replacing memory allocated before attach: {freed}; {sites} {noun} at that pace{evidence}, \
                  not called a leak until the replacement ends"
             )
         }
@@ -345,6 +367,13 @@ fn finding_text(finding: &Finding) -> String {
              (see the lost counters; raise --max-allocations or --max-stacks, \
              or --max-kernel-allocations for kernel allocations)"
         ),
+        Finding::InUseAtExit { bytes, blocks, sites, top } => {
+            let noun = if *sites == 1 { "call site" } else { "call sites" };
+            format!(
+                "in use at exit: {} in {blocks} blocks never freed, at {sites} {noun}, most at {top}",
+                human_bytes(*bytes)
+            )
+        }
         Finding::NoLeakYet { outstanding, reports_needed } => format!(
             "no leak seen yet: a trend needs {reports_needed} reports of settled memory ({} outstanding)",
             human_bytes(*outstanding)
@@ -385,11 +414,17 @@ fn finding_text(finding: &Finding) -> String {
                 text.push_str(&format!(" ({stacks} kernel stacks growing)"));
             }
             if finding.kind() == VerdictKind::KernelGrowth {
-                let percent = kept_share.unwrap_or(0.0) * 100.0;
-                text = format!(
-                    "{text}; it keeps {percent:.1}% of what it allocates: frees running late \
-                     (RCU) or a leak of a few of its objects, not judged yet"
-                );
+                text = match kept_share {
+                    Some(share) => format!(
+                        "{text}; it keeps {:.1}% of what it allocates: frees running late \
+                         (RCU) or a leak of a few of its objects, not judged yet",
+                        share * 100.0
+                    ),
+                    None => format!(
+                        "{text}; how much of what it allocates it keeps is not known yet: \
+                         not judged yet"
+                    ),
+                };
             }
             text
         }

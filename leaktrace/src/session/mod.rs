@@ -25,7 +25,7 @@ use leaktrace_common::{
     KmemConfig, CHANGE_EXEC, DEFAULT_MAX_KERNEL_STACKS, DEFAULT_UNWIND_CHUNKS, KMEM_ON,
     KMEM_TARGET, MAP_LINK_MAP_CHANGES, MAP_TRACE_EVENTS, UNWIND_CHUNK_ROWS, YOUNG_EPOCHS,
 };
-use leaktrace_report::{read_last_report, Ended, Report, Sampling};
+use leaktrace_report::{read_last_report, Ended, Report, Sampling, VerdictKind};
 use tokio::time::{interval, interval_at, MissedTickBehavior};
 
 use events::{
@@ -211,6 +211,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
     // already get whole stacks. A `-c` child has not run its program yet:
     // its tables are loaded as it maps it.
     let mut unwinder = Unwinder::new(&mut ebpf, pid)?;
+    unwinder.set_allocator(plan.glibc_libc);
     match target.program() {
         Some(program) => {
             let paths: Vec<PathBuf> = objects.iter().map(|object| object.open.clone()).collect();
@@ -278,19 +279,24 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
     }
     target.release()?;
     let json = args.json;
+    // Returns whether the report found a leak (`--error-exitcode`).
     let mut emit = |ebpf: &aya::Ebpf,
                     analyzer: &mut Analyzer,
                     unwinder: &Unwinder,
                     ended: Option<&Ended>,
                     is_final: bool,
                     exited: bool|
-     -> anyhow::Result<()> {
+     -> anyhow::Result<bool> {
         let mut report =
             analyzer.report(ebpf, unwinder.mappings(), unwinder.file_paths(), is_final, exited)?;
         report.ended = ended.cloned();
         report::finish(&mut report);
         outputs.write(&mut report);
-        Ok(report::print(&report, json)?)
+        report::print(&report, json)?;
+        let verdict = report.verdict.as_ref();
+        Ok(verdict.is_some_and(|verdict| {
+            verdict.has(VerdictKind::Leak) || verdict.has(VerdictKind::InUseAtExit)
+        }))
     };
     // The files probed so far, so that an exec probes only what is new.
     let mut probed_files = plan.files();
@@ -307,6 +313,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
     let mut fast_maps_poll = true;
     let mut unwinding = true;
     let mut reports = 0u64;
+    let mut leaked = false;
     // Until the first report, a status line on a terminal says it works.
     // SAFETY: isatty only inspects the descriptor.
     let mut status = (unsafe { libc::isatty(2) } == 1).then(|| interval(STATUS_EVERY));
@@ -341,7 +348,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
                 }
                 reports += 1;
                 let last = args.count == Some(reports);
-                emit(&ebpf, &mut analyzer, &unwinder, None, last, false)?;
+                leaked = emit(&ebpf, &mut analyzer, &unwinder, None, last, false)?;
                 if last {
                     break End::Counted;
                 }
@@ -385,7 +392,7 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
     let result = match end {
         End::Stopped => emit(&ebpf, &mut analyzer, &unwinder, None, true, false),
         End::Exited => emit(&ebpf, &mut analyzer, &unwinder, target.ended(), true, true),
-        End::Counted => Ok(()),
+        End::Counted => Ok(leaked),
     };
     flush_now(&mut logger);
     if program_stats.is_some() {
@@ -404,7 +411,10 @@ async fn trace(args: &Args, target: &mut Target, outputs: &mut Outputs) -> anyho
     if !args.keep_running {
         target.stop_child();
     }
-    result.map(|()| code)
+    result.map(|leaked| match args.error_exitcode {
+        Some(error) if leaked => error,
+        _ => code,
+    })
 }
 
 /// `leaktrace diff`: read both files' final reports, compare, print.

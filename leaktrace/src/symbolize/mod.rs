@@ -54,7 +54,13 @@ impl Symbolizer {
             .chain(DEFAULT_DEBUG_DIRS.iter().map(PathBuf::from))
             .collect();
         Self {
-            blazesym: Blazesym::builder().set_debug_dirs(Some(dirs.clone())).build(),
+            // Names are demangled here (`demangle`): blazesym runs a name
+            // of unknown language through the C++ demangler, which takes a
+            // C function `f` for the type code of `float`.
+            blazesym: Blazesym::builder()
+                .set_debug_dirs(Some(dirs.clone()))
+                .enable_demangling(false)
+                .build(),
             debug_dirs: dirs,
             build_id_files: HashMap::new(),
             pid,
@@ -252,7 +258,7 @@ impl Symbolizer {
                 let (file, line) = code_location(inlined.code_info.as_ref());
                 Frame {
                     address: ip,
-                    symbol: Some(inlined.name.to_string()),
+                    symbol: Some(demangle(&inlined.name)),
                     offset: None,
                     file,
                     line,
@@ -263,7 +269,7 @@ impl Symbolizer {
             .collect();
         frames.push(Frame {
             address: ip,
-            symbol: Some(sym.name.to_string()),
+            symbol: Some(demangle(&sym.name)),
             // From the symbol to the return address shown, not to the call.
             offset: Some(sym.offset as u64 + (ip - call_site(ip))),
             file,
@@ -293,6 +299,26 @@ impl Symbolizer {
     }
 }
 
+/// A symbol's name as its source wrote it: a mangled C++ (`_Z`) or Rust
+/// (`_R`, and legacy `_ZN...17h<hash>E`) name demangled, any other name
+/// as it is. Only a name with a mangling prefix is demangled: a C
+/// function is called `f`, `i` or `d`, which the C++ demangler would read
+/// as the types float, int and double.
+pub fn demangle(name: &str) -> String {
+    // "__Z": the extra underscore of some platforms' C++ names.
+    let mangled = if name.starts_with("__Z") { &name[1..] } else { name };
+    if !(name.starts_with("_R") || mangled.starts_with("_Z")) {
+        return name.to_string();
+    }
+    if let Ok(rust) = rustc_demangle::try_demangle(name) {
+        return format!("{rust:#}");
+    }
+    cpp_demangle::Symbol::new(mangled)
+        .ok()
+        .and_then(|symbol| symbol.demangle().ok())
+        .unwrap_or_else(|| name.to_string())
+}
+
 /// The address looked up for a frame whose address is a return address
 /// (every frame here: the stack is taken as the allocator returns): one
 /// byte back, inside the call instruction, as perf, gdb and libunwind do.
@@ -308,5 +334,28 @@ fn code_location(info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
     match info {
         Some(info) => (Some(info.to_path().display().to_string()), info.line),
         None => (None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Check that C names are left as written and mangled names are
+    /// demangled, template arguments included.
+    #[test]
+    fn only_mangled_names_demangled() {
+        for c_name in
+            ["f", "i", "d", "v", "c", "x", "main", "leak_step", "_start", "__libc_start_main"]
+        {
+            assert_eq!(demangle(c_name), c_name);
+        }
+        assert_eq!(demangle("_ZN6LedgerIiE6appendEi"), "Ledger<int>::append(int)");
+        assert_eq!(
+            demangle("_ZN11rust_system8box_leak17h0123456789abcdefE"),
+            "rust_system::box_leak"
+        );
+        assert_eq!(demangle("_RNvCs1234_11rust_system8box_leak"), "rust_system::box_leak");
+        assert_eq!(demangle("_Znot_really_mangled"), "_Znot_really_mangled");
     }
 }

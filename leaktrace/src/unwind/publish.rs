@@ -16,8 +16,8 @@ use std::{
 use anyhow::{anyhow, Context as _};
 use aya::maps::{Array, Map, MapData};
 use leaktrace_common::{
-    UnwindChunk, UnwindMapping, UnwindRow, MAPPING_FRAME_POINTERS, MAP_UNWIND_MAPPINGS,
-    MAP_UNWIND_ROWS, MAP_UNWIND_STATE, MAX_UNWIND_MAPPINGS, UNWIND_CHUNK_ROWS,
+    TextRange, UnwindChunk, UnwindMapping, UnwindRow, MAPPING_FRAME_POINTERS, MAP_ALLOCATOR_TEXT,
+    MAP_UNWIND_MAPPINGS, MAP_UNWIND_ROWS, MAP_UNWIND_STATE, MAX_UNWIND_MAPPINGS, UNWIND_CHUNK_ROWS,
 };
 
 use super::table::{object_rows, ObjectTable};
@@ -80,6 +80,9 @@ pub struct Unwinder {
     rows: Array<MapData, UnwindChunk>,
     mappings: Array<MapData, UnwindMapping>,
     state: Array<MapData, u64>,
+    /// Where glibc's libc code is (`ALLOCATOR_TEXT`), and its file.
+    allocator_text: Array<MapData, TextRange>,
+    allocator: Option<(u64, u64)>,
     objects: HashMap<(u64, u64), LoadedObject>,
     /// Objects' files, open for the session (at most `keep_files`).
     files: HashMap<(u64, u64), File>,
@@ -108,6 +111,8 @@ impl Unwinder {
             rows: Array::try_from(take(MAP_UNWIND_ROWS)?)?,
             mappings: Array::try_from(take(MAP_UNWIND_MAPPINGS)?)?,
             state: Array::try_from(take(MAP_UNWIND_STATE)?)?,
+            allocator_text: Array::try_from(take(MAP_ALLOCATOR_TEXT)?)?,
+            allocator: None,
             objects: HashMap::new(),
             files: HashMap::new(),
             keep_files: keep_files(),
@@ -171,6 +176,7 @@ impl Unwinder {
         let state = (published.len() as u64) << 32 | u64::from(generation);
         self.state.set(0, state, 0).context("failed to publish the unwind mappings")?;
         self.generation = generation;
+        self.publish_allocator_text(&current)?;
         log::info!(
             "unwind: {} executable mappings published, {} new rows loaded, in {:.1} ms",
             published.len(),
@@ -308,11 +314,53 @@ impl Unwinder {
     pub fn mappings(&self) -> &[ExecMapping] {
         &self.seen
     }
+
+    /// Name the file of glibc's shared libc (by device and inode), whose
+    /// code's range the programs are told at each publication: a free
+    /// called from there is the allocator's own.
+    pub fn set_allocator(&mut self, file: Option<(u64, u64)>) {
+        self.allocator = file;
+    }
+
+    /// Write where the allocator's code is mapped among `current` (none:
+    /// zero) to `ALLOCATOR_TEXT`.
+    fn publish_allocator_text(&mut self, current: &[ExecMapping]) -> anyhow::Result<()> {
+        let range = allocator_text(current, self.allocator);
+        self.allocator_text.set(0, range, 0).context("failed to publish the allocator's range")?;
+        Ok(())
+    }
+}
+
+/// The range of `file`'s executable mappings among `mappings`, or zero.
+fn allocator_text(mappings: &[ExecMapping], file: Option<(u64, u64)>) -> TextRange {
+    let mut ranges = mappings.iter().filter(|mapping| Some(mapping.file) == file);
+    let Some(first) = ranges.next() else {
+        return TextRange::default();
+    };
+    ranges.fold(TextRange { start: first.start, end: first.end }, |range, mapping| TextRange {
+        start: range.start.min(mapping.start),
+        end: range.end.max(mapping.end),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Check that the allocator's range spans its file's mappings alone.
+    #[test]
+    fn allocator_range() {
+        let mapping = |start: u64, end: u64, file: (u64, u64)| ExecMapping {
+            start,
+            end,
+            offset: 0,
+            file,
+            path: PathBuf::new(),
+        };
+        let maps = [mapping(0x1000, 0x2000, (1, 2)), mapping(0x8000, 0x9000, (1, 3))];
+        assert_eq!(allocator_text(&maps, Some((1, 3))), TextRange { start: 0x8000, end: 0x9000 });
+        assert_eq!(allocator_text(&maps, None), TextRange::default());
+    }
 
     /// Check the bias of a mapping whose segment starts mid-page in the file
     /// (as lld lays out Rust binaries): offset 0x154d0 at 0x164d0.
