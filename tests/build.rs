@@ -59,6 +59,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("ring_same_class.c", "ring_same_class"),
     ("short_threads.c", "short_threads"),
     ("c_short_names.c", "c_short_names"),
+    ("cpp_template.cpp", "cpp_template"),
 ];
 
 /// Flags of the unwinding fixtures: optimized code without frame pointers,

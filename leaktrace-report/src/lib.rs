@@ -84,6 +84,10 @@ pub struct Report {
     /// What was probed in which object.
     #[serde(default)]
     pub probed: Vec<ProbedObject>,
+    /// The target's executable mappings of files, for profiles that
+    /// symbolize on a server from the build id (pprof's Mappings).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mappings: Vec<MappingReport>,
     /// One heap allocation in this many was tracked; heap figures are scaled.
     #[serde(default = "one")]
     pub sample_rate: u64,
@@ -187,6 +191,19 @@ impl Ended {
     }
 }
 
+/// An executable mapping of a file in the target.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingReport {
+    /// The file, as the target names it.
+    pub path: String,
+    #[serde(serialize_with = "frame::hex", deserialize_with = "frame::from_hex")]
+    pub start: u64,
+    #[serde(serialize_with = "frame::hex", deserialize_with = "frame::from_hex")]
+    pub end: u64,
+    /// Offset in the file of the mapping's first byte.
+    pub offset: u64,
+}
+
 /// Outstanding memory of one call stack.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StackReport {
@@ -214,10 +231,33 @@ pub struct StackReport {
     /// Its change from the first run to the second (`leaktrace diff`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<StackDelta>,
+    /// Heap memory: which API it came from, the malloc family or mmap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<HeapApi>,
     /// Why its growth is taken for replacement of memory from before
     /// attach, not a leak (its trend is then `replacing`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replacing: Option<ReplacementEvidence>,
+}
+
+/// The API a stack's heap memory came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeapApi {
+    /// malloc, calloc, realloc, the aligned ones, operator new, Rust's
+    /// allocator, and the allocators' own APIs.
+    Malloc,
+    /// Anonymous mmap (and mremap) called by the program.
+    Mmap,
+}
+
+impl HeapApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeapApi::Malloc => "malloc",
+            HeapApi::Mmap => "mmap",
+        }
+    }
 }
 
 /// What ties a growing call site to frees of memory allocated before

@@ -33,6 +33,7 @@ fn sample() -> Report {
                 processes: Vec::new(),
                 allocs: Vec::new(),
                 delta: None,
+                api: None,
                 replacing: None,
             },
             StackReport {
@@ -46,6 +47,7 @@ fn sample() -> Report {
                 processes: vec![ProcessShare { pid: 7, comm: "server".into(), bytes: 192 }],
                 allocs: Vec::new(),
                 delta: None,
+                api: None,
                 replacing: None,
             },
         ],

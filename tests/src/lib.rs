@@ -15,9 +15,9 @@ mod tracer;
 pub use tracer::{run_tracer, Finished, Tracer};
 
 pub use leaktrace_report::{
-    is_runtime_symbol, read_reports, Ended, Finding, Frame, KernelKind, Lost, MemoryReport,
-    ReadError, RecordKind, Report, StackEnd, StackReport, ThreadSiteReport, ThreadsBeforeAttach,
-    Trend, Verdict, VerdictKind,
+    is_runtime_symbol, read_reports, Ended, Finding, Frame, HeapApi, KernelKind, Lost,
+    MemoryReport, ReadError, RecordKind, Report, StackEnd, StackReport, ThreadSiteReport,
+    ThreadsBeforeAttach, Trend, Verdict, VerdictKind,
 };
 
 /// Directory holding the compiled fixtures (set by build.rs).

@@ -371,3 +371,62 @@ fn trace_prints_events() {
     assert!(allocs >= 502, "{allocs} alloc lines:\n{}", finished.stderr);
     assert!(finished.stderr.contains("size=16 addr=0x"), "{}", finished.stderr);
 }
+
+/// Check with `go tool pprof -raw` that functions keep their full names
+/// (two instantiations of one template stay apart) and that every
+/// Location's address lies in its Mapping's range, a real one with its
+/// file offset, so that a server can symbolize from the build id.
+#[test]
+fn pprof_raw_full_names_and_mapping_ranges() {
+    require_root();
+    let dir = ScratchDir::new("pprof-raw");
+    let path = dir.0.join("template.pb.gz");
+    let report = trace_fixture("cpp_template", &[], &["--pprof", path.to_str().unwrap()]);
+    let output = Command::new("go")
+        .args(["tool", "pprof", "-raw"])
+        .arg(&path)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .expect("go is installed by the test set-up (golang-go)");
+    let raw = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    for name in ["Ledger<int>::append(int)", "Ledger<double>::append(double)"] {
+        assert!(raw.contains(name), "{name} not in the profile:\n{raw}\n{}", json(&report));
+    }
+    // "1: 0x55d0c2a49000/0x55d0c2a4a000/0x1000 /path/bin buildid [FN]..."
+    // The lines of a section: from its title to the next title.
+    let section = |title: &str| -> Vec<String> {
+        raw.lines()
+            .skip_while(|line| line.trim() != title)
+            .skip(1)
+            .take_while(|line| line.starts_with(' ') || line.contains(": 0x"))
+            .map(str::to_string)
+            .collect()
+    };
+    let hex = |text: &str| u64::from_str_radix(text.trim_start_matches("0x"), 16).unwrap();
+    let mut ranges = std::collections::HashMap::new();
+    for line in section("Mappings") {
+        let Some((id, rest)) = line.trim().split_once(": ") else { continue };
+        let bounds: Vec<&str> = rest.split_whitespace().next().unwrap_or("").split('/').collect();
+        if bounds.len() == 3 {
+            ranges.insert(id.to_string(), (hex(bounds[0]), hex(bounds[1])));
+        }
+    }
+    let binary = ranges.values().filter(|&&(start, limit)| start > 0 && limit > start).count();
+    assert!(binary > 0, "no Mapping with a range:\n{raw}");
+    let mut checked = 0;
+    for line in section("Locations") {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (Some(address), Some(mapping)) = (
+            words.iter().find(|word| word.starts_with("0x")),
+            words.iter().find_map(|word| word.strip_prefix("M=")),
+        ) else {
+            continue;
+        };
+        let &(start, limit) = ranges.get(mapping).unwrap_or_else(|| panic!("no mapping {mapping}"));
+        let address = hex(address);
+        assert!(start <= address && address < limit, "{line}: not in {start:#x}-{limit:#x}\n{raw}");
+        checked += 1;
+    }
+    assert!(checked > 0, "no location read:\n{raw}");
+}

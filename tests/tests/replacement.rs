@@ -195,3 +195,39 @@ fn in_use_at_exit_with_error_exitcode() {
     let finished = run_tracer(&["--json", "-c", &command, "1"]);
     assert_eq!(finished.status.code(), Some(3), "{}", finished.stderr);
 }
+
+/// Check that libstdc++'s pool, allocated from the loader's entry code
+/// (`_dl_start_user`) before main, has a whole stack, not one "cut short",
+/// and that heap stacks say they came from the malloc family.
+#[test]
+fn loader_entry_stack_is_whole() {
+    let command = fixture_path("cpp_template").display().to_string();
+    // Its stdin is closed: it exits at once, after the loader's work.
+    let finished = run_tracer(&["--json", "-c", &command, "1"]);
+    let reports = reports(&finished.stdout);
+    let report = final_report(&reports);
+    let outermost = |stack: &&StackReport| {
+        stack.frames.last().and_then(|frame| frame.symbol.as_deref()) == Some("_dl_start_user")
+    };
+    let pool = report
+        .stacks
+        .iter()
+        .find(outermost)
+        .unwrap_or_else(|| panic!("no stack from _dl_start_user: {}", json(report)));
+    assert_eq!(pool.stack_end, StackEnd::Complete, "{}", json(report));
+    assert_eq!(pool.api, Some(HeapApi::Malloc), "{}", json(report));
+}
+
+/// Check that each heap stack says which API its memory came from: mmap
+/// for leak_mmap's mappings, the malloc family for leak_malloc's blocks.
+#[test]
+fn stacks_say_their_api() {
+    let report = trace_fixture("all_apis", &[], &[]);
+    let api = |function: &str| {
+        stack_by_first_frame(&report, function)
+            .unwrap_or_else(|| panic!("no {function} stack: {}", json(&report)))
+            .api
+    };
+    assert_eq!(api("leak_mmap"), Some(HeapApi::Mmap), "{}", json(&report));
+    assert_eq!(api("leak_malloc"), Some(HeapApi::Malloc), "{}", json(&report));
+}

@@ -116,6 +116,7 @@ mod tests {
             processes: Vec::new(),
             allocs: Vec::new(),
             delta: None,
+            api: None,
             replacing: None,
         }
     }

@@ -306,6 +306,7 @@ impl KernelAnalyzer {
             processes,
             allocs: Vec::new(),
             delta: None,
+            api: None,
             replacing: None,
         }
     }

@@ -17,9 +17,9 @@ use std::{
 use aya::Ebpf;
 use leaktrace_common::{glibc_chunk, size_class, Lost, StackEnd, NO_STACK, SIZE_CLASSES};
 use leaktrace_report::{
-    site_label, ExecEvent, Finding, Frame, MemoryReport, PreattachFrees, ProbedObject, RecordKind,
-    ReplacementEvidence, Report, Sampling, StackReport, ThreadSiteReport, ThreadsBeforeAttach,
-    ThreadsReport, Totals, Trend, Verdict, VerdictKind, SCHEMA,
+    site_label, ExecEvent, Finding, Frame, HeapApi, MappingReport, MemoryReport, PreattachFrees,
+    ProbedObject, RecordKind, ReplacementEvidence, Report, Sampling, StackReport, ThreadSiteReport,
+    ThreadsBeforeAttach, ThreadsReport, Totals, Trend, Verdict, VerdictKind, SCHEMA,
 };
 
 use crate::{
@@ -389,6 +389,17 @@ impl Analyzer {
             verdict: Some(verdict),
             freed_before_attach,
             probed: self.options.probed.clone(),
+            mappings: self
+                .symbolizer
+                .modules()
+                .iter()
+                .map(|mapping| MappingReport {
+                    path: proc::shown_path(&mapping.path).display().to_string(),
+                    start: mapping.start,
+                    end: mapping.end,
+                    offset: mapping.offset,
+                })
+                .collect(),
             sample_rate: self.collector.sample_rate,
             sampling: self.options.sampling,
             system: None,
@@ -444,17 +455,19 @@ impl Analyzer {
                 if let (Some(growth), true) = (&mut growth, replacing.is_some()) {
                     growth.trend = Trend::Replacing;
                 }
+                let frames = self.frames(ebpf, usage.stack_id, alive);
                 StackReport {
                     bytes: usage.bytes,
                     allocations: usage.allocations,
-                    frames: self.frames(ebpf, usage.stack_id, alive),
-                    stack_end: stack_end(ebpf, usage.stack_id),
+                    stack_end: whole_at_loader_entry(stack_end(ebpf, usage.stack_id), &frames),
+                    frames,
                     growth,
                     kind: None,
                     cache: None,
                     processes: Vec::new(),
                     allocs: allocs.remove(&usage.stack_id).unwrap_or_default(),
                     delta: None,
+                    api: Some(if usage.mapped { HeapApi::Mmap } else { HeapApi::Malloc }),
                     replacing,
                 }
             })
@@ -582,6 +595,22 @@ fn stack_end(ebpf: &Ebpf, stack_id: u32) -> StackEnd {
     }
 }
 
+/// The dynamic loader's entry code that runs a program's initializers
+/// (libstdc++'s pool is allocated there): the real outermost frame,
+/// written in assembly without unwind information.
+const LOADER_ENTRY: &str = "_dl_start_user";
+
+/// A stack's end, where a walk that stopped for want of unwind
+/// information at the loader's entry code is whole: nothing is above it.
+fn whole_at_loader_entry(end: StackEnd, frames: &[Frame]) -> StackEnd {
+    let outermost = frames.last().and_then(|frame| frame.symbol.as_deref());
+    if end == StackEnd::NoInfo && outermost == Some(LOADER_ENTRY) {
+        StackEnd::Complete
+    } else {
+        end
+    }
+}
+
 fn trend(history: &History<()>) -> Trend {
     history.growth(()).map_or(Trend::New, |growth| growth.trend)
 }
@@ -589,6 +618,26 @@ fn trend(history: &History<()>) -> Trend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Check that a walk stopped at the loader's entry code is whole, and
+    /// one stopped anywhere else is not.
+    #[test]
+    fn loader_entry_is_the_outermost_frame() {
+        let frame = |symbol: &str| Frame {
+            address: 0x7f00_0000_1000,
+            symbol: Some(symbol.into()),
+            offset: Some(4),
+            file: None,
+            line: None,
+            module: Some("/lib64/ld-linux-x86-64.so.2".into()),
+            inlined: false,
+        };
+        let cut = StackEnd::NoInfo;
+        let at_entry = [frame("pool_init"), frame(LOADER_ENTRY)];
+        assert_eq!(whole_at_loader_entry(cut, &at_entry), StackEnd::Complete);
+        assert_eq!(whole_at_loader_entry(cut, &[frame("asm_helper")]), cut);
+        assert_eq!(whole_at_loader_entry(StackEnd::Complete, &at_entry), StackEnd::Complete);
+    }
 
     /// Check which losses make the verdict incomplete: a full map always, a
     /// few missed returns not, stacks not kept never.

@@ -132,6 +132,7 @@ impl SystemAnalyzer {
             verdict: Some(Verdict::new(findings)),
             freed_before_attach: None,
             probed: Vec::new(),
+            mappings: Vec::new(),
             sample_rate: self.sample_rate,
             sampling: None,
             system: Some(system),

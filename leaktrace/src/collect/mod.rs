@@ -26,6 +26,9 @@ pub struct StackUsage {
     pub stack_id: u32,
     pub bytes: u64,
     pub allocations: u64,
+    /// Some of it was mapped by mmap (or mremap), not allocated by the
+    /// malloc family.
+    pub mapped: bool,
 }
 
 /// One reading of the kernel maps.
@@ -116,6 +119,7 @@ impl Collector {
                 .or_insert(StackUsage { stack_id: info.stack_id, ..StackUsage::default() });
             usage.bytes += bytes;
             usage.allocations += 1;
+            usage.mapped = true;
         }
 
         let mut stacks: Vec<StackUsage> = per_stack.into_values().collect();

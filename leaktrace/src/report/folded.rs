@@ -85,6 +85,7 @@ mod tests {
             processes: Vec::new(),
             allocs: Vec::new(),
             delta: None,
+            api: None,
             replacing: None,
         };
         assert_eq!(

@@ -15,7 +15,7 @@ use std::{
 use flate2::{write::GzEncoder, Compression};
 use leaktrace_report::{
     pprof::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType},
-    Frame, Report,
+    Frame, MappingReport, Report,
 };
 use prost::Message as _;
 
@@ -51,6 +51,9 @@ struct Builder<'a> {
     functions: HashMap<(String, String), u64>,
     locations: HashMap<(u64, String), u64>,
     mappings: HashMap<String, u64>,
+    /// The target's mappings (from the report), and their ids once made.
+    ranges: &'a [MappingReport],
+    range_ids: HashMap<usize, u64>,
     build_ids: &'a mut BuildIds,
     pid: u32,
 }
@@ -64,6 +67,38 @@ impl Builder<'_> {
         self.profile.string_table.push(text.to_string());
         self.strings.insert(text.to_string(), index);
         index
+    }
+
+    /// The Mapping of `address`: its real range and file offset, so that a
+    /// server (pprof, Pyroscope, Parca) can symbolize from the build id; a
+    /// module's mapping without a range when the report has none for it.
+    fn mapping_of(&mut self, address: u64, module: &str) -> u64 {
+        let Some(index) =
+            self.ranges.iter().position(|range| range.start <= address && address < range.end)
+        else {
+            return self.mapping(module);
+        };
+        if let Some(&id) = self.range_ids.get(&index) {
+            return id;
+        }
+        let range = &self.ranges[index];
+        let id = self.profile.mapping.len() as u64 + 1;
+        let build_id = self.build_ids.get(self.pid, &range.path).unwrap_or_default();
+        let mapping = Mapping {
+            id,
+            memory_start: range.start,
+            memory_limit: range.end,
+            file_offset: range.offset,
+            filename: self.string(&range.path),
+            build_id: self.string(&build_id),
+            has_functions: true,
+            has_filenames: true,
+            has_line_numbers: true,
+            has_inline_frames: true,
+        };
+        self.profile.mapping.push(mapping);
+        self.range_ids.insert(index, id);
+        id
     }
 
     fn mapping(&mut self, module: &str) -> u64 {
@@ -114,7 +149,7 @@ impl Builder<'_> {
             return id;
         }
         let id = self.profile.location.len() as u64 + 1;
-        let mapping_id = if module.is_empty() { 0 } else { self.mapping(&module) };
+        let mapping_id = if module.is_empty() { 0 } else { self.mapping_of(address, &module) };
         let line = frames
             .iter()
             .map(|frame| Line {
@@ -141,6 +176,8 @@ pub fn profile(report: &Report, build_ids: &mut BuildIds) -> Profile {
         functions: HashMap::new(),
         locations: HashMap::new(),
         mappings: HashMap::new(),
+        ranges: &report.mappings,
+        range_ids: HashMap::new(),
         build_ids,
         pid: report.pid,
     };
@@ -163,6 +200,9 @@ pub fn profile(report: &Report, build_ids: &mut BuildIds) -> Profile {
         }
         if let Some(kind) = stack.kind {
             label.push(builder.label("kind", kind.name()));
+        }
+        if let Some(api) = stack.api {
+            label.push(builder.label("api", api.as_str()));
         }
         if let Some(cache) = &stack.cache {
             label.push(builder.label("cache", cache));

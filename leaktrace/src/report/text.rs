@@ -82,7 +82,10 @@ pub fn write_text(report: &Report, out: &mut impl Write) -> io::Result<()> {
         let from = match (stack.kind, &stack.cache) {
             (Some(kind), Some(cache)) => format!("kernel stack ({} {cache})", kind.name()),
             (Some(kind), None) => format!("kernel stack ({})", kind.name()),
-            (None, _) => "stack".to_string(),
+            (None, _) => match stack.api {
+                Some(api) => format!("stack ({})", api.as_str()),
+                None => "stack".to_string(),
+            },
         };
         writeln!(
             out,

@@ -84,6 +84,11 @@ impl Symbolizer {
         self.files.extend(files);
     }
 
+    /// The target's executable mappings, as last taken.
+    pub fn modules(&self) -> &[ExecMapping] {
+        &self.modules
+    }
+
     /// Forget the frames found so far: the target exec'd, and a stack id
     /// may now name code of another program at the same addresses.
     pub fn forget_stacks(&mut self) {
