@@ -60,6 +60,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("short_threads.c", "short_threads"),
     ("c_short_names.c", "c_short_names"),
     ("cpp_template.cpp", "cpp_template"),
+    ("four_threads.c", "four_threads"),
 ];
 
 /// Flags of the unwinding fixtures: optimized code without frame pointers,

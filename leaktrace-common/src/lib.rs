@@ -417,7 +417,15 @@ pub struct Pending {
     /// detached together): an allocating call's record from an earlier
     /// window is stale, not an outer call.
     pub window: u32,
-    pub _pad: u32,
+    /// pthread_create: the kind of the allocator call in flight inside it
+    /// (glibc's loader `calloc`s each new thread's TLS table there), whose
+    /// block is the program's like any other, not folded into the call.
+    pub inner_kind: u32,
+    /// That call's stack pointer at entry; 0 when there is none.
+    pub inner_sp: u64,
+    /// That call's requested size and argument, as `size` and `arg`.
+    pub inner_size: u64,
+    pub inner_arg: u64,
 }
 
 /// Slots of [`MAP_PENDING_SLOTS`].
@@ -434,6 +442,13 @@ pub struct PendingSlot {
 }
 
 impl CallKind {
+    /// Calls of the malloc family (their returns record a block).
+    pub fn allocates(kind: u32) -> bool {
+        kind == Self::Alloc as u32
+            || kind == Self::Realloc as u32
+            || kind == Self::PosixMemalign as u32
+    }
+
     /// Calls of the functions `-s N` probes in sampling windows only: the
     /// kinds the programs of the loader's `probes::allocates_only` record
     /// (the two lists name one set, from each side).
@@ -483,7 +498,7 @@ const _: () = assert!(core::mem::size_of::<ThreadInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<ThreadSiteStats>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<StackStats>() == 16 + 24 * YOUNG_SLOTS);
-const _: () = assert!(core::mem::size_of::<Pending>() == 48);
+const _: () = assert!(core::mem::size_of::<Pending>() == 72);
 const _: () = assert!(core::mem::size_of::<UnwindRow>() == 12);
 const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 40);
 const _: () = assert!(core::mem::size_of::<MappingsChanged>() == 16);

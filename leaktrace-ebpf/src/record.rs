@@ -79,6 +79,25 @@ pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) 
     };
     if outer.sp != IDLE && !stale(outer, window) {
         if outer.sp > sp {
+            // Nesting is for an allocator inside an allocator. A malloc
+            // call inside pthread_create (glibc's loader callocs each new
+            // thread's TLS table) is the program's block: kept beside the
+            // outer record, taken by its own return (see `exit`). Its stack
+            // ends in pthread_create, whose return address is the kernel's
+            // uretprobe trampoline while it runs.
+            if outer.kind == CallKind::ThreadCreate as u32
+                && CallKind::allocates(kind as u32)
+                && outer.inner_sp == IDLE
+            {
+                // SAFETY: as below, this thread's own record.
+                unsafe {
+                    write_volatile(&raw mut outer.inner_size, size);
+                    write_volatile(&raw mut outer.inner_arg, arg);
+                    write_volatile(&raw mut outer.inner_kind, kind as u32);
+                    write_volatile(&raw mut outer.inner_sp, sp);
+                }
+                return true;
+            }
             return false;
         }
         if outer.sp == sp {
@@ -102,6 +121,7 @@ pub fn enter(ctx: &ProbeContext, tid: u32, kind: CallKind, size: u64, arg: u64) 
         write_volatile(&raw mut outer.flags, 0);
         write_volatile(&raw mut outer.tail_calls, 0);
         write_volatile(&raw mut outer.window, window);
+        write_volatile(&raw mut outer.inner_sp, IDLE);
     }
     true
 }
@@ -211,7 +231,27 @@ pub fn exit(ctx: &RetProbeContext, tid: u32) -> Option<Pending> {
         pending.sp = IDLE;
         return None;
     }
-    if stack_pointer(ctx) <= pending.sp {
+    let sp = stack_pointer(ctx);
+    if pending.inner_sp != IDLE {
+        if sp <= pending.inner_sp {
+            return None;
+        }
+        let inner = pending.inner_sp;
+        pending.inner_sp = IDLE;
+        // Still inside the outer call: the return of the call made in it.
+        if sp <= pending.sp {
+            return Some(Pending {
+                sp: inner,
+                size: pending.inner_size,
+                arg: pending.inner_arg,
+                kind: pending.inner_kind,
+                window: pending.window,
+                ..Pending::default()
+            });
+        }
+        // Else the outer's own return: the inner one was missed.
+    }
+    if sp <= pending.sp {
         return None;
     }
     if pending.tail_calls > 0 {

@@ -17,6 +17,10 @@ pub struct Frame {
     pub module: Option<String>,
     /// A call that the compiler inlined into the next frame.
     pub inlined: bool,
+    /// The symbol as the object file names it, when that differs from
+    /// `symbol` (a mangled C++ or Rust name): pprof's `system_name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mangled: Option<String>,
 }
 
 impl Frame {

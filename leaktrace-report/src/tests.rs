@@ -9,6 +9,7 @@ fn frame(symbol: Option<&str>) -> Frame {
         line: Some(12),
         module: Some("/usr/bin/app".into()),
         inlined: false,
+        mangled: None,
     }
 }
 

@@ -235,3 +235,38 @@ fn hidden_kernel_addresses_said() {
         assert!(stack.frames.iter().all(|frame| frame.symbol.is_none()), "{}", json(report));
     }
 }
+
+/// Check that ordinary work on a busy machine is no kernel leak: short
+/// processes coming and going, files written, read and removed (page
+/// cache, dentries, inodes), directories listed, as a build does, for the
+/// whole of a system-mode run.
+#[test]
+fn busy_machine_no_kernel_leak() {
+    let _machine = machine();
+    require_root();
+    let dir = ScratchDir::new("busy-machine");
+    let script = "while :; do for i in 1 2 3 4 5 6 7 8 9 10; do \
+                  head -c 65536 /dev/urandom > f$i; cat f$i > /dev/null; sh -c true; done; \
+                  rm -f f*; ls -R /usr/include > /dev/null; done";
+    let mut busy = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&dir.0)
+        .spawn()
+        .expect("sh runs");
+    let mut tracer = Tracer::start(&["--json", "--top", "50", "1", "8"]);
+    tracer.wait_stderr("attached to the kernel's allocation events");
+    let finished = tracer.finish();
+    let _ = busy.kill();
+    let _ = busy.wait();
+    let reports = finished.reports();
+    assert_eq!(reports.len(), 8);
+    for report in &reports {
+        let verdict = verdict(report);
+        assert!(
+            !verdict.has(VerdictKind::KernelLeak),
+            "busy machine, kernel leak: {}",
+            json(report)
+        );
+    }
+}

@@ -429,4 +429,12 @@ fn pprof_raw_full_names_and_mapping_ranges() {
         checked += 1;
     }
     assert!(checked > 0, "no location read:\n{raw}");
+    // The mangled name is the function's system_name.
+    let profile = read_profile(&path);
+    let system_name = profile
+        .function
+        .iter()
+        .find(|function| profile.string(function.name) == "Ledger<int>::append(int)")
+        .map(|function| profile.string(function.system_name).to_string());
+    assert_eq!(system_name.as_deref(), Some("_ZN6LedgerIiE6appendEi"), "{raw}");
 }

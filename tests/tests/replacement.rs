@@ -231,3 +231,24 @@ fn stacks_say_their_api() {
     assert_eq!(api("leak_mmap"), Some(HeapApi::Mmap), "{}", json(&report));
     assert_eq!(api("leak_malloc"), Some(HeapApi::Malloc), "{}", json(&report));
 }
+
+/// Check that blocks allocated inside pthread_create (glibc's loader
+/// callocs each new thread's TLS table there) are counted, as valgrind and
+/// heaptrack count them: 4 threads, 4 blocks, held at exit. Their stacks
+/// end in pthread_create: while it runs, its return address on the stack
+/// is the kernel's uretprobe trampoline, which no unwind table covers.
+#[test]
+fn allocations_inside_pthread_create_counted() {
+    let command = fixture_path("four_threads").display().to_string();
+    let finished = run_tracer(&["--json", "-c", &command, "1"]);
+    let reports = finished.reports();
+    let report = final_report(&reports);
+    let through_create = |stack: &&StackReport| {
+        stack.frames.iter().any(|frame| {
+            frame.symbol.as_deref().is_some_and(|symbol| symbol.contains("pthread_create"))
+        })
+    };
+    let blocks: u64 =
+        report.stacks.iter().filter(through_create).map(|stack| stack.allocations).sum();
+    assert!(blocks >= 4, "{blocks} blocks counted inside pthread_create: {}", json(report));
+}

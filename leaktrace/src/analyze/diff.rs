@@ -108,6 +108,7 @@ mod tests {
                 line: Some(7),
                 module: Some("/usr/bin/app".to_string()),
                 inlined: false,
+                mangled: None,
             }],
             stack_end: StackEnd::Complete,
             growth: None,

@@ -403,6 +403,7 @@ mod tests {
             line: None,
             module: Some("[kernel]".to_string()),
             inlined: false,
+            mangled: None,
         }
     }
 

@@ -631,6 +631,7 @@ mod tests {
             line: None,
             module: Some("/lib64/ld-linux-x86-64.so.2".into()),
             inlined: false,
+            mangled: None,
         };
         let cut = StackEnd::NoInfo;
         let at_entry = [frame("pool_init"), frame(LOADER_ENTRY)];

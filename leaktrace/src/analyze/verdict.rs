@@ -573,6 +573,7 @@ mod tests {
             line: None,
             module: Some(module.into()),
             inlined: false,
+            mangled: None,
         };
         let (app, libc) = ("/usr/bin/app", "/usr/lib/x86_64-linux-gnu/libc.so.6");
         let names = |frames: &[Frame]| own_functions(frames);

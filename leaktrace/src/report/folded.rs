@@ -63,6 +63,7 @@ mod tests {
             line: None,
             module: Some(module.to_string()),
             inlined,
+            mangled: None,
         }
     }
 

@@ -129,10 +129,11 @@ impl Builder<'_> {
             return id;
         }
         let id = self.profile.function.len() as u64 + 1;
+        let system_name = frame.mangled.clone().unwrap_or_else(|| name.clone());
         let function = Function {
             id,
             name: self.string(&name),
-            system_name: self.string(&name),
+            system_name: self.string(&system_name),
             filename: self.string(&file),
             start_line: 0,
         };

@@ -456,6 +456,7 @@ mod tests {
             line: Some(12),
             module: Some("/usr/bin/app".into()),
             inlined,
+            mangled: None,
         }
     }
 

@@ -85,6 +85,7 @@ impl KernelSymbolizer {
                         line: None,
                         module: Some(KERNEL_MODULE.to_string()),
                         inlined: false,
+                        mangled: None,
                     }),
                     Symbolized::Unknown(_) => None,
                 })
@@ -106,5 +107,6 @@ fn unknown(ip: u64) -> Frame {
         line: None,
         module: Some(KERNEL_MODULE.to_string()),
         inlined: false,
+        mangled: None,
     }
 }

@@ -261,26 +261,30 @@ impl Symbolizer {
             .rev()
             .map(|inlined| {
                 let (file, line) = code_location(inlined.code_info.as_ref());
+                let (symbol, mangled) = names(&inlined.name);
                 Frame {
                     address: ip,
-                    symbol: Some(demangle(&inlined.name)),
+                    symbol: Some(symbol),
                     offset: None,
                     file,
                     line,
                     module: module.clone(),
                     inlined: true,
+                    mangled,
                 }
             })
             .collect();
+        let (symbol, mangled) = names(&sym.name);
         frames.push(Frame {
             address: ip,
-            symbol: Some(demangle(&sym.name)),
+            symbol: Some(symbol),
             // From the symbol to the return address shown, not to the call.
             offset: Some(sym.offset as u64 + (ip - call_site(ip))),
             file,
             line,
             module,
             inlined: false,
+            mangled,
         });
         frames
     }
@@ -296,6 +300,7 @@ impl Symbolizer {
             line: None,
             module: module.map(|m| shown_path(&m.path).display().to_string()),
             inlined: false,
+            mangled: None,
         }
     }
 
@@ -322,6 +327,14 @@ pub fn demangle(name: &str) -> String {
         .ok()
         .and_then(|symbol| symbol.demangle().ok())
         .unwrap_or_else(|| name.to_string())
+}
+
+/// A symbol's name as shown (demangled), and as the object names it when
+/// that differs.
+fn names(name: &str) -> (String, Option<String>) {
+    let shown = demangle(name);
+    let mangled = (shown != name).then(|| name.to_string());
+    (shown, mangled)
 }
 
 /// The address looked up for a frame whose address is a return address

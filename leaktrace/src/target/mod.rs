@@ -43,6 +43,10 @@ struct Child {
     program: PathBuf,
     name: String,
     reaped: bool,
+    /// leaktrace's end of the watchdog's pipe: a byte written says it
+    /// ended in order; closed without one (leaktrace killed), the watchdog
+    /// acts (see [`watchdog`]).
+    watchdog: Option<File>,
 }
 
 impl Target {
@@ -138,6 +142,11 @@ impl Target {
             }
         }
         drop((gate_read, error_write));
+        let watchdog =
+            watchdog(pid, keep_running, &[&gate_write, &error_read]).inspect_err(|_| {
+                // SAFETY: our own child, never reaped yet.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            })?;
         Ok(Self {
             pid: pid as u32,
             child: Some(Child {
@@ -146,6 +155,7 @@ impl Target {
                 program,
                 name,
                 reaped: false,
+                watchdog: Some(watchdog),
             }),
             exit_status: None,
             ended: None,
@@ -256,8 +266,76 @@ impl Drop for Target {
         // A child still at the gate would otherwise wait forever.
         if let Some(child) = &mut self.child {
             child.gate.take();
+            // leaktrace ends in order: the watchdog leaves the program be.
+            if let Some(mut watchdog) = child.watchdog.take() {
+                let _ = watchdog.write_all(b"q");
+            }
         }
     }
+}
+
+/// How long the watchdog keeps signalling a `-c` program once leaktrace
+/// is gone: the kernel releases the probes a moment after leaktrace's
+/// descriptors close, and a hold in that moment stops the program again.
+const WATCHDOG_SPAN: libc::c_long = 2_000_000_000;
+const WATCHDOG_STEP: libc::c_long = 10_000_000;
+
+/// Start a process that watches leaktrace for the `-c` program `pid`.
+/// `PR_SET_PDEATHSIG` alone is not enough: with `--keep-running` its
+/// SIGCONT can come before a last hold (the probes outlive leaktrace for
+/// a moment) and the program stays stopped. The watchdog waits on a pipe;
+/// closed without a byte (leaktrace killed), it sends the program SIGKILL,
+/// or SIGCONT every 10 ms for 2 s with `keep_running`, through a pidfd (no
+/// PID reused since can be hit). `close` are leaktrace's descriptors it
+/// must not hold (the child's gate). Returns leaktrace's end of the pipe.
+fn watchdog(pid: libc::pid_t, keep_running: bool, close: &[&File]) -> anyhow::Result<File> {
+    // SAFETY: a plain syscall; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error()).context("failed to open a pidfd");
+    }
+    let (watch_read, watch_write) = pipe()?;
+    let closing: Vec<libc::c_int> = close.iter().map(|file| file.as_raw_fd()).collect();
+    let signal = if keep_running { libc::SIGCONT } else { libc::SIGKILL };
+    // SAFETY: the watchdog only makes async-signal-safe calls (close,
+    // read, syscall, nanosleep, _exit) on memory prepared before the fork.
+    let watcher = unsafe { libc::fork() };
+    if watcher < 0 {
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(pidfd) };
+        return Err(std::io::Error::last_os_error()).context("failed to fork the watchdog");
+    }
+    if watcher == 0 {
+        // SAFETY: see above.
+        unsafe {
+            for fd in closing.iter().copied().chain([0, 1, 2, watch_write.as_raw_fd()]) {
+                libc::close(fd);
+            }
+            let mut byte = 0u8;
+            if libc::read(watch_read.as_raw_fd(), (&raw mut byte).cast(), 1) == 1 {
+                libc::_exit(0);
+            }
+            let step = libc::timespec { tv_sec: 0, tv_nsec: WATCHDOG_STEP };
+            for _ in 0..WATCHDOG_SPAN / WATCHDOG_STEP {
+                let sent = libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    pidfd,
+                    signal,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+                if sent != 0 || signal == libc::SIGKILL {
+                    break;
+                }
+                libc::nanosleep(&step, std::ptr::null_mut());
+            }
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: our own descriptor; the watchdog has its copy.
+    unsafe { libc::close(pidfd) };
+    drop(watch_read);
+    Ok(watch_write)
 }
 
 fn pipe() -> anyhow::Result<(File, File)> {
