@@ -476,14 +476,20 @@ impl Analyzer {
 
     /// What the target held as it exited: every stack but those of glibc's
     /// stdio buffers (kept for the process's life; valgrind frees them
-    /// through `__libc_freeres` before it counts).
+    /// through `__libc_freeres` before it counts) and of threads' TLS
+    /// tables allocated in pthread_create.
     fn held_at_exit(&mut self, ebpf: &Ebpf, snapshot: &Snapshot) -> ExitEvidence {
         let mut exit = ExitEvidence { bytes: 0, blocks: 0, sites: 0, top: String::new() };
         for usage in &snapshot.stacks {
             let frames = self.frames(ebpf, usage.stack_id, false);
             let stdio =
                 |frame: &Frame| frame.symbol.as_deref().is_some_and(|s| s.ends_with(STDIO_BUFFERS));
-            if frames.iter().any(stdio) {
+            // Threads' TLS tables, allocated in pthread_create and kept with
+            // glibc's cached stacks: libc's too (valgrind does not flag them).
+            let in_create = |frame: &Frame| {
+                frame.symbol.as_deref().is_some_and(|s| s.contains("pthread_create"))
+            };
+            if frames.iter().any(stdio) || frames.iter().any(in_create) {
                 continue;
             }
             if exit.sites == 0 {

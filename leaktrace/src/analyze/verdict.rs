@@ -51,7 +51,7 @@ pub const EVIDENCE_DEPTH: usize = 2;
 const MIN_CLASS_RATE: f64 = 0.5;
 
 /// How much faster than the frees of pre-attach memory the sites they
-/// explain may grow, with a floor of a block a second: both rates are
+/// explain may grow, with a floor of a fifth of a block a second: both rates are
 /// slopes over the same few reports, and a ring replaced member by member
 /// matches to within a few percent.
 const REPLACEMENT_SLACK: f64 = 0.15;
@@ -293,7 +293,8 @@ fn explained_by(growing: &[&GrowingSite], frees_per_second: f64) -> Vec<usize> {
     if frees_per_second <= 0.0 || growing.is_empty() {
         return Vec::new();
     }
-    let budget = frees_per_second * (1.0 + REPLACEMENT_SLACK) + 1.0;
+    // A floor of a fifth of a block a second: slopes of a few reports.
+    let budget = frees_per_second * (1.0 + REPLACEMENT_SLACK) + 0.2;
     let rate = |i: usize| growing[i].allocations_per_second.max(0.0);
     if growing.len() > MAX_EXHAUSTIVE {
         // Greedy, slowest first: many small sites fill the budget.

@@ -88,7 +88,8 @@ impl Target {
     /// However leaktrace ends, SIGKILL included, the program is not left
     /// stopped (at the gate, or held where its mappings changed): the
     /// kernel sends it SIGKILL when leaktrace dies (`PR_SET_PDEATHSIG`),
-    /// or with `keep_running` SIGCONT, which lets a held program go on.
+    /// and so does the watchdog, which with `keep_running` sends SIGCONT
+    /// instead, letting a held program go on.
     /// leaktrace forks from its main thread, which lives as long as it
     /// does (the signal follows the thread that forked).
     pub fn spawn(
@@ -115,8 +116,8 @@ impl Target {
         // SAFETY: getpid has no preconditions.
         let parent = unsafe { libc::getpid() };
         // SAFETY: leaktrace is single-threaded here, and the child only
-        // makes async-signal-safe calls (prctl, getppid, read, dup2, write,
-        // execvp, _exit) on memory prepared before the fork.
+        // makes async-signal-safe calls (close, signal, prctl, getppid,
+        // read, dup2, write, execvp, _exit) on memory prepared before the fork.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(std::io::Error::last_os_error()).context("failed to fork");
@@ -124,10 +125,21 @@ impl Target {
         if pid == 0 {
             // SAFETY: see above; the descriptors are open in the child.
             unsafe {
-                libc::prctl(libc::PR_SET_PDEATHSIG, on_our_death as libc::c_ulong, 0, 0, 0);
-                // leaktrace died before the line above: no signal will come.
-                if libc::getppid() != parent && !keep_running {
-                    libc::_exit(127);
+                // leaktrace's ends of the pipes: the gate must read EOF
+                // once leaktrace is gone.
+                libc::close(gate_write.as_raw_fd());
+                libc::close(error_read.as_raw_fd());
+                // std ignores SIGPIPE, and an ignored signal survives exec.
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                // With --keep-running the watchdog alone continues it: a
+                // SIGCONT at every normal exit would continue a program
+                // its user stopped.
+                if !keep_running {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, on_our_death as libc::c_ulong, 0, 0, 0);
+                    // leaktrace died before the line above: no signal comes.
+                    if libc::getppid() != parent {
+                        libc::_exit(127);
+                    }
                 }
                 let mut byte = 0u8;
                 // EOF (leaktrace gone, with --keep-running) goes on too.
@@ -294,7 +306,14 @@ fn watchdog(pid: libc::pid_t, keep_running: bool, close: &[&File]) -> anyhow::Re
     if pidfd < 0 {
         return Err(std::io::Error::last_os_error()).context("failed to open a pidfd");
     }
-    let (watch_read, watch_write) = pipe()?;
+    let (watch_read, watch_write) = match pipe() {
+        Ok(ends) => ends,
+        Err(err) => {
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(pidfd) };
+            return Err(err);
+        }
+    };
     let closing: Vec<libc::c_int> = close.iter().map(|file| file.as_raw_fd()).collect();
     let signal = if keep_running { libc::SIGCONT } else { libc::SIGKILL };
     // SAFETY: the watchdog only makes async-signal-safe calls (close,
@@ -311,8 +330,22 @@ fn watchdog(pid: libc::pid_t, keep_running: bool, close: &[&File]) -> anyhow::Re
             for fd in closing.iter().copied().chain([0, 1, 2, watch_write.as_raw_fd()]) {
                 libc::close(fd);
             }
+            // Out of the terminal's process group and deaf to its signals:
+            // a Ctrl-C meant for leaktrace must not end its watchdog.
+            libc::setpgid(0, 0);
+            for terminal in
+                [libc::SIGINT, libc::SIGHUP, libc::SIGTERM, libc::SIGTSTP, libc::SIGQUIT]
+            {
+                libc::signal(terminal, libc::SIG_IGN);
+            }
             let mut byte = 0u8;
-            if libc::read(watch_read.as_raw_fd(), (&raw mut byte).cast(), 1) == 1 {
+            let read = loop {
+                let read = libc::read(watch_read.as_raw_fd(), (&raw mut byte).cast(), 1);
+                if read >= 0 || *libc::__errno_location() != libc::EINTR {
+                    break read;
+                }
+            };
+            if read == 1 {
                 libc::_exit(0);
             }
             let step = libc::timespec { tv_sec: 0, tv_nsec: WATCHDOG_STEP };
