@@ -120,6 +120,21 @@ fn link_at_output_path_refused() {
     assert!(!Path::new(&created).exists(), "root created the file the link names");
 }
 
+/// Check that a directory on the way that nobody made a link (their
+/// `out`, pointing at a directory of root's) is not followed: refused
+/// with one line, nothing written where it points.
+#[test]
+fn link_in_output_directory_refused() {
+    let dir = Planted::new("planted-dir");
+    as_nobody(&["ln", "-s", &dir.root(""), &dir.user("out")]);
+    let fixture = Fixture::start("steady_leak", &[]);
+    let pid = fixture.pid().to_string();
+    let svg = format!("{}/leak.svg", dir.user("out"));
+    let finished = run_tracer(&["-p", &pid, "--svg", &svg, "1", "1"]);
+    assert_clean_error(&finished, "symbolic link owned by uid 65534");
+    assert_eq!(names_in(&dir.root.0), Vec::<String>::new(), "root's directory written");
+}
+
 /// Check that a FIFO at PATH is refused with one line (it would block the
 /// tracer for good), and that one at the old temporary name is ignored:
 /// the run ends and writes its file.

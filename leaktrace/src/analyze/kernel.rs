@@ -33,6 +33,17 @@ const MIN_LEAK_RATE: f64 = 1024.0;
 /// grows by a few (kthreadd starting three kworkers, 17 KiB of task_struct
 /// on a machine at rest, seen in CI) is not one. A leak passes it soon.
 const MIN_LEAK_OBJECTS: u64 = 16;
+/// Kernel functions that fill the page cache: a page allocated under one
+/// of them is reclaimable.
+const PAGE_CACHE_FUNCTIONS: [&str; 6] = [
+    "__filemap_get_folio",
+    "filemap_alloc_folio_noprof",
+    "page_cache_ra_unbounded",
+    "page_cache_ra_order",
+    "filemap_add_folio",
+    "grow_dev_folio",
+];
+
 /// Processes named per stack.
 const TOP_PROCESSES: usize = 3;
 
@@ -195,7 +206,7 @@ impl KernelAnalyzer {
         let mut leaking = Vec::new();
         for &(usage, rate) in &growing {
             let cache = cache_name(ebpf, usage.kernel_stack);
-            if cache.as_deref().is_some_and(slab_reclaimable) {
+            if cache.as_deref().is_some_and(slab_reclaimable) || self.page_cache(ebpf, usage) {
                 continue;
             }
             leaking.push((usage, rate, cache, self.kept_share(usage, rate)));
@@ -260,6 +271,20 @@ impl KernelAnalyzer {
         });
         self.slab_pages.insert(id, counted);
         counted
+    }
+
+    /// Whether `usage` is pages of the page cache (a file or a directory
+    /// read, a block device's buffers): reclaimable, as the reclaimable
+    /// slabs are, never a leak (`ls -R` on a cold cache grew 550 KiB/s
+    /// of them, a false kernel leak).
+    fn page_cache(&mut self, ebpf: &Ebpf, usage: &KernelUsage) -> bool {
+        if usage.kind != KernelKind::Page {
+            return false;
+        }
+        let ips = kernel_stack(ebpf, usage.kernel_stack).unwrap_or_default();
+        self.symbols.frames(&ips).iter().any(|frame| {
+            frame.symbol.as_deref().is_some_and(|symbol| PAGE_CACHE_FUNCTIONS.contains(&symbol))
+        })
     }
 
     fn stack_report(

@@ -12,11 +12,13 @@
 //! created with `O_CREAT|O_EXCL` (the `tempfile` crate: it neither follows
 //! a link nor opens a FIFO), then renamed over PATH, which replaces
 //! whatever entry is there without opening it. A PATH that is a link, a
-//! FIFO, a device or a directory at start is refused.
+//! FIFO, a device or a directory at start is refused, and so is a path
+//! through a link root does not own (`open_directory`).
 
 use std::{
     fs,
     io::{self, Write as _},
+    os::fd::{AsRawFd as _, FromRawFd as _},
     os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
@@ -58,7 +60,14 @@ impl OutputFile {
         let Some(name) = path.file_name() else {
             bail!("{flag} {shown}: give a file name, not a directory");
         };
-        match fs::symlink_metadata(path) {
+        let parent = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let dir = open_directory(parent)
+            .with_context(|| format!("{flag} {shown}: cannot open its directory"))?;
+        let inside = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+        match fs::symlink_metadata(&inside) {
             Ok(metadata) => {
                 let kind = metadata.file_type();
                 let what = if kind.is_symlink() {
@@ -81,15 +90,6 @@ impl OutputFile {
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
             Err(err) => bail!("{flag} {shown}: cannot check it: {err}"),
         }
-        let parent = match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
-        };
-        let dir = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-            .open(parent)
-            .with_context(|| format!("{flag} {shown}: cannot open its directory"))?;
         let file = Self { shown: path.to_path_buf(), dir, name: name.to_owned() };
         // A file is created there and removed: the directory takes writes.
         file.temporary().with_context(|| format!("{flag} {shown}: cannot write there"))?;
@@ -98,7 +98,7 @@ impl OutputFile {
 
     /// The held directory, as a path this process can open.
     fn dir_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.dir)))
+        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()))
     }
 
     /// A new file of a random name beside PATH, removed when dropped.
@@ -136,6 +136,70 @@ impl OutputFile {
             eprintln!("leaktrace: cannot write {}: {err}", self.shown.display());
         }
     }
+}
+
+/// Open the directory `path` one component at a time, following a
+/// symbolic link only when root owns it (`/var/run`, distributions'
+/// links): a user who owns a directory on the way (their project) cannot
+/// send root's files elsewhere through a link, now or by swapping one in
+/// between a check and the open.
+fn open_directory(path: &Path) -> io::Result<fs::File> {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt as _};
+    let start = if path.is_absolute() { "/" } else { "." };
+    let start = CString::new(start).expect("no NUL");
+    // SAFETY: a valid C string; the descriptor is checked and then owned.
+    let mut fd =
+        unsafe { libc::open(start.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open and ours.
+    let mut dir = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    for component in path.components() {
+        let name = match component {
+            std::path::Component::RootDir | std::path::Component::CurDir => continue,
+            other => other.as_os_str(),
+        };
+        let name =
+            CString::new(name.as_bytes()).map_err(|_| io::Error::other("a NUL in the path"))?;
+        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        // SAFETY: an open directory and a valid C string.
+        fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_NOFOLLOW) };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            // A link (ELOOP with O_PATH|O_NOFOLLOW|O_DIRECTORY: ENOTDIR):
+            // followed only if root owns it.
+            // SAFETY: `stat` is plain data, all zeros a valid value.
+            let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: as above; `stat` is a valid buffer.
+            let is_link = unsafe {
+                libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut stat, libc::AT_SYMLINK_NOFOLLOW)
+            } == 0
+                && stat.st_mode & libc::S_IFMT == libc::S_IFLNK;
+            if !is_link {
+                return Err(err);
+            }
+            if stat.st_uid != 0 {
+                return Err(io::Error::other(format!(
+                    "{} is a symbolic link owned by uid {}: leaktrace runs as root and follows none but root's",
+                    name.to_string_lossy(),
+                    stat.st_uid
+                )));
+            }
+            // SAFETY: as above.
+            fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: `fd` is open and ours.
+        dir = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    }
+    // A descriptor that reads, for what is made through /proc/self/fd/N.
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", dir.as_raw_fd()))
 }
 
 impl Outputs {
